@@ -16,5 +16,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "CRD drift check (crds/ must equal what the Rust types generate)"
 cargo run --quiet --locked -p quantfleet -- crdgen --check crds
 
+QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
 step "unit and integration tests"
 cargo test --workspace --locked
