@@ -1,0 +1,148 @@
+//! The model's tokenizer, rebuilt from GGUF metadata with the `tokenizers` crate so that ids match llama.cpp's.
+//!
+//! Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE) with the "smollm" pre-tokenizer. The recipe that
+//! reproduces llama.cpp (checked on the oracle's prompts): BPE over the GGUF vocab and merges; pre-tokenizer
+//! Digits(individual) then ByteLevel(no prefix space, GPT-2 regex); ByteLevel decoder; control tokens
+//! (token_type 3) registered as special tokens so they are matched whole in the input text.
+
+use std::collections::HashSet;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+use crate::chat::ChatTemplate;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+
+/// llama.cpp's `LLAMA_TOKEN_TYPE_CONTROL`.
+const TOKEN_TYPE_CONTROL: i64 = 3;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    vocab_size: usize,
+    special_ids: HashSet<u32>,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size).finish_non_exhaustive()
+    }
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let model = g.get_str("tokenizer.ggml.model")?;
+        let pre = g.metadata("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+        if model != "gpt2" || pre != "smollm" {
+            return Err(EngineError::UnsupportedModel(format!(
+                "tokenizer model {model:?} with pre-tokenizer {pre:?}: supported is \"gpt2\" with \"smollm\""
+            )));
+        }
+        let tokens = g.get_array("tokenizer.ggml.tokens")?;
+        let mut vocab = Vocab::default();
+        let mut names = Vec::with_capacity(tokens.len());
+        for (id, t) in tokens.iter().enumerate() {
+            let s = t.as_str().ok_or_else(|| tok_err(format!("token {id} is not a string")))?;
+            // A repeated string keeps its first id, as llama.cpp's token-to-id map does.
+            vocab.entry(s.to_string()).or_insert(id as u32);
+            names.push(s);
+        }
+        let merges = g
+            .get_array("tokenizer.ggml.merges")?
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let s = m.as_str().ok_or_else(|| tok_err(format!("merge {i} is not a string")))?;
+                let (a, b) = s.split_once(' ').ok_or_else(|| tok_err(format!("merge {i} {s:?} has no space")))?;
+                Ok((a.to_string(), b.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
+        ])));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let types = g.get_array("tokenizer.ggml.token_type")?;
+        if types.len() != tokens.len() {
+            return Err(tok_err(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        }
+        let mut special_ids = HashSet::new();
+        let mut specials = Vec::new();
+        for (id, ty) in types.iter().enumerate() {
+            if ty.as_i64() == Some(TOKEN_TYPE_CONTROL) {
+                special_ids.insert(id as u32);
+                specials.push(AddedToken::from(names[id].to_string(), true));
+            }
+        }
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+
+        let id_key = |k: &str| g.metadata(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let chat_template = match g.metadata("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(src) => Some(ChatTemplate::parse(src)?),
+            None => None,
+        };
+        Ok(Self {
+            inner,
+            vocab_size: tokens.len(),
+            special_ids,
+            bos_id: id_key("tokenizer.ggml.bos_token_id"),
+            eos_id: id_key("tokenizer.ggml.eos_token_id"),
+            chat_template,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// Token ids of `text`, with special tokens written in the text (e.g. `<|im_start|>`) parsed as such and no
+    /// BOS added (`tokenizer.ggml.add_bos_token` is false for SmolLM2), matching `llama-tokenize --parse-special`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(EngineError::TokenOutOfRange { id, vocab: self.vocab_size });
+        }
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Tokens that end a chat turn: EOS and, for ChatML models, `<|im_end|>`.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.eos_id.into_iter().collect();
+        if let Some(id) = self.token_to_id("<|im_end|>")
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+        ids
+    }
+}
