@@ -1,0 +1,112 @@
+//! Block-scaled FP4 matrices with E2M1 elements, packed two per byte in the INT4 nibble order
+//! (element 2k low nibble, 2k+1 high nibble; each row starts on a byte boundary):
+//! * NVFP4: blocks of 16 along a row, an E4M3 block scale, and one f32 per-tensor scale.
+//!   tensor_scale = amax / (448 * 6) so block scales use E4M3's full range; block code =
+//!   E4M3(block_amax / 6 / tensor_scale) (saturating); value = e2m1 * decode(block) * tensor_scale.
+//! * OCP MXFP4: blocks of 32, an E8M0 shared scale X = 2^(floor(log2(block_amax)) - 2) as the OCP MX spec
+//!   derives it (E2M1's emax is 2); elements above 6 * X saturate to ±6 * X. value = e2m1 * X.
+//!
+//! The last block of a row may be shorter when the block size does not divide the row length.
+
+use crate::error::{QuantError, Result};
+use crate::fp4::{E2M1_MAX, decode_e2m1, decode_e8m0, encode_e2m1, mx_shared_scale_e8m0};
+use crate::fp8::{Fp8Format, Saturation};
+use crate::matrix::{MatrixRef, amax};
+
+/// Which block-scaled FP4 flavour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fp4Kind {
+    Nvfp4,
+    Mxfp4,
+}
+
+impl Fp4Kind {
+    pub fn block_size(self) -> usize {
+        match self {
+            Fp4Kind::Nvfp4 => 16,
+            Fp4Kind::Mxfp4 => 32,
+        }
+    }
+}
+
+/// A packed block-scaled FP4 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp4Matrix {
+    pub kind: Fp4Kind,
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows * ceil(cols / 2)` bytes of E2M1 nibbles.
+    pub packed: Vec<u8>,
+    /// One code per block (`rows * ceil(cols / block)`): E4M3 for NVFP4, E8M0 for MXFP4.
+    pub block_scales: Vec<u8>,
+    /// NVFP4 per-tensor scale; 1.0 for MXFP4.
+    pub tensor_scale: f32,
+}
+
+/// Quantize with round-to-nearest-even E2M1 elements.
+pub fn quantize_fp4(m: &MatrixRef<'_>, kind: Fp4Kind) -> Result<Fp4Matrix> {
+    let (rows, cols, b) = (m.rows(), m.cols(), kind.block_size());
+    let tensor_scale = match kind {
+        Fp4Kind::Nvfp4 => {
+            let a = amax(m.data());
+            if a > 0.0 { a / (Fp8Format::E4M3.max_finite() * E2M1_MAX) } else { 1.0 }
+        }
+        Fp4Kind::Mxfp4 => 1.0,
+    };
+    let row_bytes = cols.div_ceil(2);
+    let mut packed = vec![0u8; rows * row_bytes];
+    let mut block_scales = Vec::with_capacity(rows * cols.div_ceil(b));
+    for r in 0..rows {
+        for (bi, block) in m.row(r).chunks(b).enumerate() {
+            let block_amax = amax(block);
+            let (code, scale) = match kind {
+                Fp4Kind::Nvfp4 => {
+                    let c = Fp8Format::E4M3.encode(block_amax / E2M1_MAX / tensor_scale, Saturation::Saturating);
+                    (c, Fp8Format::E4M3.decode(c) * tensor_scale)
+                }
+                Fp4Kind::Mxfp4 => {
+                    let c = mx_shared_scale_e8m0(block_amax, 2);
+                    (c, decode_e8m0(c))
+                }
+            };
+            block_scales.push(code);
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (k, &x) in block.iter().enumerate() {
+                let col = bi * b + k;
+                packed[r * row_bytes + col / 2] |= encode_e2m1(x * inv) << (4 * (col % 2));
+            }
+        }
+    }
+    Ok(Fp4Matrix { kind, rows, cols, packed, block_scales, tensor_scale })
+}
+
+impl Fp4Matrix {
+    /// Effective f32 scale of block `bi` of row `r`.
+    pub fn block_scale(&self, r: usize, bi: usize) -> f32 {
+        let code = self.block_scales[r * self.cols.div_ceil(self.kind.block_size()) + bi];
+        match self.kind {
+            Fp4Kind::Nvfp4 => Fp8Format::E4M3.decode(code) * self.tensor_scale,
+            Fp4Kind::Mxfp4 => decode_e8m0(code),
+        }
+    }
+
+    /// Dequantize row `r` into `out`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        if r >= self.rows {
+            return Err(QuantError::RowOutOfRange { row: r, rows: self.rows });
+        }
+        if out.len() != self.cols {
+            return Err(QuantError::LengthMismatch { what: "dequantized row", expected: self.cols, actual: out.len() });
+        }
+        let row = &self.packed[r * self.cols.div_ceil(2)..];
+        let b = self.kind.block_size();
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = decode_e2m1(row[c / 2] >> (4 * (c % 2))) * self.block_scale(r, c / b);
+        }
+        Ok(())
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        self.packed.len() + self.block_scales.len() + 4
+    }
+}
