@@ -1,1 +1,35 @@
-fn main() {}
+//! `quantfleet`: one binary for every Quantfleet role. Each subcommand lives in its own module under `cmd/`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "quantfleet", version, about = "Precision-tiered LLM serving fleets on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write the CustomResourceDefinitions generated from the Rust types (or check committed ones).
+    Crdgen(cmd::crdgen::Args),
+    /// Plan memory for a QuantizedModel's tiers on its accelerator, without a cluster.
+    Plan(cmd::plan::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crdgen(args) => cmd::crdgen::run(args),
+        Command::Plan(args) => cmd::plan::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
