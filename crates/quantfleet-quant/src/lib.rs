@@ -7,17 +7,22 @@
 //! * Calibration activations are row-major f32 `[n_tokens x in_features]`.
 //! * Every public entry point validates its input and returns [`QuantError`]; nothing panics on bad input.
 
+pub mod awq;
 pub mod error;
 pub mod fp4;
 pub mod fp4_matrix;
 pub mod fp8;
 pub mod fp8_matrix;
+pub mod gptq;
 pub mod halfp;
 pub mod int4;
 pub mod int8;
+pub mod kv;
+pub mod linalg;
 pub mod matrix;
 pub mod quantized;
 pub mod simd;
+pub mod smoothquant;
 pub mod synthetic;
 
 pub use error::{QuantError, Result};

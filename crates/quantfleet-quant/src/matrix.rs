@@ -94,3 +94,20 @@ pub fn nmse(reference: &[f32], approx: &[f32]) -> f64 {
     }
     if den == 0.0 { if num == 0.0 { 0.0 } else { f64::INFINITY } } else { num / den }
 }
+
+/// Output NMSE of a layer on calibration inputs: ||X W^T - X W_hat^T||^2 / ||X W^T||^2.
+pub fn output_nmse(x: &MatrixRef<'_>, w: &[f32], w_hat: &[f32], out_features: usize) -> f64 {
+    let (n, inf) = (x.rows(), x.cols());
+    let y = matmul_xwt(x.data(), n, w, out_features, inf);
+    let y_hat = matmul_xwt(x.data(), n, w_hat, out_features, inf);
+    nmse(&y, &y_hat)
+}
+
+/// At most `max_rows` rows of `x`, evenly spaced (the searches do not need every calibration token).
+pub fn subsample_rows(x: &MatrixRef<'_>, max_rows: usize) -> Vec<f32> {
+    let n = x.rows();
+    if n <= max_rows {
+        return x.data().to_vec();
+    }
+    (0..max_rows).flat_map(|i| x.row(i * n / max_rows).iter().copied()).collect()
+}

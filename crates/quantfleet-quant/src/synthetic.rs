@@ -44,14 +44,16 @@ pub struct SyntheticLayer {
     pub in_features: usize,
     /// `[out x in]` weights ~ N(0, 0.02^2) with a few heavy-tailed entries.
     pub weight: Vec<f32>,
-    /// `[n_tokens x in]` activations ~ N(0, 1), outlier channels multiplied by `outlier_gain`.
+    /// `[n_tokens x in]` activations: correlated (a rank in/8 latent mix plus 0.2 noise, roughly unit scale,
+    /// as real hidden states are far from independent), outlier channels multiplied by `outlier_gain`.
     pub activations: Vec<f32>,
     pub n_tokens: usize,
     pub outlier_channels: Vec<usize>,
 }
 
 /// Build a SYNTHETIC layer: every `in / n_outliers`-th input channel gets activations `outlier_gain` times
-/// larger than the rest, as in the activation outliers of real transformer layers.
+/// larger than the rest, as in the activation outliers of real transformer layers. Correlated inputs matter:
+/// GPTQ's error feedback only has something to exploit when X^T X is far from diagonal.
 pub fn synthetic_layer(
     out_features: usize,
     in_features: usize,
@@ -70,7 +72,18 @@ pub fn synthetic_layer(
     }
     let stride = (in_features / n_outliers.max(1)).max(1);
     let outlier_channels: Vec<usize> = (0..n_outliers).map(|i| (i * stride + stride / 3) % in_features).collect();
-    let mut activations = rng.normal_vec(n_tokens * in_features, 1.0);
+    let rank = (in_features / 8).max(4);
+    let mixing = rng.normal_vec(rank * in_features, 1.0 / (rank as f32).sqrt());
+    let mut activations = rng.normal_vec(n_tokens * in_features, 0.2);
+    for t in 0..n_tokens {
+        let z = rng.normal_vec(rank, 1.0);
+        let row = &mut activations[t * in_features..(t + 1) * in_features];
+        for (k, &zk) in z.iter().enumerate() {
+            for (a, &m) in row.iter_mut().zip(&mixing[k * in_features..(k + 1) * in_features]) {
+                *a += zk * m;
+            }
+        }
+    }
     for t in 0..n_tokens {
         for &c in &outlier_channels {
             activations[t * in_features + c] *= outlier_gain;

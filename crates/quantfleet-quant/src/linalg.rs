@@ -1,0 +1,136 @@
+//! The dense f64 linear algebra GPTQ needs (plain Rust, no BLAS): Cholesky factorisation, the inverse of a
+//! symmetric positive definite matrix from its factor, and the upper Cholesky factor of that inverse.
+//! Matrices are row-major `n x n`; loops are arranged so the inner loop runs over contiguous memory.
+
+use crate::error::{QuantError, Result};
+
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let chunks = a.len() / 4;
+    for c in 0..chunks {
+        for l in 0..4 {
+            acc[l] += a[c * 4 + l] * b[c * 4 + l];
+        }
+    }
+    let mut s = acc[0] + acc[1] + acc[2] + acc[3];
+    for i in chunks * 4..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// In-place lower Cholesky factor: on success the lower triangle of `a` holds L with A = L L^T and the
+/// strict upper triangle is zeroed.
+pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<()> {
+    for i in 0..n {
+        for j in 0..=i {
+            let (ri, rj) = (i * n, j * n);
+            let s = a[ri + j] - dot64(&a[ri..ri + j], &a[rj..rj + j]);
+            if i == j {
+                if s.is_nan() || s <= 0.0 {
+                    return Err(QuantError::NotPositiveDefinite { column: i, pivot: s });
+                }
+                a[ri + i] = s.sqrt();
+            } else {
+                a[ri + j] = s / a[rj + j];
+            }
+        }
+        for j in i + 1..n {
+            a[i * n + j] = 0.0;
+        }
+    }
+    Ok(())
+}
+
+/// Inverse of a lower-triangular matrix (row-wise forward substitution).
+fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
+    let mut m = vec![0f64; n * n];
+    for i in 0..n {
+        // Row i of L^-1: (e_i - sum_{k<i} L[i][k] M[k]) / L[i][i]; M[k] is zero past column k.
+        let mut row = vec![0f64; i + 1];
+        row[i] = 1.0;
+        for k in 0..i {
+            let lik = l[i * n + k];
+            if lik != 0.0 {
+                for (r, mk) in row[..=k].iter_mut().zip(&m[k * n..k * n + k + 1]) {
+                    *r -= lik * mk;
+                }
+            }
+        }
+        let d = l[i * n + i];
+        for (j, r) in row.into_iter().enumerate() {
+            m[i * n + j] = r / d;
+        }
+    }
+    m
+}
+
+/// Upper-triangular U with H^-1 = U^T U, for symmetric positive definite H (GPTQ's "Cholesky of the
+/// inverse"). Returned row-major, so row i of U (the coefficients GPTQ spreads column i's error with) is
+/// contiguous.
+pub fn inverse_upper_cholesky(h: &[f64], n: usize) -> Result<Vec<f64>> {
+    let mut l = h.to_vec();
+    cholesky_lower(&mut l, n)?;
+    // H^-1 = L^-T L^-1 = M^T M with M = L^-1. With Mt = M^T (upper), H^-1[i][j] = sum_{k>=max(i,j)} Mt[i][k] Mt[j][k].
+    let m = lower_inverse(&l, n);
+    let mut mt = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            mt[j * n + i] = m[i * n + j];
+        }
+    }
+    let mut hinv = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let v = dot64(&mt[i * n + i..(i + 1) * n], &mt[j * n + i..(j + 1) * n]);
+            hinv[i * n + j] = v;
+            hinv[j * n + i] = v;
+        }
+    }
+    cholesky_lower(&mut hinv, n)?;
+    // U = L2^T.
+    let mut u = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            u[j * n + i] = hinv[i * n + j];
+        }
+    }
+    Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inverse_upper_cholesky_reconstructs_the_inverse() {
+        // A small SPD matrix: B B^T + I.
+        let n = 7;
+        let b: Vec<f64> = (0..n * n).map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0).collect();
+        let mut h = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                h[i * n + j] =
+                    (0..n).map(|k| b[i * n + k] * b[j * n + k]).sum::<f64>() + if i == j { 1.0 } else { 0.0 };
+            }
+        }
+        let u = inverse_upper_cholesky(&h, n).unwrap();
+        // (U^T U) H must be the identity.
+        for i in 0..n {
+            for j in 0..n {
+                let hinv_row: Vec<f64> = (0..n).map(|c| (0..n).map(|k| u[k * n + i] * u[k * n + c]).sum()).collect();
+                let v: f64 = (0..n).map(|c| hinv_row[c] * h[c * n + j]).sum();
+                assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-9, "({i},{j}) = {v}");
+                if j < i {
+                    assert_eq!(u[i * n + j], 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn indefinite_matrix_is_an_error() {
+        let h = [1.0, 2.0, 2.0, 1.0];
+        assert!(matches!(inverse_upper_cholesky(&h, 2), Err(QuantError::NotPositiveDefinite { column: 1, .. })));
+    }
+}
