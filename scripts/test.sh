@@ -13,8 +13,9 @@ step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "CRD drift check (crds/ must equal what the Rust types generate)"
+step "drift checks (crds/ and tests/admission/ must equal what their generators produce)"
 cargo run --quiet --locked -p quantfleet -- crdgen --check crds
+python3 tests/admission/generate.py --check
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
 step "unit and integration tests"

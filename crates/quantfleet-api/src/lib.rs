@@ -6,7 +6,9 @@
 
 pub mod conditions;
 pub mod model;
+pub mod plan;
 pub mod policy;
+pub mod validate;
 pub mod vocab;
 
 pub use model::{

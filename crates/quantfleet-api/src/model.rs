@@ -4,6 +4,9 @@
 //! bad resource with a message that says what to fix; [`crate::validate`] repeats the same checks in Rust for
 //! the operator and the CLI, and adds those that need other objects.
 
+// kube-derive's repeated `printcolumn(type_ = ...)` arguments look like duplicated attributes to clippy.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use crate::vocab::{ActivationPrecision, KvCacheDtype, KvCacheScheme, QuantMethod, WeightFormat, WeightScaling};
 use kube::{CustomResource, KubeSchema};

@@ -4,6 +4,9 @@
 //! GitOps owns `spec`: the operator never writes it. What the router obeys is `status.effectiveRoutes`, which
 //! the canary state machine advances; a promotion is reported with the spec change a person commits.
 
+// kube-derive's repeated `printcolumn(type_ = ...)` arguments look like duplicated attributes to clippy.
+#![allow(clippy::duplicated_attributes)]
+
 use crate::conditions::Condition;
 use crate::vocab::TaskClass;
 use kube::{CustomResource, KubeSchema};
