@@ -6,8 +6,10 @@
 
 pub mod conditions;
 pub mod model;
+pub mod node;
 pub mod plan;
 pub mod policy;
+pub mod stats;
 pub mod validate;
 pub mod vocab;
 

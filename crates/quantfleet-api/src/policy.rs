@@ -8,6 +8,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 use crate::conditions::Condition;
+use crate::stats::ComparisonSums;
 use crate::vocab::TaskClass;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -398,11 +399,12 @@ pub struct CanaryStatus {
 pub struct ClassEvidence {
     /// The task class.
     pub task_class: TaskClass,
-    /// Comparison samples (shadow pairs) measured so far.
+    /// Comparison samples (shadow pairs) measured since the current phase or step began.
     pub samples: i64,
-    /// Samples counted when the current step began.
+    /// The router's cumulative counters when the current phase or step began; the window's means are the
+    /// difference between the router's counters now and these.
     #[serde(default)]
-    pub samples_at_step_start: i64,
+    pub window_start: ComparisonSums,
     /// Mean KL divergence (incumbent || candidate), nats per token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_kl_divergence: Option<f64>,

@@ -1,0 +1,35 @@
+//! The contract between the operator (or `quantfleet up`) and an inference node process: the configuration
+//! a node serves. The operator writes it into each tier's ConfigMap (key [`NODE_CONFIG_KEY`]) and the node
+//! reads it with `quantfleet node --config FILE`, so both sides share one type.
+
+use crate::model::{ModelArchitecture, ModelSource, ServingSpec, TierSpec};
+use serde::{Deserialize, Serialize};
+
+/// ConfigMap key (and file name in the pod) holding the node configuration.
+pub const NODE_CONFIG_KEY: &str = "node.yaml";
+/// Directory the tier ConfigMap is mounted at in node pods.
+pub const NODE_CONFIG_DIR: &str = "/etc/quantfleet";
+/// gRPC port of the inference service (Generate, Score, ModelInfo, grpc.health.v1).
+pub const NODE_GRPC_PORT: u16 = 50051;
+/// HTTP port of the node's Prometheus metrics.
+pub const NODE_METRICS_PORT: u16 = 9090;
+
+/// What one node process serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfig {
+    /// The QuantizedModel's name (a metrics label and ModelInfo field).
+    pub model_name: String,
+    /// The checkpoint, with the URI as the node sees it (pvc:// and https:// sources are rewritten by the
+    /// operator to the file:// path where the volume or the download lands).
+    pub source: ModelSource,
+    /// The declared shape; the node refuses a checkpoint whose shape differs.
+    pub architecture: ModelArchitecture,
+    /// The tier to serve.
+    pub tier: TierSpec,
+    /// Serving limits (context, concurrency) the plan was made for.
+    pub serving: ServingSpec,
+    /// KV-cache budget in bytes, from the fit planner; None lets the node size it from free memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_budget_bytes: Option<u64>,
+}

@@ -1,0 +1,152 @@
+//! Canary evidence as the router reports it and the operator reads it (`GET /v1/canary/stats` on the
+//! router). Counters are cumulative sums since the router started, so the operator can compute the mean of
+//! any window (a canary step) by differencing two snapshots, and a router restart shows up as a counter that
+//! went down. Counts are i64 because Kubernetes API conventions allow only int32/int64 (these sums are
+//! also kept in PrecisionPolicy status).
+
+use crate::vocab::TaskClass;
+use serde::{Deserialize, Serialize};
+
+/// Cumulative comparison sums for one (policy, task class, candidate).
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ComparisonSums {
+    /// Shadow pairs compared.
+    pub samples: i64,
+    /// Sum over pairs of the pair's mean KL divergence (incumbent || candidate), nats per token.
+    pub kl_divergence_sum: f64,
+    /// Sum over pairs of the pair's top-1 agreement fraction.
+    pub top1_agreement_sum: f64,
+    /// Sum over pairs of ln(candidate perplexity / incumbent perplexity) on the incumbent's tokens.
+    pub log_perplexity_ratio_sum: f64,
+    /// Pairs whose request asked for structured output (tools or a JSON schema).
+    pub structured_samples: i64,
+    /// Of those, pairs whose candidate output was not valid JSON for the schema.
+    pub structured_invalid: i64,
+    /// Sum over pairs of candidate / incumbent latency per token.
+    pub latency_ratio_sum: f64,
+}
+
+impl ComparisonSums {
+    /// The sums accumulated since `earlier` (a snapshot of the same counters). When the counters went down
+    /// (the router restarted), everything now is new.
+    pub fn since(&self, earlier: &ComparisonSums) -> ComparisonSums {
+        if self.samples < earlier.samples || self.structured_samples < earlier.structured_samples {
+            return *self;
+        }
+        ComparisonSums {
+            samples: self.samples - earlier.samples,
+            kl_divergence_sum: self.kl_divergence_sum - earlier.kl_divergence_sum,
+            top1_agreement_sum: self.top1_agreement_sum - earlier.top1_agreement_sum,
+            log_perplexity_ratio_sum: self.log_perplexity_ratio_sum - earlier.log_perplexity_ratio_sum,
+            structured_samples: self.structured_samples - earlier.structured_samples,
+            structured_invalid: self.structured_invalid - earlier.structured_invalid,
+            latency_ratio_sum: self.latency_ratio_sum - earlier.latency_ratio_sum,
+        }
+    }
+
+    fn mean(&self, sum: f64) -> Option<f64> {
+        (self.samples > 0).then(|| sum / self.samples as f64)
+    }
+    pub fn mean_kl_divergence(&self) -> Option<f64> {
+        self.mean(self.kl_divergence_sum)
+    }
+    pub fn top1_agreement(&self) -> Option<f64> {
+        self.mean(self.top1_agreement_sum)
+    }
+    /// Geometric mean of the per-pair perplexity ratios.
+    pub fn perplexity_ratio(&self) -> Option<f64> {
+        self.mean(self.log_perplexity_ratio_sum).map(f64::exp)
+    }
+    pub fn structured_invalid_rate(&self) -> Option<f64> {
+        (self.structured_samples > 0).then(|| self.structured_invalid as f64 / self.structured_samples as f64)
+    }
+    pub fn latency_ratio(&self) -> Option<f64> {
+        self.mean(self.latency_ratio_sum)
+    }
+}
+
+/// Evidence for one task class of one policy's canary.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassComparison {
+    pub task_class: TaskClass,
+    #[serde(flatten)]
+    pub sums: ComparisonSums,
+    /// Mirrors dropped because the candidate was saturated (not compared, not counted in samples).
+    #[serde(default)]
+    pub dropped: i64,
+}
+
+/// Evidence for one PrecisionPolicy's candidate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyComparison {
+    pub namespace: String,
+    pub policy: String,
+    pub candidate_tier: String,
+    pub classes: Vec<ClassComparison>,
+}
+
+/// The router's whole report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatsReport {
+    pub policies: Vec<PolicyComparison>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sums(samples: i64, kl: f64) -> ComparisonSums {
+        ComparisonSums {
+            samples,
+            kl_divergence_sum: kl,
+            top1_agreement_sum: samples as f64 * 0.9,
+            log_perplexity_ratio_sum: samples as f64 * 0.1f64.ln_1p(),
+            structured_samples: samples / 2,
+            structured_invalid: samples / 10,
+            latency_ratio_sum: samples as f64,
+        }
+    }
+
+    #[test]
+    fn windows_are_differences_of_snapshots() {
+        let window = sums(300, 6.0).since(&sums(100, 1.0));
+        assert_eq!(window.samples, 200);
+        assert!((window.mean_kl_divergence().unwrap() - 0.025).abs() < 1e-12);
+        assert!((window.top1_agreement().unwrap() - 0.9).abs() < 1e-12);
+        assert!((window.perplexity_ratio().unwrap() - 1.1).abs() < 1e-12);
+        assert_eq!(window.structured_invalid_rate(), Some(20.0 / 100.0));
+    }
+
+    #[test]
+    fn a_router_restart_counts_everything_as_new() {
+        let window = sums(50, 1.0).since(&sums(100, 1.0));
+        assert_eq!(window.samples, 50);
+    }
+
+    #[test]
+    fn no_samples_means_no_means() {
+        let empty = ComparisonSums::default();
+        assert_eq!(empty.mean_kl_divergence(), None);
+        assert_eq!(empty.structured_invalid_rate(), None);
+    }
+
+    #[test]
+    fn report_wire_format() {
+        let report = CanaryStatsReport {
+            policies: vec![PolicyComparison {
+                namespace: "ns".into(),
+                policy: "p".into(),
+                candidate_tier: "int4".into(),
+                classes: vec![ClassComparison { task_class: TaskClass::Code, sums: sums(10, 0.5), dropped: 2 }],
+            }],
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["policies"][0]["classes"][0]["taskClass"], "code");
+        assert_eq!(json["policies"][0]["classes"][0]["samples"], 10);
+        assert_eq!(serde_json::from_value::<CanaryStatsReport>(json).unwrap(), report);
+    }
+}
