@@ -25,7 +25,7 @@ pub struct NodeConfig {
     pub source: ModelSource,
     /// The declared shape; the node refuses a checkpoint whose shape differs.
     pub architecture: ModelArchitecture,
-    /// The tier to serve.
+    /// The tier to serve (its `replicas` is always written as 1: one node serves one replica).
     pub tier: TierSpec,
     /// Serving limits (context, concurrency) the plan was made for.
     pub serving: ServingSpec,
