@@ -1,10 +1,17 @@
 //! Quantfleet's inference engine: loads GGUF models, tokenizes with the model's own vocabulary, runs the llama
 //! forward pass with a block KV cache through a `Backend` (CPU now, CUDA later), and samples or scores tokens.
 
+pub mod backend;
 pub mod chat;
+pub mod cpu;
 pub mod dtype;
+pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod kv_cache;
+pub mod model;
+pub mod sampler;
 pub mod tokenizer;
 
+pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation};
 pub use error::{EngineError, GgufError, Result};

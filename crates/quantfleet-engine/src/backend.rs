@@ -1,0 +1,131 @@
+//! The `Backend` abstraction: the operations of a llama forward pass over device-resident weights, activations
+//! and a block KV cache. The model code (`model.rs`) is written once against this trait; the CPU backend
+//! (`cpu/`) always exists, and a CUDA backend will implement the same trait behind a feature.
+//!
+//! Shapes: activations are row-major `[rows, cols]` f32, one row per token. A batch may hold tokens of several
+//! sequences: `SeqSpan`s list, in row order, which rows belong to which sequence and at which positions, so
+//! continuous batching needs no change to the trait.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::gguf::{GgufFile, TensorInfo};
+
+/// Geometry of the paged KV cache: every block holds `block_tokens` consecutive positions of one sequence for
+/// all layers, K and V. Element `(layer, kind, kv_head, slot, d)` of a block is at
+/// `((layer * 2 + kind) * n_kv_heads + kv_head) * block_tokens * head_dim + slot * head_dim + d`,
+/// so one head's keys within a block are contiguous (what attention reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_tokens: usize,
+}
+
+impl KvLayout {
+    pub fn block_elems(&self) -> usize {
+        self.n_layers * 2 * self.n_kv_heads * self.block_tokens * self.head_dim
+    }
+
+    /// Offset inside a block of `(layer, kind, head)`'s first slot; kind 0 = K, 1 = V.
+    pub fn head_offset(&self, layer: usize, kind: usize, kv_head: usize) -> usize {
+        ((layer * 2 + kind) * self.n_kv_heads + kv_head) * self.block_tokens * self.head_dim
+    }
+}
+
+/// Rows `[row0, row0 + n_tokens)` of a batch are the tokens at positions `[start_pos, start_pos + n_tokens)` of
+/// one sequence whose KV blocks are `block_table` (block i holds positions `i*block_tokens ..`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqSpan<'a> {
+    pub row0: usize,
+    pub n_tokens: usize,
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+}
+
+/// Rotary embedding angles for the batch rows: `cos[row * half + i]`, `sin[..]` for pair `i` of a head,
+/// computed on the host in f64 (so long contexts keep their precision) and shared by all layers.
+#[derive(Debug, Clone, Default)]
+pub struct RopeTable {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Angles for `positions` with GGUF's NORM layout: pair i = elements (2i, 2i+1), frequency base^(-2i/d).
+    pub fn fill(&mut self, positions: impl Iterator<Item = usize>, head_dim: usize, base: f64) {
+        self.half = head_dim / 2;
+        self.cos.clear();
+        self.sin.clear();
+        for p in positions {
+            for i in 0..self.half {
+                let inv_freq = base.powf(-((2 * i) as f64) / head_dim as f64);
+                let (s, c) = (p as f64 * inv_freq).sin_cos();
+                self.cos.push(c as f32);
+                self.sin.push(s as f32);
+            }
+        }
+    }
+}
+
+pub trait Backend: Send + Sync {
+    /// A weight matrix `[rows, cols]` in its storage format (`out = x · Wᵀ`).
+    type Matrix: Send + Sync;
+    /// An f32 vector (norm weights).
+    type Vector: Send + Sync;
+    /// Row-major f32 activations on the device.
+    type Activations: Send;
+    /// Storage for KV blocks.
+    type KvStorage: Send;
+
+    fn name(&self) -> String;
+
+    /// Makes a GGUF tensor usable as a matrix; the CPU backend keeps it in the memory map, a GPU backend copies.
+    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<Self::Matrix>;
+    fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;
+    fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
+
+    fn new_activations(&self) -> Self::Activations;
+    /// Reshapes `a` to `[rows, cols]` reusing its allocation where possible; contents are unspecified.
+    fn resize(&self, a: &mut Self::Activations, rows: usize, cols: usize) -> Result<()>;
+    fn shape(&self, a: &Self::Activations) -> (usize, usize);
+    fn to_host(&self, a: &Self::Activations, out: &mut Vec<f32>) -> Result<()>;
+    /// `dst = src[rows]` (e.g. the last token of each sequence, for logits).
+    fn gather_rows(&self, src: &Self::Activations, rows: &[usize], dst: &mut Self::Activations) -> Result<()>;
+
+    /// `out[i] = table[ids[i]]` (embedding lookup, dequantized).
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Activations) -> Result<()>;
+    /// `out = x · Wᵀ`: `[n, cols] -> [n, rows]`.
+    fn matmul(&self, w: &Self::Matrix, x: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
+    /// `out = x / rms(x) * weight` per row.
+    fn rms_norm(&self, x: &Self::Activations, w: &Self::Vector, eps: f32, out: &mut Self::Activations) -> Result<()>;
+    /// Rotates every head (`cols / head_dim` of them) of every row by the table's angles for that row.
+    fn rope(&self, x: &mut Self::Activations, head_dim: usize, table: &RopeTable) -> Result<()>;
+    /// `out = silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Activations, up: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Activations, y: &Self::Activations) -> Result<()>;
+
+    fn new_kv_storage(&self, layout: KvLayout, n_blocks: usize) -> Result<Self::KvStorage>;
+    /// Stores the rows of `k` and `v` (`[n, n_kv_heads * head_dim]`) of layer `layer` at their sequences' slots.
+    fn kv_write(
+        &self,
+        kv: &mut Self::KvStorage,
+        layer: usize,
+        k: &Self::Activations,
+        v: &Self::Activations,
+        spans: &[SeqSpan<'_>],
+    ) -> Result<()>;
+    /// Causal grouped-query attention of `q` (`[n, n_heads * head_dim]`) over each row's sequence up to and
+    /// including its own position, reading K/V of `layer` from the cache. Softmax scale is 1/sqrt(head_dim).
+    fn attention(
+        &self,
+        q: &Self::Activations,
+        kv: &Self::KvStorage,
+        layer: usize,
+        spans: &[SeqSpan<'_>],
+        out: &mut Self::Activations,
+    ) -> Result<()>;
+}

@@ -1,0 +1,201 @@
+//! Matrix products `out[t] = W · x[t]` over weights in GGUF block format, parallel over output rows, with
+//! run-time selection of the instruction set (AVX-512, AVX2+FMA, portable). The same kernel source is compiled
+//! once per instruction set through `#[target_feature]` wrappers, so every level computes the same arithmetic.
+//!
+//! One token (decode): each row is dotted in block format (`dot.rs`), reading the weights once.
+//! Several tokens (prefill): each task dequantizes a chunk of rows to f32 once and runs the register-blocked
+//! kernels of `gemm.rs` over all tokens, amortising the dequantization.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::dot::{block_sums, dot_f32_fast, dot_generic, dot_q4_1_fast, dot_q8_0_fast};
+use super::gemm::{OutPtr, gemm_tile};
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use crate::dtype::{GgmlType, dequantize_row_reference};
+
+/// Instruction sets the CPU kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    Portable,
+    Avx2Fma,
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The best level this CPU supports.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                return SimdLevel::Avx2Fma;
+            }
+        }
+        SimdLevel::Portable
+    }
+
+    /// Whether this CPU can run kernels compiled for `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            SimdLevel::Portable => true,
+            SimdLevel::Avx2Fma => matches!(Self::detect(), SimdLevel::Avx2Fma | SimdLevel::Avx512),
+            SimdLevel::Avx512 => Self::detect() == SimdLevel::Avx512,
+        }
+    }
+}
+
+/// A weight matrix in GGUF block format: `rows` rows of `cols` elements, each row `row_bytes` long.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl BlockMatrix<'_> {
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows
+    }
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+}
+
+/// Rows per parallel task: small enough to balance two to a few dozen cores, large enough that a rayon task
+/// (about a microsecond of scheduling) does well over a hundred microseconds of work.
+const ROWS_PER_TASK: usize = 32;
+
+thread_local! {
+    /// Per-thread scratch for dequantized weight rows; grows once, then is reused (no allocation per call).
+    static DEQUANT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch for activation block sums (Q4_1 decode).
+    static XSUM_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `out[t * rows + r] = W[r] · x[t * cols ..]` for `t < n_tokens`.
+pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), n_tokens * w.cols, "activation shape");
+    assert_eq!(out.len(), n_tokens * w.rows, "output shape");
+    // Below 4 tokens, dequantizing a tile costs more than it saves; K must suit the 16-lane kernels.
+    if n_tokens < 4 || !w.cols.is_multiple_of(16) {
+        for (xt, ot) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
+            matvec(level, w, xt, ot);
+        }
+        return;
+    }
+    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: w.rows, row0: 0, len: out.len() };
+    let n_chunks = w.rows.div_ceil(ROWS_PER_TASK);
+    (0..n_chunks).into_par_iter().for_each(|c| {
+        let r0 = c * ROWS_PER_TASK;
+        let nr = ROWS_PER_TASK.min(w.rows - r0);
+        DEQUANT_SCRATCH.with_borrow_mut(|scratch| {
+            scratch.resize(ROWS_PER_TASK * w.cols, 0.0);
+            for r in 0..nr {
+                // Cannot fail: row lengths were validated when the matrix was built.
+                let _ = dequantize_row_reference(w.ty, w.row(r0 + r), &mut scratch[r * w.cols..(r + 1) * w.cols]);
+            }
+            let tile_out = out_ptr.with_row0(r0);
+            gemm_dispatch(level, &scratch[..nr * w.cols], nr, x, n_tokens, w.cols, tile_out);
+        });
+    });
+}
+
+/// `out[r] = W[r] · x` (one token), parallel over row chunks.
+pub(crate) fn matvec(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f32]) {
+    assert_eq!((x.len(), out.len()), (w.cols, w.rows), "matvec shape");
+    XSUM_SCRATCH.with_borrow_mut(|xsum| {
+        if w.ty == GgmlType::Q4_1 {
+            xsum.resize(w.cols / 32, 0.0);
+            block_sums(x, xsum);
+        }
+        let xsum: &[f32] = xsum;
+        out.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, oc)| {
+            matvec_dispatch(level, w, c * ROWS_PER_TASK, x, xsum, oc);
+        });
+    });
+}
+
+/// The row loop, with the Q4_1 and Q8_0 dot kernels of one instruction set plugged in.
+#[inline(always)]
+fn matvec_body(
+    w: BlockMatrix<'_>,
+    r0: usize,
+    x: &[f32],
+    xsum: &[f32],
+    out: &mut [f32],
+    q4_1: impl Fn(&[u8], &[f32], &[f32]) -> f32,
+    q8_0: impl Fn(&[u8], &[f32]) -> f32,
+) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = w.row(r0 + i);
+        *o = match w.ty {
+            GgmlType::Q4_1 => q4_1(row, x, xsum),
+            GgmlType::Q8_0 => q8_0(row, x),
+            GgmlType::F32 => dot_f32_fast(row, x),
+            other => dot_generic(other, row, x),
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn matvec_avx512(w: BlockMatrix<'_>, r0: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+    // The closures inherit this function's target features, so the kernels are callable directly.
+    matvec_body(w, r0, x, xsum, out, |r, x, s| x86::dot_q4_1_avx512(r, x, s), |r, x| x86::dot_q8_0_avx512(r, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn matvec_avx2(w: BlockMatrix<'_>, r0: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+    // The closures inherit this function's target features, so the kernels are callable directly.
+    matvec_body(w, r0, x, xsum, out, |r, x, s| x86::dot_q4_1_avx2(r, x, s), |r, x| x86::dot_q8_0_avx2(r, x))
+}
+
+fn matvec_dispatch(level: SimdLevel, w: BlockMatrix<'_>, r0: usize, x: &[f32], xsum: &[f32], out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a level other than Portable is only constructed by `detect` or checked by `is_supported`
+        // (CpuBackend::with_level), so the CPU has these features.
+        SimdLevel::Avx512 => unsafe { matvec_avx512(w, r0, x, xsum, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2Fma => unsafe { matvec_avx2(w, r0, x, xsum, out) },
+        _ => matvec_body(w, r0, x, xsum, out, dot_q4_1_fast, dot_q8_0_fast),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn gemm_avx512(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    gemm_tile::<true>(w, nr, x, nt, k, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gemm_avx2(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    gemm_tile::<true>(w, nr, x, nt, k, out)
+}
+
+fn gemm_dispatch(level: SimdLevel, w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see matvec_dispatch.
+        SimdLevel::Avx512 => unsafe { gemm_avx512(w, nr, x, nt, k, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see matvec_dispatch.
+        SimdLevel::Avx2Fma => unsafe { gemm_avx2(w, nr, x, nt, k, out) },
+        _ => gemm_tile::<false>(w, nr, x, nt, k, out),
+    }
+}

@@ -1,0 +1,322 @@
+//! The CPU backend: weights stay in the GGUF memory map in their block format, activations and the KV cache
+//! are host f32 buffers, kernels are chosen at construction for the CPU's instruction set.
+
+mod attention;
+pub mod dot;
+mod gemm;
+mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+pub use matmul::SimdLevel;
+
+use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
+use crate::dtype::dequantize_row_reference;
+use crate::error::{EngineError, Result};
+use crate::gguf::{GgufFile, TensorInfo};
+use matmul::BlockMatrix;
+
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    level: SimdLevel,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    /// The best kernels for this CPU.
+    pub fn new() -> Self {
+        Self { level: SimdLevel::detect() }
+    }
+
+    /// Kernels for a given instruction set (tests compare levels); an unsupported level is an error.
+    pub fn with_level(level: SimdLevel) -> Result<Self> {
+        if !level.is_supported() {
+            return Err(EngineError::InvalidRequest(format!("this CPU does not support {level:?}")));
+        }
+        Ok(Self { level })
+    }
+
+    pub fn level(&self) -> SimdLevel {
+        self.level
+    }
+}
+
+/// A weight matrix living in the model file's memory map.
+pub struct CpuMatrix {
+    view: MatrixRef,
+    file: Arc<GgufFile>,
+}
+
+#[derive(Clone, Copy)]
+struct MatrixRef {
+    ty: crate::dtype::GgmlType,
+    rows: usize,
+    cols: usize,
+    start: usize,
+    len: usize,
+}
+
+impl CpuMatrix {
+    fn block(&self) -> BlockMatrix<'_> {
+        let v = self.view;
+        BlockMatrix { ty: v.ty, rows: v.rows, cols: v.cols, data: &self.file.bytes()[v.start..v.start + v.len] }
+    }
+}
+
+/// Row-major `[rows, cols]` f32 activations.
+#[derive(Debug, Clone, Default)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+fn shape_err(op: &str, detail: String) -> EngineError {
+    EngineError::InvalidRequest(format!("{op}: {detail}"))
+}
+
+impl Backend for CpuBackend {
+    type Matrix = CpuMatrix;
+    type Vector = Vec<f32>;
+    type Activations = CpuTensor;
+    type KvStorage = CpuKvStorage;
+
+    fn name(&self) -> String {
+        format!("cpu-{:?}", self.level).to_lowercase()
+    }
+
+    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<CpuMatrix> {
+        if info.dims.len() != 2 || !info.ggml_type.is_computable() {
+            return Err(EngineError::UnsupportedModel(format!(
+                "tensor {} ({} {:?}) is not a 2-D matrix of a supported type",
+                info.name,
+                info.ggml_type.name(),
+                info.dims
+            )));
+        }
+        let view = MatrixRef {
+            ty: info.ggml_type,
+            cols: info.dims[0] as usize,
+            rows: info.dims[1] as usize,
+            start: info.start as usize,
+            len: info.len as usize,
+        };
+        Ok(CpuMatrix { view, file: Arc::clone(file) })
+    }
+
+    fn upload_vector(&self, values: &[f32]) -> Result<Vec<f32>> {
+        Ok(values.to_vec())
+    }
+
+    fn matrix_shape(&self, m: &CpuMatrix) -> (usize, usize) {
+        (m.view.rows, m.view.cols)
+    }
+
+    fn new_activations(&self) -> CpuTensor {
+        CpuTensor::default()
+    }
+
+    fn resize(&self, a: &mut CpuTensor, rows: usize, cols: usize) -> Result<()> {
+        let n = rows.checked_mul(cols).ok_or_else(|| shape_err("resize", format!("{rows} x {cols} overflows")))?;
+        a.data.resize(n, 0.0);
+        (a.rows, a.cols) = (rows, cols);
+        Ok(())
+    }
+
+    fn shape(&self, a: &CpuTensor) -> (usize, usize) {
+        (a.rows, a.cols)
+    }
+
+    fn to_host(&self, a: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {
+        out.clear();
+        out.extend_from_slice(&a.data);
+        Ok(())
+    }
+
+    fn gather_rows(&self, src: &CpuTensor, rows: &[usize], dst: &mut CpuTensor) -> Result<()> {
+        if let Some(&r) = rows.iter().find(|&&r| r >= src.rows) {
+            return Err(shape_err("gather_rows", format!("row {r} of {}", src.rows)));
+        }
+        self.resize(dst, rows.len(), src.cols)?;
+        for (d, &r) in dst.data.chunks_exact_mut(src.cols).zip(rows) {
+            d.copy_from_slice(&src.data[r * src.cols..(r + 1) * src.cols]);
+        }
+        Ok(())
+    }
+
+    fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
+        let m = table.block();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= m.rows) {
+            return Err(EngineError::TokenOutOfRange { id, vocab: m.rows });
+        }
+        self.resize(out, ids.len(), m.cols)?;
+        let rb = m.data.len() / m.rows;
+        for (o, &id) in out.data.chunks_exact_mut(m.cols).zip(ids) {
+            let id = id as usize;
+            dequantize_row_reference(m.ty, &m.data[id * rb..(id + 1) * rb], o)?;
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &CpuMatrix, x: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        let m = w.block();
+        if x.cols != m.cols {
+            return Err(shape_err("matmul", format!("x has {} columns, W has {}", x.cols, m.cols)));
+        }
+        self.resize(out, x.rows, m.rows)?;
+        matmul::matmul(self.level, m, &x.data, x.rows, &mut out.data);
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &Vec<f32>, eps: f32, out: &mut CpuTensor) -> Result<()> {
+        if w.len() != x.cols {
+            return Err(shape_err("rms_norm", format!("weight {} for {} columns", w.len(), x.cols)));
+        }
+        self.resize(out, x.rows, x.cols)?;
+        for (o, xr) in out.data.chunks_exact_mut(x.cols).zip(x.data.chunks_exact(x.cols)) {
+            let mean_sq = xr.iter().map(|v| v * v).sum::<f32>() / x.cols as f32;
+            let inv = 1.0 / (mean_sq + eps).sqrt();
+            for ((o, &v), &g) in o.iter_mut().zip(xr).zip(w) {
+                *o = v * inv * g;
+            }
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, table: &RopeTable) -> Result<()> {
+        let half = head_dim / 2;
+        if table.half != half || table.cos.len() != x.rows * half || !x.cols.is_multiple_of(head_dim) {
+            return Err(shape_err("rope", format!("table for {} rows x {} pairs", table.cos.len(), table.half)));
+        }
+        let cols = x.cols;
+        for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {
+            let (cos, sin) = (&table.cos[r * half..(r + 1) * half], &table.sin[r * half..(r + 1) * half]);
+            for head in row.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos[i] - b * sin[i];
+                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        if (gate.rows, gate.cols) != (up.rows, up.cols) {
+            return Err(shape_err("swiglu", "gate and up shapes differ".into()));
+        }
+        self.resize(out, gate.rows, gate.cols)?;
+        out.data.par_chunks_mut(4096).zip(gate.data.par_chunks(4096)).zip(up.data.par_chunks(4096)).for_each(
+            |((o, g), u)| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            },
+        );
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(shape_err("add_assign", "shapes differ".into()));
+        }
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn new_kv_storage(&self, layout: KvLayout, n_blocks: usize) -> Result<CpuKvStorage> {
+        let n = layout
+            .block_elems()
+            .checked_mul(n_blocks)
+            .ok_or_else(|| shape_err("kv storage", format!("{n_blocks} blocks overflow")))?;
+        // Zeroed allocation: the OS commits pages only when blocks are first written.
+        Ok(CpuKvStorage { layout, data: vec![0.0; n] })
+    }
+
+    fn kv_write(
+        &self,
+        kv: &mut CpuKvStorage,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        spans: &[SeqSpan<'_>],
+    ) -> Result<()> {
+        let width = kv.layout.n_kv_heads * kv.layout.head_dim;
+        if (k.cols, v.cols) != (width, width) || k.rows != v.rows {
+            return Err(shape_err("kv_write", format!("k/v widths {}/{} for {:?}", k.cols, v.cols, kv.layout)));
+        }
+        kv.check(layer, k.rows, spans)?;
+        attention::kv_write(&mut kv.data, &kv.layout, layer, &k.data, &v.data, spans);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        kv: &CpuKvStorage,
+        layer: usize,
+        spans: &[SeqSpan<'_>],
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let l = kv.layout;
+        let n_heads = q.cols / l.head_dim;
+        if !q.cols.is_multiple_of(l.head_dim) || !n_heads.is_multiple_of(l.n_kv_heads) {
+            return Err(shape_err("attention", format!("q width {} for {l:?}", q.cols)));
+        }
+        kv.check(layer, q.rows, spans)?;
+        self.resize(out, q.rows, q.cols)?;
+        attention::attention(&kv.data, &l, layer, &q.data, n_heads, spans, &mut out.data);
+        Ok(())
+    }
+}
+
+/// KV blocks in host memory, `layout.block_elems()` f32 per block.
+pub struct CpuKvStorage {
+    layout: KvLayout,
+    data: Vec<f32>,
+}
+
+impl CpuKvStorage {
+    /// Spans must tile the batch rows exactly and their block tables must cover their positions with valid
+    /// block ids: the kernels index without further checks.
+    fn check(&self, layer: usize, rows: usize, spans: &[SeqSpan]) -> Result<()> {
+        let l = &self.layout;
+        if layer >= l.n_layers {
+            return Err(shape_err("kv", format!("layer {layer} of {}", l.n_layers)));
+        }
+        let n_blocks = self.data.len() / l.block_elems();
+        let mut next_row = 0;
+        for s in spans {
+            if s.row0 != next_row {
+                return Err(shape_err("kv", format!("span starts at row {} instead of {next_row}", s.row0)));
+            }
+            next_row += s.n_tokens;
+            let needed = (s.start_pos + s.n_tokens).div_ceil(l.block_tokens);
+            if s.block_table.len() < needed || s.block_table[..needed].iter().any(|&b| b as usize >= n_blocks) {
+                return Err(shape_err(
+                    "kv",
+                    format!("block table does not cover {} positions", s.start_pos + s.n_tokens),
+                ));
+            }
+        }
+        if next_row != rows {
+            return Err(shape_err("kv", format!("spans cover {next_row} rows of {rows}")));
+        }
+        Ok(())
+    }
+}

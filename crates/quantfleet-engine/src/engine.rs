@@ -1,0 +1,147 @@
+//! The engine's request-level API: a model, its tokenizer, and generation (prefill, then incremental decode
+//! with sampling, stop tokens and log-probabilities) or teacher-forced scoring of a given continuation.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::cpu::CpuBackend;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, SeqKv};
+use crate::model::{Llama, Logits};
+use crate::sampler::{Sampler, SamplingParams, logsumexp, top_logprobs};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends after any of these tokens (it is reported, not fed back).
+    pub stop_tokens: Vec<u32>,
+    /// How many alternative tokens to report per step with their log-probabilities.
+    pub top_logprobs: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// Log-probability under the model's raw distribution (before temperature / top-k / top-p).
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated (it is the last token of the output).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<GeneratedToken>,
+    pub finish: FinishReason,
+}
+
+pub struct Engine<B: Backend> {
+    pub model: Llama<B>,
+    pub tokenizer: Tokenizer,
+}
+
+impl Engine<CpuBackend> {
+    /// Opens a GGUF model on the CPU backend, verifying its sha256 when given.
+    pub fn open_cpu(path: &Path, sha256: Option<&str>) -> Result<Self> {
+        let file = match sha256 {
+            Some(h) => GgufFile::open_verified(path, h)?,
+            None => GgufFile::open(path)?,
+        };
+        Self::new(CpuBackend::new(), Arc::new(file))
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: B, file: Arc<GgufFile>) -> Result<Self> {
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let model = Llama::load(backend, file)?;
+        if tokenizer.vocab_size() != model.config.vocab {
+            return Err(EngineError::UnsupportedModel(format!(
+                "tokenizer has {} tokens, model {}",
+                tokenizer.vocab_size(),
+                model.config.vocab
+            )));
+        }
+        Ok(Self { model, tokenizer })
+    }
+
+    /// A KV cache holding as many blocks as fit in `budget_bytes`.
+    pub fn new_kv_cache(&self, budget_bytes: usize) -> Result<KvCache<B>> {
+        KvCache::with_budget(&self.model.backend, self.model.config.kv_layout(DEFAULT_BLOCK_TOKENS), budget_bytes)
+    }
+
+    /// Generates after `prompt`; the sequence's KV blocks are returned to `kv` afterwards, also on error.
+    pub fn generate(&self, kv: &mut KvCache<B>, prompt: &[u32], req: &GenerateRequest) -> Result<Generation> {
+        let mut seq = SeqKv::default();
+        let result = self.generate_in(kv, &mut seq, prompt, req);
+        kv.release(&mut seq);
+        result
+    }
+
+    fn generate_in(
+        &self,
+        kv: &mut KvCache<B>,
+        seq: &mut SeqKv,
+        prompt: &[u32],
+        req: &GenerateRequest,
+    ) -> Result<Generation> {
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("empty prompt".into()));
+        }
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let mut ws = self.model.new_workspace();
+        let mut logits = Vec::new();
+        self.model.forward(&mut ws, kv, seq, prompt, Logits::Last, &mut logits)?;
+        let mut tokens = Vec::with_capacity(req.max_tokens);
+        while tokens.len() < req.max_tokens {
+            let id = sampler.sample(&logits)?;
+            let lse = logsumexp(&logits);
+            tokens.push(GeneratedToken {
+                id,
+                logprob: (logits[id as usize] as f64 - lse) as f32,
+                top_logprobs: top_logprobs(&logits, req.top_logprobs, lse),
+            });
+            if req.stop_tokens.contains(&id) {
+                return Ok(Generation { tokens, finish: FinishReason::Stop });
+            }
+            if tokens.len() < req.max_tokens {
+                self.model.forward(&mut ws, kv, seq, &[id], Logits::Last, &mut logits)?;
+            }
+        }
+        Ok(Generation { tokens, finish: FinishReason::Length })
+    }
+
+    /// Teacher-forced log-probability of each `continuation` token given `prompt` and the continuation
+    /// before it (one forward pass over both).
+    pub fn score(&self, kv: &mut KvCache<B>, prompt: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+        if prompt.is_empty() || continuation.is_empty() {
+            return Err(EngineError::InvalidRequest("scoring needs a prompt and a continuation".into()));
+        }
+        let all: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+        let mut seq = SeqKv::default();
+        let mut ws = self.model.new_workspace();
+        let mut logits = Vec::new();
+        let r = self.model.forward(&mut ws, kv, &mut seq, &all, Logits::All, &mut logits);
+        kv.release(&mut seq);
+        r?;
+        let vocab = self.model.config.vocab;
+        Ok(continuation
+            .iter()
+            .enumerate()
+            .map(|(i, &tok)| {
+                let row = &logits[(prompt.len() - 1 + i) * vocab..(prompt.len() + i) * vocab];
+                (row[tok as usize] as f64 - logsumexp(row)) as f32
+            })
+            .collect())
+    }
+}

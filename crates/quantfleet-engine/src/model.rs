@@ -1,0 +1,247 @@
+//! The llama forward pass (SmolLM2 and other llama-architecture GGUFs), written once against `Backend`:
+//! RMSNorm, RoPE (GGUF NORM layout), grouped-query attention over the paged KV cache, SwiGLU MLP, tied or
+//! separate output projection. Prefill and incremental decode are the same call: tokens are appended to the
+//! sequence's cache and attend to everything before them.
+
+use std::sync::Arc;
+
+use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
+use crate::dtype::dequantize_row_reference;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::{KvCache, SeqKv};
+
+/// Hyper-parameters read from `llama.*` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_base: f64,
+    pub rms_eps: f32,
+    pub context: usize,
+    pub vocab: usize,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(EngineError::UnsupportedModel(format!("architecture {arch:?} (supported: llama)")));
+        }
+        let u = |k: &str| g.get_u64(&format!("llama.{k}")).map(|v| v as usize);
+        let (n_layers, d_model, d_ff) = (u("block_count")?, u("embedding_length")?, u("feed_forward_length")?);
+        let n_heads = u("attention.head_count")?;
+        let n_kv_heads = u("attention.head_count_kv").unwrap_or(n_heads);
+        if n_heads == 0 || n_kv_heads == 0 || d_model % n_heads != 0 || n_heads % n_kv_heads != 0 {
+            return Err(EngineError::UnsupportedModel(format!(
+                "{n_heads} heads / {n_kv_heads} KV heads for width {d_model}"
+            )));
+        }
+        let head_dim = d_model / n_heads;
+        if head_dim % 2 != 0 || u("rope.dimension_count").is_ok_and(|d| d != head_dim) {
+            return Err(EngineError::UnsupportedModel("partial or odd rotary dimensions".into()));
+        }
+        let tokens = g.get_array("tokenizer.ggml.tokens")?.len();
+        Ok(Self {
+            n_layers,
+            d_model,
+            d_ff,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            rope_base: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")? as f32,
+            context: u("context_length")?,
+            vocab: u("vocab_size").unwrap_or(tokens),
+        })
+    }
+
+    pub fn kv_layout(&self, block_tokens: usize) -> KvLayout {
+        KvLayout { n_layers: self.n_layers, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim, block_tokens }
+    }
+}
+
+struct Layer<B: Backend> {
+    attn_norm: B::Vector,
+    wq: B::Matrix,
+    wk: B::Matrix,
+    wv: B::Matrix,
+    wo: B::Matrix,
+    ffn_norm: B::Vector,
+    gate: B::Matrix,
+    up: B::Matrix,
+    down: B::Matrix,
+}
+
+/// Which positions' logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (scoring, tests).
+    All,
+}
+
+/// Reusable activation buffers: a forward pass allocates only when a batch is larger than any before.
+pub struct Workspace<B: Backend> {
+    x: B::Activations,
+    h: B::Activations,
+    q: B::Activations,
+    k: B::Activations,
+    v: B::Activations,
+    attn: B::Activations,
+    proj: B::Activations,
+    gate: B::Activations,
+    up: B::Activations,
+    act: B::Activations,
+    last: B::Activations,
+    logits: B::Activations,
+    rope: RopeTable,
+}
+
+pub struct Llama<B: Backend> {
+    pub backend: B,
+    pub config: LlamaConfig,
+    tok_embd: B::Matrix,
+    /// `None`: tied to the embedding (SmolLM2).
+    output: Option<B::Matrix>,
+    output_norm: B::Vector,
+    layers: Vec<Layer<B>>,
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn load(backend: B, file: Arc<GgufFile>) -> Result<Self> {
+        let c = LlamaConfig::from_gguf(&file)?;
+        let kv_width = c.n_kv_heads * c.head_dim;
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix> {
+            let info = file.tensor(name).ok_or_else(|| EngineError::UnsupportedModel(format!("missing {name}")))?;
+            if info.dims != [cols as u64, rows as u64] {
+                return Err(EngineError::ShapeMismatch {
+                    name: name.into(),
+                    expected: vec![cols as u64, rows as u64],
+                    found: info.dims.clone(),
+                });
+            }
+            backend.upload_matrix(&file, info)
+        };
+        let vector = |name: &str| -> Result<B::Vector> {
+            let info = file.tensor(name).ok_or_else(|| EngineError::UnsupportedModel(format!("missing {name}")))?;
+            if info.dims != [c.d_model as u64] {
+                return Err(EngineError::ShapeMismatch {
+                    name: name.into(),
+                    expected: vec![c.d_model as u64],
+                    found: info.dims.clone(),
+                });
+            }
+            let mut v = vec![0.0; c.d_model];
+            dequantize_row_reference(info.ggml_type, file.tensor_data(info), &mut v)?;
+            backend.upload_vector(&v)
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: vector(&p("attn_norm"))?,
+                wq: matrix(&p("attn_q"), c.n_heads * c.head_dim, c.d_model)?,
+                wk: matrix(&p("attn_k"), kv_width, c.d_model)?,
+                wv: matrix(&p("attn_v"), kv_width, c.d_model)?,
+                wo: matrix(&p("attn_output"), c.d_model, c.n_heads * c.head_dim)?,
+                ffn_norm: vector(&p("ffn_norm"))?,
+                gate: matrix(&p("ffn_gate"), c.d_ff, c.d_model)?,
+                up: matrix(&p("ffn_up"), c.d_ff, c.d_model)?,
+                down: matrix(&p("ffn_down"), c.d_model, c.d_ff)?,
+            });
+        }
+        let tok_embd = matrix("token_embd.weight", c.vocab, c.d_model)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(matrix("output.weight", c.vocab, c.d_model)?),
+            None => None,
+        };
+        let output_norm = vector("output_norm.weight")?;
+        Ok(Self { backend, config: c, tok_embd, output, output_norm, layers })
+    }
+
+    pub fn new_workspace(&self) -> Workspace<B> {
+        let a = || self.backend.new_activations();
+        Workspace {
+            x: a(),
+            h: a(),
+            q: a(),
+            k: a(),
+            v: a(),
+            attn: a(),
+            proj: a(),
+            gate: a(),
+            up: a(),
+            act: a(),
+            last: a(),
+            logits: a(),
+            rope: RopeTable::default(),
+        }
+    }
+
+    /// Appends `tokens` to the sequence `seq` (prefill when it is empty, decode for one token), storing their
+    /// keys and values in `kv`, and writes the requested logits (`[n, vocab]` row-major) to `logits_out`.
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        seq: &mut SeqKv,
+        tokens: &[u32],
+        which: Logits,
+        logits_out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (c, be) = (&self.config, &self.backend);
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::InvalidRequest("forward needs at least one token".into()));
+        }
+        let end = seq.len + n;
+        if end > c.context {
+            return Err(EngineError::ContextOverflow { requested: end, max: c.context });
+        }
+        if kv.layout != c.kv_layout(kv.layout.block_tokens) {
+            return Err(EngineError::InvalidRequest("KV cache layout does not match the model".into()));
+        }
+        kv.reserve(seq, end)?;
+        let spans = [SeqSpan { row0: 0, n_tokens: n, start_pos: seq.len, block_table: &seq.block_table }];
+        ws.rope.fill(seq.len..end, c.head_dim, c.rope_base);
+
+        be.embed(&self.tok_embd, tokens, &mut ws.x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            be.rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h)?;
+            be.matmul(&layer.wq, &ws.h, &mut ws.q)?;
+            be.matmul(&layer.wk, &ws.h, &mut ws.k)?;
+            be.matmul(&layer.wv, &ws.h, &mut ws.v)?;
+            be.rope(&mut ws.q, c.head_dim, &ws.rope)?;
+            be.rope(&mut ws.k, c.head_dim, &ws.rope)?;
+            be.kv_write(&mut kv.storage, l, &ws.k, &ws.v, &spans)?;
+            be.attention(&ws.q, &kv.storage, l, &spans, &mut ws.attn)?;
+            be.matmul(&layer.wo, &ws.attn, &mut ws.proj)?;
+            be.add_assign(&mut ws.x, &ws.proj)?;
+
+            be.rms_norm(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h)?;
+            be.matmul(&layer.gate, &ws.h, &mut ws.gate)?;
+            be.matmul(&layer.up, &ws.h, &mut ws.up)?;
+            be.swiglu(&ws.gate, &ws.up, &mut ws.act)?;
+            be.matmul(&layer.down, &ws.act, &mut ws.proj)?;
+            be.add_assign(&mut ws.x, &ws.proj)?;
+        }
+        seq.len = end;
+
+        let final_in = match which {
+            Logits::All => &ws.x,
+            Logits::Last => {
+                be.gather_rows(&ws.x, &[n - 1], &mut ws.last)?;
+                &ws.last
+            }
+        };
+        be.rms_norm(final_in, &self.output_norm, c.rms_eps, &mut ws.h)?;
+        be.matmul(self.output.as_ref().unwrap_or(&self.tok_embd), &ws.h, &mut ws.logits)?;
+        be.to_host(&ws.logits, logits_out)
+    }
+}
