@@ -1,2 +1,198 @@
-//! Timing binary for quantfleet-quant (filled in with the format and algorithm benchmarks).
-fn main() {}
+//! Timing binary for quantfleet-quant: `cargo bench -p quantfleet-quant` (release profile, std::time).
+//!
+//! 1. Encode/decode throughput of every format on ONE core, in elements per second, for the widest ISA this
+//!    CPU has and for the portable fallback (the 1 G elements/s targets are FP8 and INT4-RTN on AVX-512/AVX2).
+//! 2. AWQ and GPTQ time per linear layer at SmolLM2-135M's shapes (q/k/v/o 576-wide, gate/up 576->1536,
+//!    down 1536->576; 30 blocks = 210 linears), on SYNTHETIC weights and activations (timing does not depend on
+//!    the values), then all 210 layers on 2 threads unless `--quick` is given.
+//!
+//! Flags: `--quick` skips the 210-layer runs; `--tokens N` sets calibration tokens (default 512).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use quantfleet_quant::awq::{AwqConfig, awq};
+use quantfleet_quant::fp4_matrix::quantize_fp4;
+use quantfleet_quant::fp8::{decode_fp8_slice_isa, encode_fp8_slice_isa};
+use quantfleet_quant::gptq::{GptqConfig, gptq};
+use quantfleet_quant::int4::quantize_int4_isa;
+use quantfleet_quant::synthetic::{SynthRng, synthetic_layer};
+use quantfleet_quant::*;
+
+/// Best throughput of `f` over repeated runs lasting at least ~0.4 s in total.
+fn rate(elements: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm up (page faults, caches)
+    let mut best = Duration::MAX;
+    let start = Instant::now();
+    let mut runs = 0;
+    while runs < 3 || (start.elapsed() < Duration::from_millis(400) && runs < 200) {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed());
+        runs += 1;
+    }
+    elements as f64 / best.as_secs_f64()
+}
+
+fn print_rate(name: &str, isa: Isa, r: f64) {
+    println!("{name:<38} {:<8} {:>8.3} G elements/s", format!("{isa:?}"), r / 1e9);
+}
+
+fn formats() {
+    // 4 Mi elements (16 MiB of f32): large enough to leave L2, small enough to sit in this CPU's L3.
+    let (rows, cols) = (1024, 4096);
+    let n = rows * cols;
+    let mut rng = SynthRng::new(1);
+    let data = rng.normal_vec(n, 0.05);
+    let w = MatrixRef::new("bench", &data, rows, cols).unwrap();
+    let mut codes = vec![0u8; n];
+    let mut out = vec![0f32; n];
+    let best = Isa::detect();
+    println!("== format throughput, one core, {rows} x {cols} f32 (best ISA detected: {best:?})");
+    for isa in [best, Isa::Scalar] {
+        for format in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            let r = rate(n, || {
+                encode_fp8_slice_isa(isa, format, Saturation::Saturating, black_box(&data), 20.0, &mut codes).unwrap()
+            });
+            print_rate(&format!("{format:?} encode (scaled, saturating)"), isa, r);
+            let r = rate(n, || decode_fp8_slice_isa(isa, format, black_box(&codes), 0.05, &mut out).unwrap());
+            print_rate(&format!("{format:?} decode (scaled)"), isa, r);
+        }
+        for (label, config) in
+            [("INT4 RTN sym g128", Int4Config::symmetric(128)), ("INT4 RTN asym g128", Int4Config::asymmetric(128))]
+        {
+            let config = config.unwrap();
+            let r = rate(n, || {
+                black_box(quantize_int4_isa(isa, &w, &config).unwrap());
+            });
+            print_rate(&format!("{label} encode (incl. scales)"), isa, r);
+            let q = quantize_int4_isa(isa, &w, &config).unwrap();
+            let r = rate(n, || {
+                for (row, o) in out.chunks_mut(cols).enumerate() {
+                    q.dequantize_row_isa(isa, row, o).unwrap();
+                }
+            });
+            print_rate(&format!("{label} decode"), isa, r);
+        }
+    }
+    let r = rate(n, || {
+        black_box(quantize_rtn(&w, &WeightFormat::Int8).unwrap());
+    });
+    print_rate("INT8 per-channel encode", best, r);
+    let q8 = quantize_rtn(&w, &WeightFormat::Int8).unwrap();
+    let r = rate(n, || {
+        for (row, o) in out.chunks_mut(cols).enumerate() {
+            q8.dequantize_row(row, o).unwrap();
+        }
+    });
+    print_rate("INT8 per-channel decode", best, r);
+    for kind in [Fp4Kind::Nvfp4, Fp4Kind::Mxfp4] {
+        let r = rate(n, || {
+            black_box(quantize_fp4(&w, kind).unwrap());
+        });
+        print_rate(&format!("{kind:?} encode (scalar reference)"), Isa::Scalar, r);
+        let q = quantize_fp4(&w, kind).unwrap();
+        let r = rate(n, || {
+            for (row, o) in out.chunks_mut(cols).enumerate() {
+                q.dequantize_row(row, o).unwrap();
+            }
+        });
+        print_rate(&format!("{kind:?} decode (scalar reference)"), Isa::Scalar, r);
+    }
+    for (label, format) in [("BF16", WeightFormat::Bf16), ("FP16", WeightFormat::F16)] {
+        let r = rate(n, || {
+            black_box(quantize_rtn(&w, &format).unwrap());
+        });
+        print_rate(&format!("{label} encode (half crate)"), best, r);
+    }
+}
+
+/// SmolLM2-135M's linear shapes in one transformer block: (name, out, in).
+const BLOCK: [(&str, usize, usize); 7] = [
+    ("q_proj", 576, 576),
+    ("k_proj", 192, 576),
+    ("v_proj", 192, 576),
+    ("o_proj", 576, 576),
+    ("gate_proj", 1536, 576),
+    ("up_proj", 1536, 576),
+    ("down_proj", 576, 1536),
+];
+
+fn run_method(method: &str, out: usize, inf: usize, tokens: usize, seed: u64) -> f64 {
+    let l = synthetic_layer(out, inf, tokens, 8, 20.0, seed);
+    let w = MatrixRef::new("w", &l.weight, out, inf).unwrap();
+    let x = MatrixRef::new("x", &l.activations, tokens, inf).unwrap();
+    let format = WeightFormat::Int4(Int4Config::symmetric(128).unwrap());
+    let t = Instant::now();
+    match method {
+        "AWQ" => {
+            black_box(awq(&w, &x, &AwqConfig::new(format)).unwrap());
+        }
+        _ => {
+            let config = GptqConfig { max_tokens: tokens, ..GptqConfig::new(format) };
+            black_box(gptq(&w, &x, &config).unwrap());
+        }
+    }
+    t.elapsed().as_secs_f64()
+}
+
+fn algorithms(tokens: usize, full: bool) {
+    let (n, out, inf) = (128, 1536, 576);
+    let mut rng = SynthRng::new(3);
+    let (x, w) = (rng.normal_vec(n * inf, 1.0), rng.normal_vec(out * inf, 1.0));
+    let r = rate(n * out * inf, || {
+        black_box(quantfleet_quant::matrix::matmul_xwt(&x, n, &w, out, inf));
+    });
+    println!(
+        "\n== search kernel: x W^T [{n} x {inf}] x [{out} x {inf}]^T: {:.2} G multiply-adds/s (one core)",
+        r / 1e9
+    );
+    println!(
+        "\n== AWQ / GPTQ (INT4 sym g128) per layer, one core, SYNTHETIC data at SmolLM2-135M shapes, {tokens} calibration tokens"
+    );
+    for method in ["AWQ", "GPTQ"] {
+        let mut block = 0.0;
+        for (i, (name, out, inf)) in BLOCK.iter().enumerate() {
+            let s = run_method(method, *out, *inf, tokens, i as u64);
+            block += s;
+            println!("{method:<5} {name:<10} [{out:>4} x {inf:>4}]  {:>8.3} s", s);
+        }
+        println!("{method:<5} one block (7 linears): {block:.3} s; 30 blocks on 1 core ~ {:.1} s", block * 30.0);
+    }
+    if !full {
+        return;
+    }
+    println!("\n== all 210 linears of SmolLM2-135M's shapes on 2 threads (layer-parallel)");
+    for method in ["AWQ", "GPTQ"] {
+        let jobs: Vec<(usize, usize, u64)> =
+            (0..30).flat_map(|b| BLOCK.iter().enumerate().map(move |(i, l)| (l.1, l.2, (b * 7 + i) as u64))).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    loop {
+                        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(out, inf, seed)) = jobs.get(j) else { break };
+                        run_method(method, out, inf, tokens, seed);
+                    }
+                });
+            }
+        });
+        // Wall time includes generating each layer's synthetic data; the per-layer figures above exclude it.
+        println!("{method:<5} 210 layers, 2 threads: {:.1} s wall", t.elapsed().as_secs_f64());
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let tokens = args
+        .iter()
+        .position(|a| a == "--tokens")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    formats();
+    algorithms(tokens, !quick);
+}

@@ -7,8 +7,9 @@
 
 use crate::error::{QuantError, Result};
 use crate::int4::{GroupParams, quantize_with_params};
-use crate::matrix::{MatrixRef, check_calibration, matmul_xwt, nmse, subsample_rows};
+use crate::matrix::{MatrixRef, check_calibration, dot_lanes, matmul_xwt, nmse, subsample_rows};
 use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
+use crate::simd::multiversion;
 
 /// AWQ search settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -159,7 +160,17 @@ pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<A
         let wsm = MatrixRef::new("scaled weight", &ws, rows, cols)?;
         // Inputs of the scaled layer: X / s.
         let xs_scaled: Vec<f32> = xs.data().iter().enumerate().map(|(i, &v)| v / s[i % cols]).collect();
-        let params = clip_search(&wsm, &xs_scaled, xs.rows(), &int4, config.clip_grid);
+        let params = clip_search(
+            crate::Isa::detect(),
+            &ws,
+            rows,
+            cols,
+            &xs_scaled,
+            xs.rows(),
+            int4.group_size.get(),
+            int4.symmetric,
+            config.clip_grid,
+        );
         let clipped = QuantizedMatrix::Int4(quantize_with_params(crate::Isa::detect(), &wsm, &int4, &params)?);
         let mut w_hat = clipped.dequantize();
         w_hat.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols]);
@@ -174,39 +185,42 @@ pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<A
     Ok(AwqResult { alpha, input_scales: s, weight, search_nmse_rtn: rtn_nmse, search_nmse: err })
 }
 
-/// Per (row, group): the clip ratio whose quantized group minimises sum_t (x_t,g . (w_g - w_hat_g))^2.
-fn clip_search(
-    w: &MatrixRef<'_>,
-    x: &[f32],
-    n: usize,
-    config: &crate::int4::Int4Config,
-    clip_grid: usize,
-) -> Vec<GroupParams> {
-    let (rows, cols, g) = (w.rows(), w.cols(), config.group_size.get());
-    let mut params = Vec::with_capacity(rows * cols.div_ceil(g));
-    let mut diff = vec![0f32; g];
-    for r in 0..rows {
-        for (gi, group) in w.row(r).chunks(g).enumerate() {
-            let c0 = gi * g;
-            let mut best = (f64::INFINITY, GroupParams::fit(group, config.symmetric, 1.0));
-            for k in 0..clip_grid {
-                let p = GroupParams::fit(group, config.symmetric, 1.0 - 0.05 * k as f32);
-                for (d, &v) in diff.iter_mut().zip(group) {
-                    *d = v - p.dequantize(p.quantize(v));
+multiversion! {
+    /// Per (row, group): the clip ratio whose quantized group minimises sum_t (x_t,g . (w_g - w_hat_g))^2
+    /// over the `n` rows of `x` (`[n x cols]`, already divided by the AWQ scales).
+    fn clip_search(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        group: usize,
+        symmetric: bool,
+        clip_grid: usize,
+    ) -> Vec<GroupParams> {
+        let mut params = Vec::with_capacity(rows * cols.div_ceil(group));
+        let mut diff = vec![0f32; group];
+        for r in 0..rows {
+            for (gi, values) in w[r * cols..(r + 1) * cols].chunks(group).enumerate() {
+                let c0 = gi * group;
+                let mut best = (f64::INFINITY, GroupParams::fit(values, symmetric, 1.0));
+                for k in 0..clip_grid {
+                    let p = GroupParams::fit(values, symmetric, 1.0 - 0.05 * k as f32);
+                    for (d, &v) in diff.iter_mut().zip(values) {
+                        *d = v - p.dequantize(p.quantize(v));
+                    }
+                    let mut err = 0f64;
+                    for t in 0..n {
+                        let e = dot_lanes(&x[t * cols + c0..t * cols + c0 + values.len()], &diff[..values.len()]);
+                        err += (e as f64) * (e as f64);
+                    }
+                    if err < best.0 {
+                        best = (err, p);
+                    }
                 }
-                let err: f64 = (0..n)
-                    .map(|t| {
-                        let e =
-                            crate::matrix::dot(&x[t * cols + c0..t * cols + c0 + group.len()], &diff[..group.len()]);
-                        (e as f64) * (e as f64)
-                    })
-                    .sum();
-                if err < best.0 {
-                    best = (err, p);
-                }
+                params.push(best.1);
             }
-            params.push(best.1);
         }
+        params
     }
-    params
 }

@@ -166,7 +166,7 @@ fn encode_kernel<const MAN: u32, const BIAS: i32, const MAX: u32, const OVF: u32
     let sub_scale = f32::from_bits(((127 + BIAS - 1 + MAN as i32) as u32) << 23);
     // min() keeps the product tiny (and maps NaN to a finite number) so the int conversion is in range.
     let clamped = f32::from_bits(abs.min(min_normal_bits));
-    let sub = (clamped * sub_scale).round_ties_even() as u32;
+    let sub = crate::simd::round_small(clamped * sub_scale) as u32;
     let shift = 23 - MAN;
     let nrm =
         ((abs + (1 << (shift - 1)) - 1 + ((abs >> shift) & 1)) >> shift).wrapping_sub(((127 - BIAS) as u32) << MAN);

@@ -13,6 +13,7 @@ use crate::int8::{Int8Matrix, int8_scale};
 use crate::linalg::inverse_upper_cholesky;
 use crate::matrix::{MatrixRef, amax, check_calibration, subsample_rows};
 use crate::quantized::{QuantizedMatrix, WeightFormat};
+use crate::simd::{Isa, multiversion};
 
 /// GPTQ settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -36,11 +37,21 @@ impl GptqConfig {
 
 /// The layer Hessian 2/n X^T X (f64, `in x in`).
 pub fn layer_hessian(x: &MatrixRef<'_>) -> Vec<f64> {
-    let (n, d) = (x.rows(), x.cols());
+    hessian_kernel(Isa::detect(), x.data(), x.rows(), x.cols())
+}
+
+multiversion! {
+    fn hessian_kernel(data: &[f32], n: usize, d: usize) -> Vec<f64> {
+        hessian_inline(data, n, d)
+    }
+}
+
+#[inline(always)]
+fn hessian_inline(data: &[f32], n: usize, d: usize) -> Vec<f64> {
     let mut h = vec![0f64; d * d];
     // Accumulate the lower triangle in f32 blocks of tokens (fast), folding into f64 per block (accurate).
     let mut acc = vec![0f32; d * d];
-    for (t, row) in (0..n).map(|t| (t, x.row(t))) {
+    for (t, row) in data.chunks_exact(d).take(n).enumerate() {
         for i in 0..d {
             let xi = row[i];
             if xi != 0.0 {
@@ -143,6 +154,23 @@ impl ScaleRounding {
                 codes: effective.iter().map(|&s| (s / self.dq_tensor_scale).round_ties_even() as u8).collect(),
                 tensor_scale: self.dq_tensor_scale,
             },
+        }
+    }
+}
+
+multiversion! {
+    /// Lazy update of every column after the block [i1, i2) with the whole block's errors:
+    /// W[:, j] -= sum_i err_i * U[i][j].
+    fn lazy_update(wt: &mut [f32], rows: usize, cols: usize, u: &[f64], err_block: &[f32], i1: usize, i2: usize) {
+        for j in i2..cols {
+            let cj = &mut wt[j * rows..(j + 1) * rows];
+            for i in i1..i2 {
+                let coef = u[i * cols + j] as f32;
+                if coef != 0.0 {
+                    let err = &err_block[(i - i1) * rows..(i - i1 + 1) * rows];
+                    cj.iter_mut().zip(err).for_each(|(v, e)| *v -= e * coef);
+                }
+            }
         }
     }
 }
@@ -262,17 +290,7 @@ pub fn gptq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &GptqConfig) -> Result
                 cj.iter_mut().zip(err.iter()).for_each(|(v, e)| *v -= e * coef);
             }
         }
-        // Lazy update of every later column with the whole block's errors.
-        for j in i2..cols {
-            let cj = &mut wt[j * rows..(j + 1) * rows];
-            for i in i1..i2 {
-                let coef = u[i * cols + j] as f32;
-                if coef != 0.0 {
-                    let err = &err_block[(i - i1) * rows..(i - i1 + 1) * rows];
-                    cj.iter_mut().zip(err).for_each(|(v, e)| *v -= e * coef);
-                }
-            }
-        }
+        lazy_update(Isa::detect(), &mut wt, rows, cols, &u, &err_block, i1, i2);
     }
 
     Ok(match grid {

@@ -15,7 +15,7 @@
 use crate::error::{QuantError, Result};
 use crate::halfp::f16;
 use crate::matrix::MatrixRef;
-use crate::simd::{Isa, multiversion};
+use crate::simd::{Isa, clamp_fast, multiversion, round_small};
 
 /// A supported group size (32, 64, 128 or 256 input features per scale).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -97,27 +97,16 @@ pub struct GroupParams {
 
 impl GroupParams {
     /// Round-to-nearest fit of one group, with the range multiplied by `clip` (1.0 = no clipping).
+    #[inline(always)]
     pub fn fit(values: &[f32], symmetric: bool, clip: f32) -> Self {
-        if symmetric {
-            let amax = f32::from_bits(values.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0));
-            Self { scale: amax * clip / 7.0, zero: 8 }
-        } else {
-            let (mut lo, mut hi) = (0f32, 0f32);
-            for &v in values {
-                lo = lo.min(v);
-                hi = hi.max(v);
-            }
-            let scale = (hi - lo) * clip / 15.0;
-            let zero = if scale > 0.0 { (-lo * clip / scale).round_ties_even().clamp(0.0, 15.0) as u8 } else { 0 };
-            Self { scale, zero }
-        }
+        fit_group(values, symmetric, clip)
     }
 
     /// Nibble for `x` (round to nearest even, clamped to 0..=15).
     #[inline(always)]
     pub fn quantize(&self, x: f32) -> u8 {
         let inv = if self.scale > 0.0 { 1.0 / self.scale } else { 0.0 };
-        quantize_nibble(x, inv, self.zero as f32)
+        quantize_nibble(x, inv, self.zero as i32)
     }
 
     #[inline(always)]
@@ -127,13 +116,64 @@ impl GroupParams {
 }
 
 #[inline(always)]
-fn quantize_nibble(x: f32, inv: f32, zero: f32) -> u8 {
-    ((x * inv).round_ties_even() + zero).clamp(0.0, 15.0) as u8
+fn quantize_nibble(x: f32, inv: f32, zero: i32) -> u8 {
+    // Clamp first (bounds wider than the grid) so round_small's range holds for any scale.
+    (round_small(clamp_fast(x * inv, -32.0, 32.0)) + zero).clamp(0, 15) as u8
+}
+
+/// Largest |v| of a group (0 for an empty one), with 16 independent lanes so it vectorises.
+#[inline(always)]
+fn group_amax(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut chunks = values.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            let a = c[l].abs();
+            lanes[l] = if a > lanes[l] { a } else { lanes[l] };
+        }
+    }
+    chunks.remainder().iter().fold(lanes.iter().fold(0f32, |m, &v| m.max(v)), |m, v| m.max(v.abs()))
+}
+
+/// (min(values, 0), max(values, 0)) with 16 independent lanes so it vectorises.
+#[inline(always)]
+fn group_min_max(values: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([0f32; 16], [0f32; 16]);
+    let mut chunks = values.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            lo[l] = if c[l] < lo[l] { c[l] } else { lo[l] };
+            hi[l] = if c[l] > hi[l] { c[l] } else { hi[l] };
+        }
+    }
+    let init = (lo.iter().fold(0f32, |a, &b| a.min(b)), hi.iter().fold(0f32, |a, &b| a.max(b)));
+    chunks.remainder().iter().fold(init, |(l, h), &v| (l.min(v), h.max(v)))
+}
+
+#[inline(always)]
+fn fit_group(values: &[f32], symmetric: bool, clip: f32) -> GroupParams {
+    if symmetric {
+        GroupParams { scale: group_amax(values) * clip / 7.0, zero: 8 }
+    } else {
+        let (lo, hi) = group_min_max(values);
+        let scale = (hi - lo) * clip / 15.0;
+        let zero = if scale > 0.0 { round_small(clamp_fast(-lo * clip / scale, 0.0, 15.0)) as u8 } else { 0 };
+        GroupParams { scale, zero }
+    }
+}
+
+multiversion! {
+    /// Fit every group of one row (`params.len() == row.len().div_ceil(group)`).
+    fn fit_row(row: &[f32], group: usize, symmetric: bool, params: &mut [GroupParams]) {
+        for (p, chunk) in params.iter_mut().zip(row.chunks(group)) {
+            *p = fit_group(chunk, symmetric, 1.0);
+        }
+    }
 }
 
 multiversion! {
     /// Quantize one group into packed nibbles (`dst.len() == src.len().div_ceil(2)`).
-    fn encode_group(src: &[f32], inv: f32, zero: f32, dst: &mut [u8]) {
+    fn encode_group(src: &[f32], inv: f32, zero: i32, dst: &mut [u8]) {
         let pairs = src.len() / 2;
         for (d, p) in dst[..pairs].iter_mut().zip(src.chunks_exact(2)) {
             *d = quantize_nibble(p[0], inv, zero) | (quantize_nibble(p[1], inv, zero) << 4);
@@ -302,7 +342,7 @@ pub(crate) fn quantize_with_params(
             };
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let start = gi * g / 2;
-            encode_group(isa, chunk, inv, zero as f32, &mut dst[start..start + chunk.len().div_ceil(2)]);
+            encode_group(isa, chunk, inv, zero as i32, &mut dst[start..start + chunk.len().div_ceil(2)]);
         }
     }
     Ok(Int4Matrix { rows, cols, group_size: config.group_size, packed, scales, zeros })
@@ -311,8 +351,11 @@ pub(crate) fn quantize_with_params(
 /// Round-to-nearest INT4 on the given ISA.
 pub fn quantize_int4_isa(isa: Isa, w: &MatrixRef<'_>, config: &Int4Config) -> Result<Int4Matrix> {
     let g = config.group_size.get();
-    let params: Vec<GroupParams> =
-        (0..w.rows()).flat_map(|r| w.row(r).chunks(g).map(|c| GroupParams::fit(c, config.symmetric, 1.0))).collect();
+    let gpr = w.cols().div_ceil(g);
+    let mut params = vec![GroupParams { scale: 0.0, zero: 8 }; w.rows() * gpr];
+    for (r, p) in params.chunks_mut(gpr).enumerate() {
+        fit_row(isa, w.row(r), g, config.symmetric, p);
+    }
     quantize_with_params(isa, w, config, &params)
 }
 

@@ -3,7 +3,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::matrix::{MatrixRef, amax};
-use crate::simd::{Isa, multiversion};
+use crate::simd::{Isa, clamp_fast, multiversion, round_small};
 
 /// A row-major INT8 matrix with a per-row scale: value = code * scales[row].
 #[derive(Clone, Debug, PartialEq)]
@@ -16,7 +16,7 @@ pub struct Int8Matrix {
 
 #[inline(always)]
 fn quantize_i8(x: f32, inv: f32) -> i8 {
-    (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8
+    round_small(clamp_fast(x * inv, -127.0, 127.0)) as i8
 }
 
 multiversion! {

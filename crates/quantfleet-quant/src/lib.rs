@@ -21,6 +21,7 @@ pub mod kv;
 pub mod linalg;
 pub mod matrix;
 pub mod quantized;
+pub mod sensitivity;
 pub mod simd;
 pub mod smoothquant;
 pub mod synthetic;

@@ -3,25 +3,37 @@
 //! Matrices are row-major `n x n`; loops are arranged so the inner loop runs over contiguous memory.
 
 use crate::error::{QuantError, Result};
+use crate::simd::{Isa, multiversion};
 
+#[inline(always)]
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 4];
-    let chunks = a.len() / 4;
-    for c in 0..chunks {
-        for l in 0..4 {
-            acc[l] += a[c * 4 + l] * b[c * 4 + l];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f64; 8];
+    let mut ca = a.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
         }
     }
-    let mut s = acc[0] + acc[1] + acc[2] + acc[3];
-    for i in chunks * 4..a.len() {
-        s += a[i] * b[i];
-    }
-    s
+    let r = n / 8 * 8;
+    acc.iter().sum::<f64>() + ca.remainder().iter().zip(&b[r..]).map(|(x, y)| x * y).sum::<f64>()
 }
 
 /// In-place lower Cholesky factor: on success the lower triangle of `a` holds L with A = L L^T and the
 /// strict upper triangle is zeroed.
 pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<()> {
+    cholesky_kernel(Isa::detect(), a, n)
+}
+
+multiversion! {
+    fn cholesky_kernel(a: &mut [f64], n: usize) -> Result<()> {
+        cholesky_inline(a, n)
+    }
+}
+
+#[inline(always)]
+fn cholesky_inline(a: &mut [f64], n: usize) -> Result<()> {
     for i in 0..n {
         for j in 0..=i {
             let (ri, rj) = (i * n, j * n);
@@ -43,6 +55,7 @@ pub fn cholesky_lower(a: &mut [f64], n: usize) -> Result<()> {
 }
 
 /// Inverse of a lower-triangular matrix (row-wise forward substitution).
+#[inline(always)]
 fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
     let mut m = vec![0f64; n * n];
     for i in 0..n {
@@ -69,8 +82,19 @@ fn lower_inverse(l: &[f64], n: usize) -> Vec<f64> {
 /// inverse"). Returned row-major, so row i of U (the coefficients GPTQ spreads column i's error with) is
 /// contiguous.
 pub fn inverse_upper_cholesky(h: &[f64], n: usize) -> Result<Vec<f64>> {
+    inverse_upper_cholesky_kernel(Isa::detect(), h, n)
+}
+
+multiversion! {
+    fn inverse_upper_cholesky_kernel(h: &[f64], n: usize) -> Result<Vec<f64>> {
+        inverse_upper_cholesky_inline(h, n)
+    }
+}
+
+#[inline(always)]
+fn inverse_upper_cholesky_inline(h: &[f64], n: usize) -> Result<Vec<f64>> {
     let mut l = h.to_vec();
-    cholesky_lower(&mut l, n)?;
+    cholesky_inline(&mut l, n)?;
     // H^-1 = L^-T L^-1 = M^T M with M = L^-1. With Mt = M^T (upper), H^-1[i][j] = sum_{k>=max(i,j)} Mt[i][k] Mt[j][k].
     let m = lower_inverse(&l, n);
     let mut mt = vec![0f64; n * n];
@@ -87,7 +111,7 @@ pub fn inverse_upper_cholesky(h: &[f64], n: usize) -> Result<Vec<f64>> {
             hinv[j * n + i] = v;
         }
     }
-    cholesky_lower(&mut hinv, n)?;
+    cholesky_inline(&mut hinv, n)?;
     // U = L2^T.
     let mut u = vec![0f64; n * n];
     for i in 0..n {

@@ -46,15 +46,19 @@ impl Isa {
 /// Define `fn $name(isa: Isa, args...)` whose body is compiled once per [`Isa`]; an ISA the CPU lacks
 /// falls back to the next narrower one, so callers may pass any variant safely.
 macro_rules! multiversion {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) {
+        // Kernels take their slices and sizes as plain arguments; the ISA adds one more.
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                fn avx512($($arg: $ty),*) $body
+                fn avx512($($arg: $ty),*) $(-> $ret)? $body
+                #[allow(clippy::too_many_arguments)]
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) $body
+                fn avx2($($arg: $ty),*) $(-> $ret)? $body
                 let best = $crate::simd::Isa::detect();
                 if isa == $crate::simd::Isa::Avx512 && best == $crate::simd::Isa::Avx512 {
                     // SAFETY: the CPU reports AVX-512 F/BW/VL (and therefore AVX2/FMA).
@@ -65,9 +69,43 @@ macro_rules! multiversion {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            fn portable($($arg: $ty),*) $body
+            #[allow(clippy::too_many_arguments)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
             portable($($arg),*)
         }
     };
 }
 pub(crate) use multiversion;
+
+/// Round to the nearest integer, ties to even, for |v| < 2^22: adding 1.5 * 2^23 pushes the fraction out of
+/// the f32 mantissa and the FP adder rounds it (round-to-nearest-even is the default and only mode Rust
+/// uses). Unlike `round_ties_even() as i32` this needs neither SSE4.1's roundps nor a saturating
+/// float->int conversion, so it vectorises on every ISA, including the portable fallback.
+#[inline(always)]
+pub(crate) fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+}
+
+/// `v` clamped to [lo, hi] with plain compares (maps to minps/maxps); callers pass finite values.
+#[inline(always)]
+pub(crate) fn clamp_fast(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v > lo { v } else { lo };
+    if v < hi { v } else { hi }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_small_matches_round_ties_even() {
+        let mut v = -5000.0f32;
+        while v < 5000.0 {
+            for x in [v, v + 0.5, -v - 0.5, f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(round_small(x), x.round_ties_even() as i32, "{x}");
+            }
+            v += 0.37;
+        }
+    }
+}

@@ -141,3 +141,33 @@ fn bad_algorithm_input_is_a_typed_error() {
     assert!(matches!(MatrixRef::new("w", &l.weight, OUT, IN + 1), Err(QuantError::LengthMismatch { .. })));
     assert!(matches!(Int4Config::symmetric(48), Err(QuantError::UnsupportedGroupSize(48))));
 }
+
+#[test]
+fn sensitivity_report_ranks_the_outlier_layer_first() {
+    use quantfleet_quant::sensitivity::{LayerInput, sensitivity_report};
+    // Three SYNTHETIC layers; only "hot" has planted outlier weights (one per 64, 40x larger), which stretch its
+    // INT4 group ranges and crush the other weights, so its errors must be the largest.
+    let calm_a = synthetic_layer(OUT, IN, 64, 8, 4.0, 61);
+    let mut hot = synthetic_layer(OUT, IN, 64, 8, 4.0, 62);
+    hot.weight.iter_mut().step_by(64).for_each(|w| *w *= 40.0);
+    let calm_b = synthetic_layer(OUT, IN, 64, 8, 4.0, 63);
+    let layers: Vec<(&str, &SyntheticLayer)> = vec![("calm_a", &calm_a), ("hot", &hot), ("calm_b", &calm_b)];
+    let inputs: Vec<LayerInput<'_>> = layers
+        .iter()
+        .map(|(name, l)| LayerInput {
+            name,
+            weight: MatrixRef::new("w", &l.weight, OUT, IN).unwrap(),
+            calibration: Some(MatrixRef::new("x", &l.activations, 64, IN).unwrap()),
+        })
+        .collect();
+    let format = WeightFormat::Int4(Int4Config::symmetric(128).unwrap());
+    let report = sensitivity_report(&inputs, &format).unwrap();
+    eprintln!("{}", report.to_table());
+    assert_eq!(report.most_sensitive(1), vec!["hot".to_string()]);
+    let hot_score = report.layers[1].output_nmse.unwrap();
+    assert!(hot_score > 2.0 * report.layers[0].output_nmse.unwrap());
+    // INT8 is far less sensitive than INT4 on the same layer.
+    let int8 = sensitivity_report(&inputs[1..2], &WeightFormat::Int8).unwrap();
+    assert!(int8.layers[0].output_nmse.unwrap() < hot_score / 50.0);
+    assert!(sensitivity_report(&[], &format).is_err());
+}
