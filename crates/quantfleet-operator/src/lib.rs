@@ -6,3 +6,4 @@
 pub mod builders;
 pub mod canary;
 pub mod routes;
+pub mod status;
