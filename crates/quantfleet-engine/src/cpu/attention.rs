@@ -6,6 +6,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::matmul::SimdLevel;
 use crate::backend::{KvLayout, SeqSpan};
 
 thread_local! {
@@ -38,7 +39,9 @@ pub(crate) fn kv_write(storage: &mut [f32], layout: &KvLayout, layer: usize, k: 
 }
 
 /// `out[row, h*hd..]` = attention of query head h of `row` over its sequence's positions `0..=pos`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
+    level: SimdLevel,
     storage: &[f32],
     layout: &KvLayout,
     layer: usize,
@@ -47,42 +50,106 @@ pub(crate) fn attention(
     spans: &[SeqSpan],
     out: &mut [f32],
 ) {
-    let (hd, bt) = (layout.head_dim, layout.block_tokens);
-    let group = n_heads / layout.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let hd = layout.head_dim;
     out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
         let (row, h) = (task / n_heads, task % n_heads);
         let Some((span, pos)) = locate(spans, row) else { return };
-        let kvh = h / group;
+        let kv_head = h / (n_heads / layout.n_kv_heads);
         let qv = &q[task * hd..(task + 1) * hd];
-        let k_off = layout.head_offset(layer, 0, kvh);
-        let v_off = layout.head_offset(layer, 1, kvh);
-        let at = |p: usize, off: usize| span.block_table[p / bt] as usize * layout.block_elems() + off + (p % bt) * hd;
         SCORES.with_borrow_mut(|scores| {
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..=pos {
-                let kp = &storage[at(p, k_off)..][..hd];
-                let s = dot(qv, kp) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut sum = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                let vp = &storage[at(p, v_off)..][..hd];
-                let w = w * inv;
-                for (a, &b) in o.iter_mut().zip(vp) {
-                    *a += w * b;
-                }
+            let job = Job { storage, layout, layer, kv_head, block_table: span.block_table, pos, q: qv };
+            match level {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: non-portable levels exist only where the CPU supports them (SimdLevel::detect).
+                SimdLevel::Avx512 => unsafe { attend_avx512(&job, scores, o) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                SimdLevel::Avx2Fma => unsafe { attend_avx2(&job, scores, o) },
+                _ => attend(&job, scores, o),
             }
         });
     });
+}
+
+/// One (row, query head) of attention.
+struct Job<'a> {
+    storage: &'a [f32],
+    layout: &'a KvLayout,
+    layer: usize,
+    kv_head: usize,
+    block_table: &'a [u32],
+    pos: usize,
+    q: &'a [f32],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn attend_avx512(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_avx2(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(job, scores, out)
+}
+
+/// Walks the sequence block by block: within a block one head's keys (and values) are `block_tokens`
+/// contiguous rows of `head_dim`, so both passes stream memory linearly.
+#[inline(always)]
+fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let l = job.layout;
+    let (hd, bt) = (l.head_dim, l.block_tokens);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n = job.pos + 1;
+    let k_off = l.head_offset(job.layer, 0, job.kv_head);
+    let v_off = l.head_offset(job.layer, 1, job.kv_head);
+    let block_at = |b: usize, off: usize, len: usize| {
+        let base = job.block_table[b] as usize * l.block_elems() + off;
+        &job.storage[base..base + len * hd]
+    };
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for b in 0..n.div_ceil(bt) {
+        let len = bt.min(n - b * bt);
+        for key in block_at(b, k_off, len).chunks_exact(hd) {
+            let s = dot(job.q, key) * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+    }
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for b in 0..n.div_ceil(bt) {
+        let len = bt.min(n - b * bt);
+        let values = block_at(b, v_off, len);
+        let weights = &scores[b * bt..b * bt + len];
+        // Four value rows per pass over `out`: a quarter of the loads and stores of `out`, whose
+        // store-to-load round trips otherwise dominate this loop.
+        let mut rows = values.chunks_exact(4 * hd);
+        let mut ws = weights.chunks_exact(4);
+        for (v4, w4) in (&mut rows).zip(&mut ws) {
+            let (v0, rest) = v4.split_at(hd);
+            let (v1, rest) = rest.split_at(hd);
+            let (v2, v3) = rest.split_at(hd);
+            let w = [w4[0] * inv, w4[1] * inv, w4[2] * inv, w4[3] * inv];
+            // Zipped iterators (not indexing) so the loop has no bounds checks and vectorizes.
+            for ((((a, &x0), &x1), &x2), &x3) in out.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
+                *a += (w[0] * x0 + w[1] * x1) + (w[2] * x2 + w[3] * x3);
+            }
+        }
+        for (value, &w) in rows.remainder().chunks_exact(hd).zip(ws.remainder()) {
+            let w = w * inv;
+            for (a, &v) in out.iter_mut().zip(value) {
+                *a += w * v;
+            }
+        }
+    }
 }
 
 #[inline(always)]

@@ -27,6 +27,12 @@ fn hsum(v: &[f32; L]) -> f32 {
 
 /// Dot products of `NR` weight rows with `NT` activation rows, all of length `k` (a multiple of 16).
 /// `w[r]` and `x[t]` are the rows; returns `[r][t]`.
+/// The portable 4x4 kernel (`kernel_4x4` argument of `gemm_tile` where no hand-written one exists).
+#[inline(always)]
+pub(crate) fn portable_4x4<const FMA: bool>(w: [&[f32]; 4], x: [&[f32]; 4], k: usize) -> [[f32; 4]; 4] {
+    kernel::<4, 4, FMA>(w, x, k)
+}
+
 #[inline(always)]
 fn kernel<const NR: usize, const NT: usize, const FMA: bool>(
     w: [&[f32]; NR],
@@ -72,7 +78,15 @@ const TOKEN_BLOCK: usize = 64;
 /// # Safety contract
 /// `out` is written only at the given indices; the caller guarantees no other thread writes them.
 #[inline(always)]
-pub(crate) fn gemm_tile<const FMA: bool>(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+pub(crate) fn gemm_tile<const FMA: bool>(
+    w: &[f32],
+    nr: usize,
+    x: &[f32],
+    nt: usize,
+    k: usize,
+    out: OutPtr,
+    kernel_4x4: impl Fn([&[f32]; 4], [&[f32]; 4], usize) -> [[f32; 4]; 4],
+) {
     debug_assert!(k.is_multiple_of(L) && w.len() >= nr * k && x.len() >= nt * k);
     let mut t0 = 0;
     while t0 < nt {
@@ -82,8 +96,7 @@ pub(crate) fn gemm_tile<const FMA: bool>(w: &[f32], nr: usize, x: &[f32], nt: us
             let wr = [row(w, k, r), row(w, k, r + 1), row(w, k, r + 2), row(w, k, r + 3)];
             let mut t = t0;
             while t + 4 <= t_end {
-                let res =
-                    kernel::<4, 4, FMA>(wr, [row(x, k, t), row(x, k, t + 1), row(x, k, t + 2), row(x, k, t + 3)], k);
+                let res = kernel_4x4(wr, [row(x, k, t), row(x, k, t + 1), row(x, k, t + 2), row(x, k, t + 3)], k);
                 for (i, rr) in res.iter().enumerate() {
                     for (j, v) in rr.iter().enumerate() {
                         out.write(t + j, r + i, *v);

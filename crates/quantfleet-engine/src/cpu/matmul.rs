@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::dot::{block_sums, dot_f32_fast, dot_generic, dot_q4_1_fast, dot_q8_0_fast};
-use super::gemm::{OutPtr, gemm_tile};
+use super::gemm::{OutPtr, gemm_tile, portable_4x4};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use crate::dtype::{GgmlType, dequantize_row_reference};
@@ -179,13 +179,13 @@ fn matvec_dispatch(level: SimdLevel, w: BlockMatrix<'_>, r0: usize, x: &[f32], x
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 fn gemm_avx512(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
-    gemm_tile::<true>(w, nr, x, nt, k, out)
+    gemm_tile::<true>(w, nr, x, nt, k, out, |w, x, k| x86::kernel_4x4_avx512(w, x, k))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gemm_avx2(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
-    gemm_tile::<true>(w, nr, x, nt, k, out)
+    gemm_tile::<true>(w, nr, x, nt, k, out, portable_4x4::<true>)
 }
 
 fn gemm_dispatch(level: SimdLevel, w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
@@ -196,6 +196,6 @@ fn gemm_dispatch(level: SimdLevel, w: &[f32], nr: usize, x: &[f32], nt: usize, k
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see matvec_dispatch.
         SimdLevel::Avx2Fma => unsafe { gemm_avx2(w, nr, x, nt, k, out) },
-        _ => gemm_tile::<false>(w, nr, x, nt, k, out),
+        _ => gemm_tile::<false>(w, nr, x, nt, k, out, portable_4x4::<false>),
     }
 }

@@ -280,7 +280,7 @@ impl Backend for CpuBackend {
         }
         kv.check(layer, q.rows, spans)?;
         self.resize(out, q.rows, q.cols)?;
-        attention::attention(&kv.data, &l, layer, &q.data, n_heads, spans, &mut out.data);
+        attention::attention(self.level, &kv.data, &l, layer, &q.data, n_heads, spans, &mut out.data);
         Ok(())
     }
 }
