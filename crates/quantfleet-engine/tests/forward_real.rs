@@ -135,3 +135,28 @@ fn bad_requests_are_typed_errors() {
     ));
     assert!(m.forward(&mut ws, &mut kv, &mut SeqKv::default(), &[], Logits::Last, &mut out).is_err());
 }
+
+/// The same forward pass at every instruction-set level this CPU supports (portable, AVX2, AVX-512): each
+/// must match the oracle on a short prompt, so the portable fallback is proven on the real model too.
+#[test]
+fn every_simd_level_matches_the_oracle_on_the_real_model() {
+    use quantfleet_engine::cpu::SimdLevel;
+    let case = common::oracle_cases().into_iter().find(|c| c.name == "chat-short").unwrap();
+    let file = Arc::new(GgufFile::open(&common::smollm2_path()).unwrap());
+    let mut tested = 0;
+    for level in [SimdLevel::Portable, SimdLevel::Avx2Fma, SimdLevel::Avx512] {
+        let Ok(backend) = CpuBackend::with_level(level) else { continue };
+        let m = Llama::load(backend, Arc::clone(&file)).unwrap();
+        let logits = all_logits(&m, &case.ids);
+        let vocab = m.config.vocab;
+        for (pos, top) in case.top.iter().enumerate() {
+            for &(tok, want) in top {
+                let got = logits[pos * vocab + tok as usize];
+                assert!((got - want).abs() <= LOGIT_BOUND, "{level:?} position {pos} token {tok}: {got} vs {want}");
+            }
+        }
+        assert_eq!(argmax(&logits[(case.ids.len() - 1) * vocab..]), case.greedy_next, "{level:?}");
+        tested += 1;
+    }
+    assert!(tested >= 1, "the portable level always runs");
+}

@@ -31,3 +31,17 @@ fn real_smollm2_file_has_the_documented_structure() {
         assert!(row.iter().all(|v| v.is_finite()), "{}", t.name);
     }
 }
+
+/// Truncations of the real file (an in-memory prefix) inside the header, metadata, tensor directory and data
+/// are typed errors, never panics.
+#[test]
+fn truncated_copies_of_the_real_file_are_errors() {
+    let bytes = std::fs::read(common::smollm2_path()).unwrap();
+    let full = GgufFile::from_bytes(bytes.clone()).unwrap();
+    let data_start = full.tensors().iter().map(|t| t.start).min().unwrap() as usize;
+    // Header, inside the vocabulary array, inside the tensor directory, first and last tensor's data.
+    for cut in [3, 20, 1_000, 500_000, data_start - 100, data_start + 10, bytes.len() - 1] {
+        let err = GgufFile::from_bytes(bytes[..cut].to_vec()).expect_err("truncated file must not parse");
+        assert!(!err.to_string().is_empty(), "cut at {cut}");
+    }
+}

@@ -12,57 +12,80 @@ fn f16_to_f32(b0: u8, b1: u8) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b0, b1]) as i32))) }
 }
 
+/// One Q4_1 block times its 32 activations, before scaling: (sum q_lo*x_lo + q_hi*x_hi) as 16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn q4_1_block_avx512(q: &[u8], xb: &[f32]) -> __m512 {
+    let mask = _mm_set1_epi8(0x0f);
+    // SAFETY: callers pass q = 16 bytes and xb = 32 floats (sliced, so lengths are checked); unaligned loads.
+    unsafe {
+        let q = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask)));
+        _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.as_ptr().add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xb.as_ptr())))
+    }
+}
+
 /// Q4_1 row · x: row = K/32 blocks of {f16 d, f16 m, 16 bytes of nibbles}, x = K f32, xsum = K/32 block sums.
+/// Two blocks per iteration into two accumulators: one accumulator chains every FMA on the previous one
+/// (4-cycle latency), which, not the loads, bounded the single-accumulator loop.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn dot_q4_1_avx512(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     let n = (row.len() / 20).min(x.len() / 32).min(xsum.len());
-    let mut acc = _mm512_setzero_ps();
-    let mut min_part = 0.0f32;
-    let mask = _mm_set1_epi8(0x0f);
-    for b in 0..n {
-        let blk = &row[b * 20..b * 20 + 20];
-        let xb = &x[b * 32..b * 32 + 32];
-        let d = f16_to_f32(blk[0], blk[1]);
-        let m = f16_to_f32(blk[2], blk[3]);
-        // SAFETY: blk[4..20] is 16 bytes and xb 32 floats (slices checked above); loads are unaligned.
-        unsafe {
-            let q = _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask)));
-            let s = _mm512_fmadd_ps(
-                hi,
-                _mm512_loadu_ps(xb.as_ptr().add(16)),
-                _mm512_mul_ps(lo, _mm512_loadu_ps(xb.as_ptr())),
-            );
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
-        }
-        min_part += m * xsum[b];
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let (mut min0, mut min1) = (0.0f32, 0.0f32);
+    let mut b = 0;
+    while b + 2 <= n {
+        let (k0, k1) = (&row[b * 20..b * 20 + 20], &row[b * 20 + 20..b * 20 + 40]);
+        let s0 = q4_1_block_avx512(&k0[4..20], &x[b * 32..b * 32 + 32]);
+        let s1 = q4_1_block_avx512(&k1[4..20], &x[b * 32 + 32..b * 32 + 64]);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k0[0], k0[1])), s0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k1[0], k1[1])), s1, acc1);
+        min0 += f16_to_f32(k0[2], k0[3]) * xsum[b];
+        min1 += f16_to_f32(k1[2], k1[3]) * xsum[b + 1];
+        b += 2;
     }
-    _mm512_reduce_add_ps(acc) + min_part
+    if b < n {
+        let k0 = &row[b * 20..b * 20 + 20];
+        let s0 = q4_1_block_avx512(&k0[4..20], &x[b * 32..b * 32 + 32]);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k0[0], k0[1])), s0, acc0);
+        min0 += f16_to_f32(k0[2], k0[3]) * xsum[b];
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (min0 + min1)
 }
 
-/// Q8_0 row · x: row = K/32 blocks of {f16 d, 32 i8}, x = K f32.
+/// One Q8_0 block's 32 quants times its activations, before scaling, as 16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn q8_0_block_avx512(q: &[u8], xb: &[f32]) -> __m512 {
+    // SAFETY: callers pass q = 32 bytes and xb = 32 floats; unaligned loads.
+    unsafe {
+        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr() as *const __m128i)));
+        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().add(16) as *const __m128i)));
+        _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb.as_ptr().add(16)), _mm512_mul_ps(q0, _mm512_loadu_ps(xb.as_ptr())))
+    }
+}
+
+/// Q8_0 row · x: row = K/32 blocks of {f16 d, 32 i8}, x = K f32. Two accumulators, as for Q4_1.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn dot_q8_0_avx512(row: &[u8], x: &[f32]) -> f32 {
     let n = (row.len() / 34).min(x.len() / 32);
-    let mut acc = _mm512_setzero_ps();
-    for b in 0..n {
-        let blk = &row[b * 34..b * 34 + 34];
-        let xb = &x[b * 32..b * 32 + 32];
-        let d = f16_to_f32(blk[0], blk[1]);
-        // SAFETY: blk[2..34] is 32 bytes, xb 32 floats; unaligned loads.
-        unsafe {
-            let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i)));
-            let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i)));
-            let s = _mm512_fmadd_ps(
-                q1,
-                _mm512_loadu_ps(xb.as_ptr().add(16)),
-                _mm512_mul_ps(q0, _mm512_loadu_ps(xb.as_ptr())),
-            );
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
-        }
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut b = 0;
+    while b + 2 <= n {
+        let (k0, k1) = (&row[b * 34..b * 34 + 34], &row[b * 34 + 34..b * 34 + 68]);
+        let s0 = q8_0_block_avx512(&k0[2..34], &x[b * 32..b * 32 + 32]);
+        let s1 = q8_0_block_avx512(&k1[2..34], &x[b * 32 + 32..b * 32 + 64]);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k0[0], k0[1])), s0, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k1[0], k1[1])), s1, acc1);
+        b += 2;
     }
-    _mm512_reduce_add_ps(acc)
+    if b < n {
+        let k0 = &row[b * 34..b * 34 + 34];
+        let s0 = q8_0_block_avx512(&k0[2..34], &x[b * 32..b * 32 + 32]);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(f16_to_f32(k0[0], k0[1])), s0, acc0);
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
 
 #[inline(always)]
