@@ -151,17 +151,22 @@ pub fn logsumexp(logits: &[f32]) -> f64 {
 }
 
 /// The `k` most likely tokens with their log-probabilities, most likely first (ties: lower id first).
+/// One pass keeping a sorted list of the best k: no vocabulary-sized allocation per generated token.
 pub fn top_logprobs(logits: &[f32], k: usize, lse: f64) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    let k = k.min(idx.len());
+    let k = k.min(logits.len());
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
     if k == 0 {
-        return Vec::new();
+        return best;
     }
-    idx.select_nth_unstable_by(k - 1, by);
-    idx.truncate(k);
-    idx.sort_unstable_by(by);
-    idx.into_iter().map(|i| (i, (logits[i as usize] as f64 - lse) as f32)).collect()
+    for (i, &v) in logits.iter().enumerate() {
+        if best.len() == k && v <= best[k - 1].1 {
+            continue; // not better than the current k-th (equal loses: lower ids came first)
+        }
+        let at = best.partition_point(|&(_, b)| b >= v);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(i, v)| (i, (v as f64 - lse) as f32)).collect()
 }
 
 #[cfg(test)]
@@ -227,6 +232,10 @@ mod tests {
         let lse = logsumexp(&logits);
         let top = top_logprobs(&logits, 2, lse);
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(top_logprobs(&logits, 0, lse).is_empty());
+        let ties = [5.0f32, 7.0, 5.0, 7.0, 1.0];
+        let order: Vec<u32> = top_logprobs(&ties, 9, logsumexp(&ties)).iter().map(|t| t.0).collect();
+        assert_eq!(order, vec![1, 3, 0, 2, 4]);
         let total: f64 = logits.iter().map(|&l| (l as f64 - lse).exp()).sum();
         assert!((total - 1.0).abs() < 1e-12);
         assert!((top[0].1 - (3.0 - lse as f32)).abs() < 1e-6);
