@@ -7,7 +7,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::int4::{GroupParams, quantize_with_params};
-use crate::matrix::{MatrixRef, check_calibration, dot_lanes, matmul_xwt, nmse, subsample_rows};
+use crate::matrix::{MatrixRef, check_calibration, dot_lanes, matmul_xwt, subsample_rows};
 use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
 use crate::simd::multiversion;
 
@@ -94,7 +94,57 @@ fn scaled_weight(w: &MatrixRef<'_>, s: &[f32]) -> Vec<f32> {
 
 /// Run AWQ on one linear layer: `w` is `[out x in]`, `x` the calibration inputs `[tokens x in]`.
 pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<AwqResult> {
-    check_calibration(x, w.cols())?;
+    let mut shared = awq_shared_input(std::slice::from_ref(w), x, config)?;
+    Ok(AwqResult {
+        alpha: shared.alpha,
+        input_scales: shared.input_scales,
+        weight: shared.weights.remove(0),
+        search_nmse_rtn: shared.search_nmse_rtn,
+        search_nmse: shared.search_nmse,
+    })
+}
+
+/// AWQ for linears that read the same input (q/k/v after the attention norm, gate/up after the FFN norm):
+/// one set of input scales, searched on their combined output error, so that 1/s folds into the single
+/// shared previous op. Each weight then gets its own clipping search.
+#[derive(Clone, Debug)]
+pub struct AwqSharedResult {
+    pub alpha: f32,
+    pub input_scales: Vec<f32>,
+    /// Q(W_i diag(s)) for each input weight, in order.
+    pub weights: Vec<QuantizedMatrix>,
+    /// Combined output NMSE on the search tokens (sum of squared errors over sum of squared outputs).
+    pub search_nmse_rtn: f64,
+    pub search_nmse: f64,
+}
+
+impl AwqSharedResult {
+    /// Q(W_i s) / s for member `i`, when the scales cannot be folded.
+    pub fn effective_weight(&self, i: usize) -> Option<Vec<f32>> {
+        let q = self.weights.get(i)?;
+        let cols = q.cols();
+        let mut w = q.dequantize();
+        w.iter_mut().enumerate().for_each(|(k, v)| *v /= self.input_scales[k % cols]);
+        Some(w)
+    }
+}
+
+/// Squared error and squared reference norm of one member's outputs.
+fn output_error(y_ref: &[f32], y: &[f32]) -> (f64, f64) {
+    y_ref.iter().zip(y).fold((0.0, 0.0), |(e, r), (&a, &b)| {
+        let d = (a - b) as f64;
+        (e + d * d, r + (a as f64) * (a as f64))
+    })
+}
+
+/// See [`AwqSharedResult`]. Every weight must have `x.cols()` input features.
+pub fn awq_shared_input(ws: &[MatrixRef<'_>], x: &MatrixRef<'_>, config: &AwqConfig) -> Result<AwqSharedResult> {
+    if ws.is_empty() {
+        return Err(QuantError::Empty { what: "AWQ weight list" });
+    }
+    for w in ws {
+        check_calibration(x, w.cols())?;
+    }
     if config.grid == 0 || config.max_tokens == 0 || (config.clip_search && config.clip_grid == 0) {
         return Err(QuantError::InvalidParameter {
             name: "AwqConfig",
@@ -117,7 +167,7 @@ pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<A
         }
         _ => None,
     };
-    let (rows, cols) = (w.rows(), w.cols());
+    let cols = x.cols();
     let xs_data = subsample_rows(x, config.max_tokens);
     let xs = MatrixRef::new("calibration tokens", &xs_data, xs_data.len() / cols, cols)?;
 
@@ -130,9 +180,24 @@ pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<A
     }
     let mean_abs: Vec<f32> = mean_abs.iter().map(|m| ((m / x.rows() as f64) as f32).max(1e-4)).collect();
 
-    let y_ref = matmul_xwt(xs.data(), xs.rows(), w.data(), rows, cols);
-    let search_nmse = |w_hat: &[f32]| nmse(&y_ref, &matmul_xwt(xs.data(), xs.rows(), w_hat, rows, cols));
-    let mut best: Option<(f64, f32, Vec<f32>, QuantizedMatrix)> = None;
+    let y_refs: Vec<Vec<f32>> = ws.iter().map(|w| matmul_xwt(xs.data(), xs.rows(), w.data(), w.rows(), cols)).collect();
+    // Combined NMSE of candidate weights (one per member).
+    let combined = |w_hats: &[Vec<f32>]| -> f64 {
+        let (mut e, mut r) = (0.0, 0.0);
+        for ((w, w_hat), y_ref) in ws.iter().zip(w_hats).zip(&y_refs) {
+            let (de, dr) = output_error(y_ref, &matmul_xwt(xs.data(), xs.rows(), w_hat, w.rows(), cols));
+            e += de;
+            r += dr;
+        }
+        if r > 0.0 { e / r } else { e }
+    };
+    let unscale = |q: &QuantizedMatrix, s: &[f32]| -> Vec<f32> {
+        let mut w_hat = q.dequantize();
+        w_hat.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols]);
+        w_hat
+    };
+
+    let mut best: Option<(f64, f32, Vec<f32>, Vec<QuantizedMatrix>)> = None;
     let mut rtn_nmse = f64::NAN;
     for step in 0..=config.grid {
         let alpha = step as f32 / config.grid as f32;
@@ -141,48 +206,53 @@ pub fn awq(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &AwqConfig) -> Result<A
         let (lo, hi) = s.iter().fold((f32::MAX, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         let norm = (lo * hi).sqrt();
         s.iter_mut().for_each(|v| *v /= norm);
-        let ws = scaled_weight(w, &s);
-        let q = quantize_rtn(&MatrixRef::new("scaled weight", &ws, rows, cols)?, &config.format)?;
-        let mut w_hat = q.dequantize();
-        w_hat.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols]);
-        let err = search_nmse(&w_hat);
+        let mut qs = Vec::with_capacity(ws.len());
+        for w in ws {
+            let scaled = scaled_weight(w, &s);
+            qs.push(quantize_rtn(&MatrixRef::new("scaled weight", &scaled, w.rows(), cols)?, &config.format)?);
+        }
+        let w_hats: Vec<Vec<f32>> = qs.iter().map(|q| unscale(q, &s)).collect();
+        let err = combined(&w_hats);
         if step == 0 {
             rtn_nmse = err;
         }
         if best.as_ref().is_none_or(|b| err < b.0) {
-            best = Some((err, alpha, s, q));
+            best = Some((err, alpha, s, qs));
         }
     }
-    let (mut err, alpha, s, mut weight) = best.expect("grid has at least one point");
+    let Some((mut err, alpha, s, mut weights)) = best else {
+        return Err(QuantError::Empty { what: "alpha grid" });
+    };
 
     if let (true, Some(int4)) = (config.clip_search, int4) {
-        let ws = scaled_weight(w, &s);
-        let wsm = MatrixRef::new("scaled weight", &ws, rows, cols)?;
         // Inputs of the scaled layer: X / s.
         let xs_scaled: Vec<f32> = xs.data().iter().enumerate().map(|(i, &v)| v / s[i % cols]).collect();
-        let params = clip_search(
-            crate::Isa::detect(),
-            &ws,
-            rows,
-            cols,
-            &xs_scaled,
-            xs.rows(),
-            int4.group_size.get(),
-            int4.symmetric,
-            config.clip_grid,
-        );
-        let clipped = QuantizedMatrix::Int4(quantize_with_params(crate::Isa::detect(), &wsm, &int4, &params)?);
-        let mut w_hat = clipped.dequantize();
-        w_hat.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols]);
-        let clipped_err = search_nmse(&w_hat);
+        let mut clipped = Vec::with_capacity(ws.len());
+        for w in ws {
+            let scaled = scaled_weight(w, &s);
+            let params = clip_search(
+                crate::Isa::detect(),
+                &scaled,
+                w.rows(),
+                cols,
+                &xs_scaled,
+                xs.rows(),
+                int4.group_size.get(),
+                int4.symmetric,
+                config.clip_grid,
+            );
+            let m = MatrixRef::new("scaled weight", &scaled, w.rows(), cols)?;
+            clipped.push(QuantizedMatrix::Int4(quantize_with_params(crate::Isa::detect(), &m, &int4, &params)?));
+        }
+        let clipped_err = combined(&clipped.iter().map(|q| unscale(q, &s)).collect::<Vec<_>>());
         // Clipping is chosen per group on that group's own output contribution; keep it only if the whole
         // layer agrees (cross-group error terms can disagree).
         if clipped_err < err {
             err = clipped_err;
-            weight = clipped;
+            weights = clipped;
         }
     }
-    Ok(AwqResult { alpha, input_scales: s, weight, search_nmse_rtn: rtn_nmse, search_nmse: err })
+    Ok(AwqSharedResult { alpha, input_scales: s, weights, search_nmse_rtn: rtn_nmse, search_nmse: err })
 }
 
 multiversion! {

@@ -171,3 +171,33 @@ fn sensitivity_report_ranks_the_outlier_layer_first() {
     assert!(int8.layers[0].output_nmse.unwrap() < hot_score / 50.0);
     assert!(sensitivity_report(&[], &format).is_err());
 }
+
+#[test]
+fn awq_shared_input_uses_one_scale_for_all_members_and_beats_rtn() {
+    use quantfleet_quant::awq::awq_shared_input;
+    // q/k/v-like: three SYNTHETIC weights reading the same input, so one set of scales must serve all three.
+    let (l, calib, held) = layer(71, 20.0);
+    let mut rng = quantfleet_quant::synthetic::SynthRng::new(72);
+    let k_w = rng.normal_vec(32 * IN, 0.02);
+    let v_w = rng.normal_vec(32 * IN, 0.02);
+    let members = [
+        MatrixRef::new("q", &l.weight, OUT, IN).unwrap(),
+        MatrixRef::new("k", &k_w, 32, IN).unwrap(),
+        MatrixRef::new("v", &v_w, 32, IN).unwrap(),
+    ];
+    let xc = MatrixRef::new("calib", &calib, TOKENS / 2, IN).unwrap();
+    let xh = MatrixRef::new("held", &held, TOKENS / 2, IN).unwrap();
+    let format = WeightFormat::Int4(Int4Config::symmetric(64).unwrap());
+    let r = awq_shared_input(&members, &xc, &AwqConfig::new(format)).unwrap();
+    assert_eq!(r.weights.len(), 3);
+    assert_eq!(r.input_scales.len(), IN);
+    for (i, w) in members.iter().enumerate() {
+        assert_eq!(r.weights[i].rows(), w.rows());
+        let rtn = rtn_output_nmse(w, &xh, &format);
+        let ours = output_nmse(&xh, w.data(), &r.effective_weight(i).unwrap(), w.rows());
+        eprintln!("member {i}: RTN {rtn:.3e}, shared AWQ {ours:.3e}");
+        assert!(ours < 0.75 * rtn, "member {i}: {ours} vs {rtn}");
+    }
+    assert!(r.effective_weight(3).is_none());
+    assert!(matches!(awq_shared_input(&[], &xc, &AwqConfig::new(format)), Err(QuantError::Empty { .. })));
+}
