@@ -1,0 +1,122 @@
+//! The kernel sources, embedded at build time from `kernels/`, one NVRTC module per `.cu` file.
+//! Our own `#include "..."` lines are inlined here (each header once, like `#pragma once`), so NVRTC gets a
+//! single self-contained translation unit and needs no include path on a serving node.
+
+use std::collections::HashSet;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{KernelError, Result};
+
+/// One `.cu` file and the `extern "C"` kernels it defines.
+#[derive(Debug)]
+pub struct KernelModule {
+    pub name: &'static str,
+    /// Path under `kernels/`.
+    pub path: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [&'static str],
+}
+
+macro_rules! kernel_file {
+    ($path:literal) => {
+        ($path, include_str!(concat!("../../../kernels/", $path)))
+    };
+}
+
+/// Every file under `kernels/` that modules may include.
+const FILES: &[(&str, &str)] =
+    &[kernel_file!("common/qf_common.cuh"), kernel_file!("gemv/gemv_common.cuh"), kernel_file!("gemv/gemv_fp8.cu")];
+
+fn file(path: &str) -> Result<&'static str> {
+    FILES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| KernelError::Source(format!("{path} is not embedded (add it to sources::FILES)")))
+}
+
+macro_rules! module {
+    ($name:literal, $path:literal, [$($k:literal),* $(,)?]) => {
+        KernelModule { name: $name, path: $path, source: include_str!(concat!("../../../kernels/", $path)), kernels: &[$($k),*] }
+    };
+}
+
+/// Every kernel module, in build order.
+pub const MODULES: &[KernelModule] = &[module!(
+    "gemv_fp8",
+    "gemv/gemv_fp8.cu",
+    ["gemv_fp8_f16_bt1", "gemv_fp8_f16_bt8", "gemv_fp8_bf16_bt1", "gemv_fp8_bf16_bt8"]
+)];
+
+/// The module named `name`.
+pub fn module(name: &str) -> Result<&'static KernelModule> {
+    MODULES.iter().find(|m| m.name == name).ok_or_else(|| KernelError::UnknownModule(name.to_string()))
+}
+
+/// `dir/rel` with `.` and `..` resolved, as a path under `kernels/`.
+fn join(dir: &str, rel: &str) -> String {
+    let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+    for p in rel.split('/') {
+        match p {
+            "." | "" => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    parts.join("/")
+}
+
+fn inline(path: &str, text: &str, seen: &mut HashSet<String>, out: &mut String) -> Result<()> {
+    let dir = path.rsplit_once('/').map_or("", |(d, _)| d);
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("#include \"") {
+            let rel = rest.split('"').next().unwrap_or_default();
+            let target = join(dir, rel);
+            if seen.insert(target.clone()) {
+                out.push_str(&format!("// ---- {target}\n"));
+                inline(&target, file(&target)?, seen, out)?;
+            }
+        } else if trimmed.starts_with("#include") {
+            return Err(KernelError::Source(format!("{path}: `{trimmed}`: kernels may only include our own headers")));
+        } else if trimmed != "#pragma once" {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(())
+}
+
+/// The module's source with every include inlined, ready for NVRTC.
+pub fn nvrtc_source(m: &KernelModule) -> Result<String> {
+    let mut out = String::new();
+    inline(m.path, m.source, &mut HashSet::from([m.path.to_string()]), &mut out)?;
+    Ok(out)
+}
+
+/// Hex SHA-256 of the inlined source: part of the PTX cache key, so an edited kernel is recompiled.
+pub fn source_digest(m: &KernelModule) -> Result<String> {
+    let digest = Sha256::digest(nvrtc_source(m)?.as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn includes_are_inlined_once_and_paths_resolved() {
+        assert_eq!(join("gemv", "../common/qf_common.cuh"), "common/qf_common.cuh");
+        for m in MODULES {
+            let src = nvrtc_source(m).unwrap();
+            assert!(!src.contains("#include"), "{} still has an include", m.name);
+            assert_eq!(src.matches("// ---- common/qf_common.cuh").count(), 1, "{}", m.name);
+            for k in m.kernels {
+                assert!(src.contains(k) || src.contains("QF_GEMV_VARIANTS"), "{} does not define {k}", m.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Emulated GEMV kernels against quantfleet-quant's scalar dequantization, on awkward shapes
+//! (17, 1025, 5137 columns; batch 1, 3, 16) for f16 and bf16 activations. Data is synthetic.
+
+mod common;
+
+use common::*;
+use quantfleet_kernels::emu::{EmuBuffer, EmuRunner};
+use quantfleet_kernels::launch::Runner;
+use quantfleet_kernels::ops::Act;
+use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
+use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
+use quantfleet_quant::{Fp8Format, MatrixRef};
+
+const SHAPES: &[(usize, usize, usize)] = &[(5, 17, 1), (9, 1025, 3), (6, 5137, 16), (37, 64, 1), (3, 1, 2)];
+
+/// Reference y[b, n] = sum_k x[b, k] * w_hat[n, k] in f64, and each element's fp32 accumulation budget.
+fn reference(x: &[f32], w_hat: &[f32], shape: GemvShape) -> (Vec<f64>, Vec<f64>) {
+    let GemvShape { n, k, batch } = shape;
+    let mut want = vec![0f64; batch * n];
+    let mut budget = vec![0f64; batch * n];
+    for b in 0..batch {
+        for r in 0..n {
+            let (mut s, mut a) = (0f64, 0f64);
+            for c in 0..k {
+                let p = x[b * k + c] as f64 * w_hat[r * k + c] as f64;
+                s += p;
+                a += p.abs();
+            }
+            want[b * n + r] = s;
+            // fp32 accumulation in a different order: at most ~k ulps of the magnitude sum, rounded up.
+            budget[b * n + r] = a * (k as f64 + 8.0) * 2f64.powi(-24);
+        }
+    }
+    (want, budget)
+}
+
+fn run(weights: GemvWeights<'_>, act: Act, shape: GemvShape, x: &[u8]) -> Vec<f32> {
+    let xb = EmuBuffer::from_bytes(x);
+    let y = output(shape.batch * shape.n * 2);
+    let launch = gemv(weights, act, shape, &xb, &y).expect("valid launch");
+    EmuRunner.launch(&launch).expect("emulated launch");
+    y.check_guards("y").unwrap();
+    from_act(act, y.bytes())
+}
+
+#[test]
+fn gemv_fp8_matches_reference() {
+    for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
+        for act in [Act::F16, Act::Bf16] {
+            for per_channel in [true, false] {
+                let shape = GemvShape { n, k, batch };
+                let w = synthetic(10 + i as u64, n * k, 0.05);
+                let scaling = if per_channel { Fp8Scaling::PerRow } else { Fp8Scaling::PerTensor };
+                let q = quantize_fp8(&MatrixRef::new("w", &w, n, k).unwrap(), Fp8Format::E4M3, scaling).unwrap();
+                let mut w_hat = vec![0f32; n * k];
+                for r in 0..n {
+                    q.dequantize_row(r, &mut w_hat[r * k..(r + 1) * k]).unwrap();
+                }
+                let (x, xbytes) = to_act(act, &synthetic(100 + i as u64, batch * k, 1.0));
+                let codes = EmuBuffer::from_bytes(&q.codes);
+                let scales = EmuBuffer::from_bytes(&f32_bytes(&q.scales));
+                let got = run(GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel }, act, shape, &xbytes);
+                let (want, budget) = reference(&x, &w_hat, shape);
+                assert_close(
+                    &format!("fp8 {shape:?} {act:?} per_channel={per_channel}"),
+                    &got,
+                    &want,
+                    out_eps(act),
+                    &budget,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_refuses_short_buffers_and_empty_shapes() {
+    let shape = GemvShape { n: 4, k: 17, batch: 1 };
+    let codes = EmuBuffer::from_bytes(&[0u8; 4 * 17 - 1]);
+    let scales = EmuBuffer::from_bytes(&[0u8; 16]);
+    let x = EmuBuffer::from_bytes(&[0u8; 34]);
+    let y = EmuBuffer::poisoned(8);
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
+    let err = gemv(w, Act::F16, shape, &x, &y).unwrap_err();
+    assert!(err.to_string().contains("codes"), "{err}");
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
+    assert!(gemv(w, Act::F16, GemvShape { n: 0, k: 17, batch: 1 }, &x, &y).is_err());
+}

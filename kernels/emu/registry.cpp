@@ -1,0 +1,16 @@
+// Every kernel the emulator can launch, by the same extern "C" name NVRTC gives it. The Rust test
+// `every_kernel_is_registered_and_compiled` checks this table against the module list in
+// crates/quantfleet-kernels/src/sources.rs, so a kernel cannot be added to one and forgotten in the other.
+#include "emu_registry.h"
+
+#include "../gemv/gemv_fp8.cu"
+
+namespace qf_emu {
+const KernelEntry kKernels[] = {
+    QF_EMU_KERNEL(gemv_fp8_f16_bt1),
+    QF_EMU_KERNEL(gemv_fp8_f16_bt8),
+    QF_EMU_KERNEL(gemv_fp8_bf16_bt1),
+    QF_EMU_KERNEL(gemv_fp8_bf16_bt8),
+};
+const size_t kKernelCount = sizeof(kKernels) / sizeof(kKernels[0]);
+}  // namespace qf_emu
