@@ -7,7 +7,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::int4::{GroupParams, quantize_with_params};
-use crate::matrix::{MatrixRef, check_calibration, dot_lanes, matmul_xwt, subsample_rows};
+use crate::matrix::{MatrixRef, check_calibration, matmul_xwt, subsample_rows};
 use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
 use crate::simd::multiversion;
 
@@ -225,8 +225,14 @@ pub fn awq_shared_input(ws: &[MatrixRef<'_>], x: &MatrixRef<'_>, config: &AwqCon
     };
 
     if let (true, Some(int4)) = (config.clip_search, int4) {
-        // Inputs of the scaled layer: X / s.
-        let xs_scaled: Vec<f32> = xs.data().iter().enumerate().map(|(i, &v)| v / s[i % cols]).collect();
+        // Inputs of the scaled layer, X / s, transposed to [cols x tokens] for the clipping search.
+        let n = xs.rows();
+        let mut xt = vec![0f32; cols * n];
+        for t in 0..n {
+            for (c, &v) in xs.row(t).iter().enumerate() {
+                xt[c * n + t] = v / s[c];
+            }
+        }
         let mut clipped = Vec::with_capacity(ws.len());
         for w in ws {
             let scaled = scaled_weight(w, &s);
@@ -235,8 +241,8 @@ pub fn awq_shared_input(ws: &[MatrixRef<'_>], x: &MatrixRef<'_>, config: &AwqCon
                 &scaled,
                 w.rows(),
                 cols,
-                &xs_scaled,
-                xs.rows(),
+                &xt,
+                n,
                 int4.group_size.get(),
                 int4.symmetric,
                 config.clip_grid,
@@ -257,12 +263,12 @@ pub fn awq_shared_input(ws: &[MatrixRef<'_>], x: &MatrixRef<'_>, config: &AwqCon
 
 multiversion! {
     /// Per (row, group): the clip ratio whose quantized group minimises sum_t (x_t,g . (w_g - w_hat_g))^2
-    /// over the `n` rows of `x` (`[n x cols]`, already divided by the AWQ scales).
+    /// over `n` tokens; `xt` is the inputs TRANSPOSED, `[cols x n]`, already divided by the AWQ scales.
     fn clip_search(
         w: &[f32],
         rows: usize,
         cols: usize,
-        x: &[f32],
+        xt: &[f32],
         n: usize,
         group: usize,
         symmetric: bool,
@@ -270,6 +276,7 @@ multiversion! {
     ) -> Vec<GroupParams> {
         let mut params = Vec::with_capacity(rows * cols.div_ceil(group));
         let mut diff = vec![0f32; group];
+        let mut e = vec![0f32; n];
         for r in 0..rows {
             for (gi, values) in w[r * cols..(r + 1) * cols].chunks(group).enumerate() {
                 let c0 = gi * group;
@@ -279,11 +286,13 @@ multiversion! {
                     for (d, &v) in diff.iter_mut().zip(values) {
                         *d = v - p.dequantize(p.quantize(v));
                     }
-                    let mut err = 0f64;
-                    for t in 0..n {
-                        let e = dot_lanes(&x[t * cols + c0..t * cols + c0 + values.len()], &diff[..values.len()]);
-                        err += (e as f64) * (e as f64);
+                    // e = X_g d for all tokens at once: axpys over the transposed inputs (contiguous in t).
+                    e.fill(0.0);
+                    for (k, &dk) in diff[..values.len()].iter().enumerate() {
+                        let col = &xt[(c0 + k) * n..(c0 + k + 1) * n];
+                        e.iter_mut().zip(col).for_each(|(ev, &xv)| *ev += dk * xv);
                     }
+                    let err: f64 = e.iter().map(|&v| (v as f64) * (v as f64)).sum();
                     if err < best.0 {
                         best = (err, p);
                     }

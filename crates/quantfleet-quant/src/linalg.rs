@@ -93,30 +93,26 @@ multiversion! {
 
 #[inline(always)]
 fn inverse_upper_cholesky_inline(h: &[f64], n: usize) -> Result<Vec<f64>> {
-    let mut l = h.to_vec();
-    cholesky_inline(&mut l, n)?;
-    // H^-1 = L^-T L^-1 = M^T M with M = L^-1. With Mt = M^T (upper), H^-1[i][j] = sum_{k>=max(i,j)} Mt[i][k] Mt[j][k].
-    let m = lower_inverse(&l, n);
-    let mut mt = vec![0f64; n * n];
+    // With J the reversal permutation, factor J H J = L' L'^T. Then H = R R^T with R = J L' J upper, so
+    // H^-1 = R^-T R^-1 and U = R^-1 = J L'^-1 J is the upper factor we want: one Cholesky and one
+    // triangular inverse, instead of Cholesky, inverse, product and a second Cholesky.
+    let mut lr = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            mt[j * n + i] = m[i * n + j];
+        for j in 0..n {
+            lr[i * n + j] = h[(n - 1 - i) * n + (n - 1 - j)];
         }
     }
-    let mut hinv = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let v = dot64(&mt[i * n + i..(i + 1) * n], &mt[j * n + i..(j + 1) * n]);
-            hinv[i * n + j] = v;
-            hinv[j * n + i] = v;
+    cholesky_inline(&mut lr, n).map_err(|e| match e {
+        QuantError::NotPositiveDefinite { column, pivot } => {
+            QuantError::NotPositiveDefinite { column: n - 1 - column, pivot }
         }
-    }
-    cholesky_inline(&mut hinv, n)?;
-    // U = L2^T.
+        other => other,
+    })?;
+    let m = lower_inverse(&lr, n);
     let mut u = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..=i {
-            u[j * n + i] = hinv[i * n + j];
+        for j in i..n {
+            u[i * n + j] = m[(n - 1 - i) * n + (n - 1 - j)];
         }
     }
     Ok(u)
@@ -155,6 +151,6 @@ mod tests {
     #[test]
     fn indefinite_matrix_is_an_error() {
         let h = [1.0, 2.0, 2.0, 1.0];
-        assert!(matches!(inverse_upper_cholesky(&h, 2), Err(QuantError::NotPositiveDefinite { column: 1, .. })));
+        assert!(matches!(inverse_upper_cholesky(&h, 2), Err(QuantError::NotPositiveDefinite { column: 0, .. })));
     }
 }

@@ -201,3 +201,25 @@ fn awq_shared_input_uses_one_scale_for_all_members_and_beats_rtn() {
     assert!(r.effective_weight(3).is_none());
     assert!(matches!(awq_shared_input(&[], &xc, &AwqConfig::new(format)), Err(QuantError::Empty { .. })));
 }
+
+#[test]
+fn gptq_with_a_shared_hessian_equals_gptq_and_rejects_bad_hessians() {
+    use quantfleet_quant::gptq::{gptq_with_hessian, layer_hessian};
+    let (l, calib, _) = layer(81, 10.0);
+    let w = MatrixRef::new("w", &l.weight, OUT, IN).unwrap();
+    let xc = MatrixRef::new("calib", &calib, TOKENS / 2, IN).unwrap();
+    let config = GptqConfig::new(WeightFormat::Int4(Int4Config::asymmetric(32).unwrap()));
+    let direct = gptq(&w, &xc, &config).unwrap();
+    let shared = gptq_with_hessian(&w, layer_hessian(&xc), &config).unwrap();
+    assert_eq!(direct, shared);
+    assert!(matches!(gptq_with_hessian(&w, vec![1.0; 10], &config), Err(QuantError::LengthMismatch { .. })));
+    let mut h = layer_hessian(&xc);
+    h[5] = f64::NAN;
+    assert!(matches!(gptq_with_hessian(&w, h, &config), Err(QuantError::NonFinite { .. })));
+    // An indefinite Hessian (negative diagonal beyond what dampening repairs) is a typed error, not a panic.
+    let mut bad = vec![0f64; IN * IN];
+    for i in 0..IN {
+        bad[i * IN + i] = if i == 3 { -100.0 } else { 1.0 };
+    }
+    assert!(matches!(gptq_with_hessian(&w, bad, &config), Err(QuantError::NotPositiveDefinite { .. })));
+}
