@@ -99,6 +99,22 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Activations) -> Result<()>;
     /// `out = x · Wᵀ`: `[n, cols] -> [n, rows]`.
     fn matmul(&self, w: &Self::Matrix, x: &Self::Activations, out: &mut Self::Activations) -> Result<()>;
+    /// `outs[i] = x · ws[i]ᵀ` for matrices sharing one input (Q/K/V, gate/up). Backends where launching work
+    /// costs more than it does at one token (thread wake-ups, kernel launches) do it in one go.
+    fn matmul_many(
+        &self,
+        ws: &[&Self::Matrix],
+        x: &Self::Activations,
+        outs: &mut [&mut Self::Activations],
+    ) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(crate::EngineError::InvalidRequest("matmul_many: one output per matrix".into()));
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, out)?;
+        }
+        Ok(())
+    }
     /// `out = x / rms(x) * weight` per row.
     fn rms_norm(&self, x: &Self::Activations, w: &Self::Vector, eps: f32, out: &mut Self::Activations) -> Result<()>;
     /// Rotates every head (`cols / head_dim` of them) of every row by the table's angles for that row.

@@ -214,9 +214,7 @@ impl<B: Backend> Llama<B> {
         be.embed(&self.tok_embd, tokens, &mut ws.x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             be.rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h)?;
-            be.matmul(&layer.wq, &ws.h, &mut ws.q)?;
-            be.matmul(&layer.wk, &ws.h, &mut ws.k)?;
-            be.matmul(&layer.wv, &ws.h, &mut ws.v)?;
+            be.matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &ws.h, &mut [&mut ws.q, &mut ws.k, &mut ws.v])?;
             be.rope(&mut ws.q, c.head_dim, &ws.rope)?;
             be.rope(&mut ws.k, c.head_dim, &ws.rope)?;
             be.kv_write(&mut kv.storage, l, &ws.k, &ws.v, &spans)?;
@@ -225,8 +223,7 @@ impl<B: Backend> Llama<B> {
             be.add_assign(&mut ws.x, &ws.proj)?;
 
             be.rms_norm(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h)?;
-            be.matmul(&layer.gate, &ws.h, &mut ws.gate)?;
-            be.matmul(&layer.up, &ws.h, &mut ws.up)?;
+            be.matmul_many(&[&layer.gate, &layer.up], &ws.h, &mut [&mut ws.gate, &mut ws.up])?;
             be.swiglu(&ws.gate, &ws.up, &mut ws.act)?;
             be.matmul(&layer.down, &ws.act, &mut ws.proj)?;
             be.add_assign(&mut ws.x, &ws.proj)?;

@@ -53,6 +53,15 @@ impl CpuBackend {
     }
 }
 
+/// Most matrices `matmul_many` runs in one parallel region (Q, K, V).
+const MAX_FUSED: usize = 4;
+
+impl AsMut<[f32]> for CpuTensor {
+    fn as_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+}
+
 /// A weight matrix living in the model file's memory map.
 pub struct CpuMatrix {
     view: MatrixRef,
@@ -177,6 +186,30 @@ impl Backend for CpuBackend {
         }
         self.resize(out, x.rows, m.rows)?;
         matmul::matmul(self.level, m, &x.data, x.rows, &mut out.data);
+        Ok(())
+    }
+
+    fn matmul_many(&self, ws: &[&CpuMatrix], x: &CpuTensor, outs: &mut [&mut CpuTensor]) -> Result<()> {
+        if ws.len() != outs.len() {
+            return Err(shape_err("matmul_many", "one output per matrix".into()));
+        }
+        if x.rows != 1 || ws.is_empty() || ws.len() > MAX_FUSED {
+            // Several tokens: each product is large enough to fill the pool on its own.
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                self.matmul(w, x, out)?;
+            }
+            return Ok(());
+        }
+        // A stack array, not a Vec: this runs several times per layer per decoded token.
+        let mut blocks = [ws[0].block(); MAX_FUSED];
+        for (slot, (w, out)) in blocks.iter_mut().zip(ws.iter().zip(outs.iter_mut())) {
+            *slot = w.block();
+            if slot.cols != x.cols {
+                return Err(shape_err("matmul_many", format!("x has {} columns, W has {}", x.cols, slot.cols)));
+            }
+            self.resize(out, 1, slot.rows)?;
+        }
+        matmul::matvec_many(self.level, &blocks[..ws.len()], &x.data, outs);
         Ok(())
     }
 

@@ -103,3 +103,38 @@ fn f32_matmul_with_columns_off_the_lane_width_uses_the_row_path() {
         assert!((out[rows] - want).abs() < 1e-5, "{level:?}");
     }
 }
+
+#[test]
+fn matmul_many_equals_separate_matmuls_and_rejects_bad_shapes() {
+    use std::sync::Arc;
+
+    use crate::backend::Backend;
+    use crate::cpu::{CpuBackend, CpuTensor};
+    use crate::gguf::GgufFile;
+    use crate::gguf::tests::SyntheticGguf;
+
+    let mut rng = Rng(99);
+    // Synthetic Q/K/V-like matrices with different row counts over a shared 64-wide input.
+    let file = SyntheticGguf::new()
+        .tensor("q", &[64, 40], GgmlType::Q4_1, synthetic(GgmlType::Q4_1, 40, 64, &mut rng))
+        .tensor("k", &[64, 8], GgmlType::Q8_0, synthetic(GgmlType::Q8_0, 8, 64, &mut rng))
+        .tensor("v", &[64, 33], GgmlType::F32, synthetic(GgmlType::F32, 33, 64, &mut rng))
+        .tensor("bad", &[32, 4], GgmlType::F32, synthetic(GgmlType::F32, 4, 32, &mut rng))
+        .build();
+    let file = Arc::new(GgufFile::from_bytes(file).unwrap());
+    let cpu = CpuBackend::new();
+    let m = |n: &str| cpu.upload_matrix(&file, file.tensor(n).unwrap()).unwrap();
+    let (q, k, v, bad) = (m("q"), m("k"), m("v"), m("bad"));
+    for n_tokens in [1, 5] {
+        let x = CpuTensor { rows: n_tokens, cols: 64, data: (0..n_tokens * 64).map(|_| rng.uniform()).collect() };
+        let (mut a, mut b, mut c) = (CpuTensor::default(), CpuTensor::default(), CpuTensor::default());
+        cpu.matmul_many(&[&q, &k, &v], &x, &mut [&mut a, &mut b, &mut c]).unwrap();
+        for (w, got) in [(&q, &a), (&k, &b), (&v, &c)] {
+            let mut want = CpuTensor::default();
+            cpu.matmul(w, &x, &mut want).unwrap();
+            assert_eq!((got.rows, got.cols, &got.data), (want.rows, want.cols, &want.data));
+        }
+        assert!(cpu.matmul_many(&[&q, &bad], &x, &mut [&mut a, &mut b]).is_err());
+        assert!(cpu.matmul_many(&[&q, &k], &x, &mut [&mut a]).is_err());
+    }
+}
