@@ -149,7 +149,7 @@ impl OutPtr {
     }
 
     #[inline(always)]
-    fn write(&self, t: usize, r: usize, v: f32) {
+    pub(crate) fn write(&self, t: usize, r: usize, v: f32) {
         let i = t * self.stride + self.row0 + r;
         assert!(i < self.len, "gemm output index {i} out of {}", self.len);
         // SAFETY: in bounds (checked above); the element belongs to this tile's rows only.

@@ -101,13 +101,30 @@ pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: 
         let r0 = c * ROWS_PER_TASK;
         let nr = ROWS_PER_TASK.min(w.rows - r0);
         DEQUANT_SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(ROWS_PER_TASK * w.cols, 0.0);
+            let k = w.cols;
+            scratch.resize(ROWS_PER_TASK * k + k, 0.0);
+            let tile_out = out_ptr.with_row0(r0);
+            #[cfg(target_arch = "x86_64")]
+            if level == SimdLevel::Avx512 {
+                // k-major tile (`wt[kk * 32 + r]`, padded rows zero) for the broadcast kernel.
+                let (wt, row_buf) = scratch.split_at_mut(ROWS_PER_TASK * k);
+                wt.fill(0.0);
+                for r in 0..nr {
+                    // Cannot fail: row lengths were validated when the matrix was built.
+                    let _ = dequantize_row_reference(w.ty, w.row(r0 + r), row_buf);
+                    for (kk, &v) in row_buf.iter().enumerate() {
+                        wt[kk * ROWS_PER_TASK + r] = v;
+                    }
+                }
+                // SAFETY: Avx512 is only selected where the CPU supports it (SimdLevel::detect).
+                unsafe { x86::gemm_kmajor32_avx512(wt, nr, x, n_tokens, k, tile_out) };
+                return;
+            }
             for r in 0..nr {
                 // Cannot fail: row lengths were validated when the matrix was built.
-                let _ = dequantize_row_reference(w.ty, w.row(r0 + r), &mut scratch[r * w.cols..(r + 1) * w.cols]);
+                let _ = dequantize_row_reference(w.ty, w.row(r0 + r), &mut scratch[r * k..(r + 1) * k]);
             }
-            let tile_out = out_ptr.with_row0(r0);
-            gemm_dispatch(level, &scratch[..nr * w.cols], nr, x, n_tokens, w.cols, tile_out);
+            gemm_dispatch(level, &scratch[..nr * k], nr, x, n_tokens, k, tile_out);
         });
     });
 }

@@ -5,6 +5,8 @@
 
 use std::arch::x86_64::*;
 
+use super::gemm::OutPtr;
+
 /// Block scales are little-endian f16 at unaligned offsets; F16C converts them in one instruction.
 #[inline(always)]
 fn f16_to_f32(b0: u8, b1: u8) -> f32 {
@@ -192,6 +194,65 @@ pub(crate) fn kernel_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], k: usize) -> [[f
     for r in 0..4 {
         for t in 0..4 {
             out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Prefill kernel over a k-major tile of 32 weight rows (`wt[kk * 32 + r]`): for each kk, two weight vectors
+/// (rows 0-15, 16-31) times the broadcast activation of each of up to 6 tokens. 12 accumulators hold finished
+/// output rows, so unlike the 4x4 dot kernel nothing needs a horizontal reduction at the end; per step 2
+/// vector loads and 6 broadcasts feed 12 FMAs. `out` receives (token, row) for rows < `nr`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(crate) fn gemm_kmajor32_avx512(wt: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    assert!(wt.len() >= 32 * k && x.len() >= nt * k && nr <= 32, "gemm_kmajor32 shapes");
+    let mut t = 0;
+    while t < nt {
+        let n = (nt - t).min(6);
+        let rows = &x[t * k..(t + n) * k];
+        let acc = match n {
+            6 => tile_kmajor::<6>(wt, rows, k),
+            5 => tile_kmajor::<5>(wt, rows, k),
+            4 => tile_kmajor::<4>(wt, rows, k),
+            3 => tile_kmajor::<3>(wt, rows, k),
+            2 => tile_kmajor::<2>(wt, rows, k),
+            _ => tile_kmajor::<1>(wt, rows, k),
+        };
+        for (j, lanes) in acc.iter().enumerate().take(n) {
+            for (r, &v) in lanes.iter().enumerate().take(nr) {
+                out.write(t + j, r, v);
+            }
+        }
+        t += n;
+    }
+}
+
+/// `NT` tokens (`x`, NT x k) against the k-major 32-row tile; returns [token][row] (6 rows of 32 at most).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn tile_kmajor<const NT: usize>(wt: &[f32], x: &[f32], k: usize) -> [[f32; 32]; 6] {
+    assert!(wt.len() >= 32 * k && x.len() >= NT * k);
+    let mut acc = [[_mm512_setzero_ps(); 2]; NT];
+    let wp = wt.as_ptr();
+    let xp = x.as_ptr();
+    for kk in 0..k {
+        // SAFETY: kk * 32 + 32 <= wt.len() and j * k + kk < x.len() (asserted above).
+        unsafe {
+            let w0 = _mm512_loadu_ps(wp.add(kk * 32));
+            let w1 = _mm512_loadu_ps(wp.add(kk * 32 + 16));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*xp.add(j * k + kk));
+                a[0] = _mm512_fmadd_ps(w0, xb, a[0]);
+                a[1] = _mm512_fmadd_ps(w1, xb, a[1]);
+            }
+        }
+    }
+    let mut out = [[0.0f32; 32]; 6];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        // SAFETY: each row of `out` holds 32 floats.
+        unsafe {
+            _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
         }
     }
     out
