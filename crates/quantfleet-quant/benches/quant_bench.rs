@@ -123,15 +123,30 @@ const BLOCK: [(&str, usize, usize); 7] = [
 /// real run: indices into BLOCK.
 const INPUT_GROUPS: [&[usize]; 4] = [&[0, 1, 2], &[3], &[4, 5], &[6]];
 
-/// Quantize one input group with `method`; returns seconds spent in the quantizer (data generation excluded).
-fn run_group(method: &str, group: &[usize], tokens: usize, seed: u64) -> f64 {
+/// SYNTHETIC weights of one input group and their shared activations.
+struct GroupData {
+    weights: Vec<(Vec<f32>, usize)>,
+    activations: Vec<f32>,
+    inf: usize,
+    tokens: usize,
+}
+
+fn group_data(group: &[usize], tokens: usize, seed: u64) -> GroupData {
     let inf = BLOCK[group[0]].2;
-    let layers: Vec<_> =
-        group.iter().map(|&i| synthetic_layer(BLOCK[i].1, inf, tokens, 8, 20.0, seed + i as u64)).collect();
-    // One input per group: every member sees the first member's activations.
-    let x = MatrixRef::new("x", &layers[0].activations, tokens, inf).unwrap();
+    let first = synthetic_layer(BLOCK[group[0]].1, inf, tokens, 8, 20.0, seed);
+    let mut rng = SynthRng::new(seed + 1);
+    let mut weights = vec![(first.weight, BLOCK[group[0]].1)];
+    for &i in &group[1..] {
+        weights.push((rng.normal_vec(BLOCK[i].1 * inf, 0.02), BLOCK[i].1));
+    }
+    GroupData { weights, activations: first.activations, inf, tokens }
+}
+
+/// Quantize one input group with `method`; returns the seconds spent in the quantizer.
+fn run_group(method: &str, d: &GroupData) -> f64 {
+    let x = MatrixRef::new("x", &d.activations, d.tokens, d.inf).unwrap();
     let ws: Vec<MatrixRef<'_>> =
-        layers.iter().zip(group).map(|(l, &i)| MatrixRef::new("w", &l.weight, BLOCK[i].1, inf).unwrap()).collect();
+        d.weights.iter().map(|(w, rows)| MatrixRef::new("w", w, *rows, d.inf).unwrap()).collect();
     let format = WeightFormat::Int4(Int4Config::symmetric(128).unwrap());
     let t = Instant::now();
     match method {
@@ -139,7 +154,7 @@ fn run_group(method: &str, group: &[usize], tokens: usize, seed: u64) -> f64 {
             black_box(awq_shared_input(&ws, &x, &AwqConfig::new(format)).unwrap());
         }
         _ => {
-            let config = GptqConfig { max_tokens: tokens, act_order: true, ..GptqConfig::new(format) };
+            let config = GptqConfig { max_tokens: d.tokens, act_order: true, ..GptqConfig::new(format) };
             // One Hessian per shared input, as a real run would build it.
             let h = layer_hessian(&x);
             for w in &ws {
@@ -164,10 +179,12 @@ fn algorithms(tokens: usize, full: bool) {
     println!(
         "\n== AWQ (shared-input groups) / GPTQ (act-order), INT4 sym g128, one core, SYNTHETIC data at SmolLM2-135M shapes, {tokens} calibration tokens"
     );
+    let data: Vec<GroupData> =
+        INPUT_GROUPS.iter().enumerate().map(|(gi, g)| group_data(g, tokens, (gi * 10) as u64)).collect();
     for method in ["AWQ", "GPTQ"] {
         let mut block = 0.0;
         for (gi, group) in INPUT_GROUPS.iter().enumerate() {
-            let s = run_group(method, group, tokens, (gi * 10) as u64);
+            let s = run_group(method, &data[gi]);
             block += s;
             let names: Vec<String> =
                 group.iter().map(|&i| format!("{} [{} x {}]", BLOCK[i].0, BLOCK[i].1, BLOCK[i].2)).collect();
@@ -178,10 +195,11 @@ fn algorithms(tokens: usize, full: bool) {
     if !full {
         return;
     }
-    println!("\n== all 210 linears at SmolLM2-135M's shapes on 2 threads (group-parallel)");
+    println!(
+        "\n== all 210 linears at SmolLM2-135M's shapes on 2 threads (group-parallel; the 4 groups' data reused by all 30 blocks)"
+    );
     for method in ["AWQ", "GPTQ"] {
-        let jobs: Vec<(usize, u64)> =
-            (0..30).flat_map(|b| (0..INPUT_GROUPS.len()).map(move |g| (g, (b * 100 + g * 10) as u64))).collect();
+        let jobs: Vec<usize> = (0..30).flat_map(|_| 0..INPUT_GROUPS.len()).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let busy = std::sync::Mutex::new(0.0f64);
         let t = Instant::now();
@@ -190,15 +208,15 @@ fn algorithms(tokens: usize, full: bool) {
                 s.spawn(|| {
                     loop {
                         let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(g, seed)) = jobs.get(j) else { break };
-                        let secs = run_group(method, INPUT_GROUPS[g], tokens, seed);
+                        let Some(&g) = jobs.get(j) else { break };
+                        let secs = run_group(method, &data[g]);
                         *busy.lock().unwrap_or_else(|e| e.into_inner()) += secs;
                     }
                 });
             }
         });
         let quant = *busy.lock().unwrap_or_else(|e| e.into_inner());
-        // Wall time includes generating the synthetic layers; quantizer time is summed over both threads.
+        // Quantizer time is summed over both threads; wall above it means the threads were not both running.
         println!(
             "{method:<5} 210 layers, 2 threads: {:.1} s wall (quantizer time {:.1} s over 2 threads = {:.1} s per thread)",
             t.elapsed().as_secs_f64(),
