@@ -4,6 +4,8 @@
 #include "emu_registry.h"
 
 #include "../gemv/gemv_fp8.cu"
+#include "../gemv/gemv_int4.cu"
+#include "../gemv/gemv_int8.cu"
 
 namespace qf_emu {
 const KernelEntry kKernels[] = {
@@ -11,6 +13,14 @@ const KernelEntry kKernels[] = {
     QF_EMU_KERNEL(gemv_fp8_f16_bt8),
     QF_EMU_KERNEL(gemv_fp8_bf16_bt1),
     QF_EMU_KERNEL(gemv_fp8_bf16_bt8),
+    QF_EMU_KERNEL(gemv_int8_f16_bt1),
+    QF_EMU_KERNEL(gemv_int8_f16_bt8),
+    QF_EMU_KERNEL(gemv_int8_bf16_bt1),
+    QF_EMU_KERNEL(gemv_int8_bf16_bt8),
+    QF_EMU_KERNEL(gemv_int4_f16_bt1),
+    QF_EMU_KERNEL(gemv_int4_f16_bt8),
+    QF_EMU_KERNEL(gemv_int4_bf16_bt1),
+    QF_EMU_KERNEL(gemv_int4_bf16_bt8),
 };
 const size_t kKernelCount = sizeof(kKernels) / sizeof(kKernels[0]);
 }  // namespace qf_emu

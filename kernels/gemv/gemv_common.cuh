@@ -24,28 +24,34 @@
 
 #define QF_GEMV_WARPS 4  // rows per block: 128 threads keep enough warps in flight without long tails
 
-// Activation rows of one batch tile: row b is x + b * k (b < nb).
+// Activation rows of one batch tile: row b is x + b * k. Rows past the batch's end (b >= nb) read row
+// nb - 1 instead and their sums are discarded at the end, so the inner loops carry no per-row branches.
 template <bool BF16, int BT>
 struct ActTile {
     const u16 *x;
     u32 k;
     int nb;
-    __device__ __forceinline__ float at(int b, u32 col) const { return qf_act_to_f32<BF16>(x[(u64)b * k + col]); }
+    __device__ __forceinline__ float at(int b, u32 col) const {
+        return qf_act_to_f32<BF16>(x[(u64)min(b, nb - 1) * k + col]);
+    }
 };
 
 template <class W, bool BF16, int BT>
 __device__ __forceinline__ void gemv_row(const W &w, const u8 *QF_RESTRICT row_ptr, u32 n,
                                          const ActTile<BF16, BT> &xs, float (&acc)[BT]) {
+    // Offsets within a row are 32-bit (a row is at most 2^32 bytes as K is u32); only the row's base
+    // address is 64-bit. Fewer 64-bit values live across the loop kept ptxas from spilling.
     const u32 lane = threadIdx.x & 31;
-    const u64 len = w.row_bytes;
-    const u64 misalign = ((u64)row_ptr & 15);
-    const u64 head = misalign == 0 ? 0 : (16 - misalign < len ? 16 - misalign : len);
-    const u64 chunks = (len - head) / 16;
-    const u64 tail_start = head + chunks * 16;
+    const u32 len = (u32)w.row_bytes;
+    const u32 misalign = (u32)((u64)row_ptr & 15);
+    const u32 head = misalign == 0 ? 0 : min(16 - misalign, len);
+    const u32 chunks = (len - head) / 16;
+    const u32 tail_start = head + chunks * 16;
+    // Head and tail first (at most 15 bytes each, one per lane), so their bounds are dead during the loop.
     if (lane < head) w.single(n, lane, row_ptr[lane], xs, acc);
-    const uint4 *body = reinterpret_cast<const uint4 *>(row_ptr + head);
-    for (u64 c = lane; c < chunks; c += 32) w.chunk(n, head + c * 16, body[c], xs, acc);
     if (tail_start + lane < len) w.single(n, tail_start + lane, row_ptr[tail_start + lane], xs, acc);
+    const uint4 *body = reinterpret_cast<const uint4 *>(row_ptr + head);
+    for (u32 c = lane; c < chunks; c += 32) w.chunk(n, head + c * 16, body[c], xs, acc);
 }
 
 // Byte i (0..15) of a 16-byte chunk.

@@ -10,21 +10,21 @@
 template <bool BF16, int BT>
 struct Fp8Weights {
     u64 row_bytes;
-    __device__ __forceinline__ void single(u32, u64 col, u32 code, const ActTile<BF16, BT> &xs,
+    __device__ __forceinline__ void single(u32, u32 col, u32 code, const ActTile<BF16, BT> &xs,
                                            float (&acc)[BT]) const {
         const float wv = qf_e4m3_to_f32(code);
 #pragma unroll
         for (int b = 0; b < BT; ++b)
-            if (b < xs.nb) acc[b] += xs.at(b, (u32)col) * wv;
+            acc[b] += xs.at(b, col) * wv;
     }
-    __device__ __forceinline__ void chunk(u32, u64 col0, const uint4 &v, const ActTile<BF16, BT> &xs,
+    __device__ __forceinline__ void chunk(u32, u32 col0, const uint4 &v, const ActTile<BF16, BT> &xs,
                                           float (&acc)[BT]) const {
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const float wv = qf_e4m3_to_f32(qf_chunk_byte(v, i));
 #pragma unroll
             for (int b = 0; b < BT; ++b)
-                if (b < xs.nb) acc[b] += xs.at(b, (u32)col0 + i) * wv;
+                acc[b] += xs.at(b, col0 + i) * wv;
         }
     }
 };
@@ -34,7 +34,7 @@ struct Fp8Weights {
         gemv_##name(const u8 *QF_RESTRICT w, const float *QF_RESTRICT scales, u32 scale_stride,            \
                     const u16 *QF_RESTRICT x, u16 *QF_RESTRICT y, u32 n_rows, u32 k, u32 batch) {          \
         Fp8Weights<bf16, bt> fmt{k};                                                                       \
-        gemv_launch<Fp8Weights<bf16, bt>, bf16, bt>(fmt, w, x, y, n_rows, k, batch, [&](u32 n, float acc) { \
+        gemv_launch<Fp8Weights<bf16, bt>, bf16, bt>(fmt, w, x, y, n_rows, k, batch, [=](u32 n, float acc) { \
             return acc * scales[(u64)n * scale_stride];                                                    \
         });                                                                                                \
     }

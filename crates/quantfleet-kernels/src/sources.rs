@@ -43,11 +43,23 @@ macro_rules! module {
 }
 
 /// Every kernel module, in build order.
-pub const MODULES: &[KernelModule] = &[module!(
-    "gemv_fp8",
-    "gemv/gemv_fp8.cu",
-    ["gemv_fp8_f16_bt1", "gemv_fp8_f16_bt8", "gemv_fp8_bf16_bt1", "gemv_fp8_bf16_bt8"]
-)];
+pub const MODULES: &[KernelModule] = &[
+    module!(
+        "gemv_fp8",
+        "gemv/gemv_fp8.cu",
+        ["gemv_fp8_f16_bt1", "gemv_fp8_f16_bt8", "gemv_fp8_bf16_bt1", "gemv_fp8_bf16_bt8"]
+    ),
+    module!(
+        "gemv_int8",
+        "gemv/gemv_int8.cu",
+        ["gemv_int8_f16_bt1", "gemv_int8_f16_bt8", "gemv_int8_bf16_bt1", "gemv_int8_bf16_bt8"]
+    ),
+    module!(
+        "gemv_int4",
+        "gemv/gemv_int4.cu",
+        ["gemv_int4_f16_bt1", "gemv_int4_f16_bt8", "gemv_int4_bf16_bt1", "gemv_int4_bf16_bt8"]
+    ),
+];
 
 /// The module named `name`.
 pub fn module(name: &str) -> Result<&'static KernelModule> {

@@ -9,7 +9,9 @@ use quantfleet_kernels::launch::Runner;
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
-use quantfleet_quant::{Fp8Format, MatrixRef};
+use quantfleet_quant::int4::quantize_int4;
+use quantfleet_quant::int8::quantize_int8;
+use quantfleet_quant::{Fp8Format, Int4Config, MatrixRef};
 
 const SHAPES: &[(usize, usize, usize)] = &[(5, 17, 1), (9, 1025, 3), (6, 5137, 16), (37, 64, 1), (3, 1, 2)];
 
@@ -85,4 +87,65 @@ fn gemv_refuses_short_buffers_and_empty_shapes() {
     assert!(err.to_string().contains("codes"), "{err}");
     let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
     assert!(gemv(w, Act::F16, GemvShape { n: 0, k: 17, batch: 1 }, &x, &y).is_err());
+}
+
+#[test]
+fn gemv_int8_matches_reference() {
+    for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
+        for act in [Act::F16, Act::Bf16] {
+            let shape = GemvShape { n, k, batch };
+            let w = synthetic(20 + i as u64, n * k, 0.05);
+            let q = quantize_int8(&MatrixRef::new("w", &w, n, k).unwrap()).unwrap();
+            let mut w_hat = vec![0f32; n * k];
+            for r in 0..n {
+                q.dequantize_row(r, &mut w_hat[r * k..(r + 1) * k]).unwrap();
+            }
+            let (x, xbytes) = to_act(act, &synthetic(200 + i as u64, batch * k, 1.0));
+            let codes = EmuBuffer::from_bytes(&q.codes.iter().map(|&c| c as u8).collect::<Vec<_>>());
+            let scales = EmuBuffer::from_bytes(&f32_bytes(&q.scales));
+            let got = run(GemvWeights::Int8 { codes: &codes, scales: &scales }, act, shape, &xbytes);
+            let (want, budget) = reference(&x, &w_hat, shape);
+            assert_close(&format!("int8 {shape:?} {act:?}"), &got, &want, out_eps(act), &budget);
+        }
+    }
+}
+
+#[test]
+fn gemv_int4_matches_reference() {
+    // Group sizes 64 and 128, symmetric and asymmetric; K = 17 and 5137 end in a partial group and an
+    // odd (padding) nibble, K = 1025 crosses a group boundary inside most 16-byte chunks.
+    for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
+        for (group, symmetric, act) in
+            [(64, true, Act::F16), (128, false, Act::F16), (128, true, Act::Bf16), (64, false, Act::Bf16)]
+        {
+            let shape = GemvShape { n, k, batch };
+            let w = synthetic(30 + i as u64, n * k, 0.05);
+            let config = if symmetric { Int4Config::symmetric(group) } else { Int4Config::asymmetric(group) }.unwrap();
+            let q = quantize_int4(&MatrixRef::new("w", &w, n, k).unwrap(), &config).unwrap();
+            let mut w_hat = vec![0f32; n * k];
+            for r in 0..n {
+                q.dequantize_row_ref(r, &mut w_hat[r * k..(r + 1) * k]).unwrap();
+            }
+            let scales: Vec<f32> = (0..n * q.groups_per_row()).map(|g| q.scales.get(g)).collect();
+            let (x, xbytes) = to_act(act, &synthetic(300 + i as u64, batch * k, 1.0));
+            let packed = EmuBuffer::from_bytes(&q.packed);
+            let scales = EmuBuffer::from_bytes(&f32_bytes(&scales));
+            let zeros = q.zeros.as_ref().map(|z| EmuBuffer::from_bytes(z));
+            let weights = GemvWeights::Int4 {
+                packed: &packed,
+                scales: &scales,
+                zeros: zeros.as_ref().map(|z| z as &dyn quantfleet_kernels::DeviceBuffer),
+                group_size: group,
+            };
+            let got = run(weights, act, shape, &xbytes);
+            let (want, budget) = reference(&x, &w_hat, shape);
+            assert_close(
+                &format!("int4 g{group} sym={symmetric} {shape:?} {act:?}"),
+                &got,
+                &want,
+                out_eps(act),
+                &budget,
+            );
+        }
+    }
 }
