@@ -156,11 +156,14 @@ impl Fp8Format {
     }
 }
 
-/// Branchless E4M3/E5M2 encoder used by the vectorised slice paths; must equal `encode_ref` bit for bit.
+/// Branchless small-float encoder (E4M3, E5M2, E2M1 with its sign at bit 3) used by the vectorised paths;
+/// must equal `MiniSpec::encode_ref` bit for bit.
 #[inline(always)]
-fn encode_kernel<const MAN: u32, const BIAS: i32, const MAX: u32, const OVF: u32, const NAN: u32>(x: f32) -> u8 {
+fn encode_kernel<const MAN: u32, const BIAS: i32, const MAX: u32, const OVF: u32, const NAN: u32, const SIGN: u32>(
+    x: f32,
+) -> u8 {
     let bits = x.to_bits();
-    let sign = (bits >> 24) & 0x80;
+    let sign = (bits >> 31) << SIGN;
     let abs = bits & 0x7FFF_FFFF;
     let min_normal_bits = ((128 - BIAS) as u32) << 23;
     let sub_scale = f32::from_bits(((127 + BIAS - 1 + MAN as i32) as u32) << 23);
@@ -176,21 +179,27 @@ fn encode_kernel<const MAN: u32, const BIAS: i32, const MAX: u32, const OVF: u32
     (sign | mag) as u8
 }
 
+/// E2M1 (always saturating; NaN becomes a signed zero, as the reference does).
+#[inline(always)]
+pub(crate) fn encode_e2m1_fast(x: f32) -> u8 {
+    encode_kernel::<1, 1, 0x7, 0x7, 0, 3>(x)
+}
+
 #[inline(always)]
 fn encode_e4m3_sat(x: f32) -> u8 {
-    encode_kernel::<3, 7, 0x7E, 0x7E, 0x7F>(x)
+    encode_kernel::<3, 7, 0x7E, 0x7E, 0x7F, 7>(x)
 }
 #[inline(always)]
 fn encode_e4m3_nonsat(x: f32) -> u8 {
-    encode_kernel::<3, 7, 0x7E, 0x7F, 0x7F>(x)
+    encode_kernel::<3, 7, 0x7E, 0x7F, 0x7F, 7>(x)
 }
 #[inline(always)]
 fn encode_e5m2_sat(x: f32) -> u8 {
-    encode_kernel::<2, 15, 0x7B, 0x7B, 0x7E>(x)
+    encode_kernel::<2, 15, 0x7B, 0x7B, 0x7E, 7>(x)
 }
 #[inline(always)]
 fn encode_e5m2_nonsat(x: f32) -> u8 {
-    encode_kernel::<2, 15, 0x7B, 0x7C, 0x7E>(x)
+    encode_kernel::<2, 15, 0x7B, 0x7C, 0x7E, 7>(x)
 }
 
 /// Branchless E4M3 decoder: place the 7 magnitude bits at the top of the f32 mantissa and multiply by
@@ -331,8 +340,12 @@ mod tests {
                 assert_eq!(encode_e4m3_nonsat(v), Fp8Format::E4M3.encode(v, Saturation::NonSaturating), "{v}");
                 assert_eq!(encode_e5m2_sat(v), Fp8Format::E5M2.encode(v, Saturation::Saturating), "{v}");
                 assert_eq!(encode_e5m2_nonsat(v), Fp8Format::E5M2.encode(v, Saturation::NonSaturating), "{v}");
+                assert_eq!(encode_e2m1_fast(v), crate::fp4::encode_e2m1(v), "{v}");
             }
             x *= 1.0137;
+        }
+        for v in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 0.25, 2.5, 5.0, 7.0] {
+            assert_eq!(encode_e2m1_fast(v), crate::fp4::encode_e2m1(v), "{v}");
         }
     }
 }

@@ -141,9 +141,19 @@ proptest! {
         let w = MatrixRef::new("w", &data, rows, cols).unwrap();
         let kind = if nv { Fp4Kind::Nvfp4 } else { Fp4Kind::Mxfp4 };
         let QuantizedMatrix::Fp4(m) = quantize_rtn(&w, &WeightFormat::Fp4(kind)).unwrap() else { unreachable!() };
+        let reference = quantfleet_quant::fp4_matrix::quantize_fp4_ref(&w, kind).unwrap();
+        for isa in Isa::available() {
+            prop_assert_eq!(&quantfleet_quant::fp4_matrix::quantize_fp4_isa(isa, &w, kind).unwrap(), &reference);
+        }
+        prop_assert_eq!(&m, &reference);
         let mut out = vec![0f32; cols];
+        let mut fast = vec![0f32; cols];
         for r in 0..rows {
-            m.dequantize_row(r, &mut out).unwrap();
+            m.dequantize_row_ref(r, &mut out).unwrap();
+            for isa in Isa::available() {
+                m.dequantize_row_isa(isa, r, &mut fast).unwrap();
+                prop_assert_eq!(&fast, &out);
+            }
             for c in 0..cols {
                 let s = m.block_scale(r, c / kind.block_size());
                 // Within 6*s: half the E2M1 spacing (at most 1*s). MX floors its scale, so values up to 8*s
