@@ -12,9 +12,11 @@ use crate::error::Result;
 use crate::gguf::{GgufFile, TensorInfo};
 
 /// Geometry of the paged KV cache: every block holds `block_tokens` consecutive positions of one sequence for
-/// all layers, K and V. Element `(layer, kind, kv_head, slot, d)` of a block is at
-/// `((layer * 2 + kind) * n_kv_heads + kv_head) * block_tokens * head_dim + slot * head_dim + d`,
-/// so one head's keys within a block are contiguous (what attention reads).
+/// all layers, K and V. The run of `(layer, kind, kv_head)` (kind 0 = K, 1 = V) starts at
+/// `((layer * 2 + kind) * n_kv_heads + kv_head) * block_tokens * head_dim`,
+/// so one head's keys (values) within a block are contiguous. Within that run, V is `[slot][d]` but K is
+/// stored transposed, `[d][slot]` (element `d * block_tokens + slot`): attention then computes a block's
+/// scores as one vector over slots instead of one horizontal reduction per key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub n_layers: usize,

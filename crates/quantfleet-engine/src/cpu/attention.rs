@@ -9,6 +9,9 @@ use rayon::prelude::*;
 use super::matmul::SimdLevel;
 use crate::backend::{KvLayout, SeqSpan};
 
+/// Slots per block for which scores are accumulated in registers (one AVX-512 vector).
+const LANES: usize = 16;
+
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -28,11 +31,15 @@ pub(crate) fn kv_write(storage: &mut [f32], layout: &KvLayout, layer: usize, k: 
             let pos = span.start_pos + i;
             let block = span.block_table[pos / bt] as usize;
             let slot = pos % bt;
-            for (kind, src) in [(0, k), (1, v)] {
-                for h in 0..layout.n_kv_heads {
-                    let dst = block * layout.block_elems() + layout.head_offset(layer, kind, h) + slot * hd;
-                    storage[dst..dst + hd].copy_from_slice(&src[row * width + h * hd..row * width + (h + 1) * hd]);
+            for h in 0..layout.n_kv_heads {
+                let src = row * width + h * hd;
+                // Keys transposed within the block (see KvLayout), values as rows.
+                let k_base = block * layout.block_elems() + layout.head_offset(layer, 0, h) + slot;
+                for (d, &kv) in k[src..src + hd].iter().enumerate() {
+                    storage[k_base + d * bt] = kv;
                 }
+                let v_base = block * layout.block_elems() + layout.head_offset(layer, 1, h) + slot * hd;
+                storage[v_base..v_base + hd].copy_from_slice(&v[src..src + hd]);
             }
         }
     }
@@ -94,8 +101,8 @@ fn attend_avx2(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
     attend(job, scores, out)
 }
 
-/// Walks the sequence block by block: within a block one head's keys (and values) are `block_tokens`
-/// contiguous rows of `head_dim`, so both passes stream memory linearly.
+/// Walks the sequence block by block: within a block one head's keys (transposed) and values are each one
+/// contiguous run of `block_tokens * head_dim`, so both passes stream memory linearly.
 #[inline(always)]
 fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
     let l = job.layout;
@@ -109,14 +116,35 @@ fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
         &job.storage[base..base + len * hd]
     };
     scores.clear();
+    scores.resize(n, 0.0);
     let mut max = f32::NEG_INFINITY;
     for b in 0..n.div_ceil(bt) {
         let len = bt.min(n - b * bt);
-        for key in block_at(b, k_off, len).chunks_exact(hd) {
-            let s = dot(job.q, key) * scale;
-            max = max.max(s);
-            scores.push(s);
+        // Keys are stored transposed ([d][slot]), so the block's scores accumulate as one vector over the
+        // slots, one broadcast query element at a time: no horizontal reduction per key.
+        let keys_t = block_at(b, k_off, bt);
+        let sc = &mut scores[b * bt..b * bt + len];
+        if bt == LANES {
+            // The default block size: the 16 scores live in one register for the whole loop over d (through
+            // memory, each step would wait on the previous step's store). Lanes past `len` are computed from
+            // unused slots and dropped.
+            let mut acc = [0.0f32; LANES];
+            for (col, &qd) in keys_t.chunks_exact(LANES).zip(job.q) {
+                let qd = qd * scale;
+                for (a, &kv) in acc.iter_mut().zip(col) {
+                    *a += qd * kv;
+                }
+            }
+            sc.copy_from_slice(&acc[..len]);
+        } else {
+            for (d, &qd) in job.q.iter().enumerate() {
+                let qd = qd * scale;
+                for (s, &kv) in sc.iter_mut().zip(&keys_t[d * bt..d * bt + len]) {
+                    *s += qd * kv;
+                }
+            }
         }
+        max = sc.iter().fold(max, |m, &s| m.max(s));
     }
     let mut sum = 0.0f32;
     for s in scores.iter_mut() {
@@ -150,16 +178,4 @@ fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
             }
         }
     }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for (ca, cb) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
-        for j in 0..16 {
-            acc[j] += ca[j] * cb[j];
-        }
-    }
-    let tail: f32 = a.chunks_exact(16).remainder().iter().zip(b.chunks_exact(16).remainder()).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
