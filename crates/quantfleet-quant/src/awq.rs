@@ -7,7 +7,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::int4::{GroupParams, quantize_with_params};
-use crate::matrix::{MatrixRef, check_calibration, matmul_xwt, subsample_rows};
+use crate::matrix::{MatrixRef, check_calibration, matmul_xwt, scale_columns, subsample_rows, unscale_columns};
 use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
 use crate::simd::multiversion;
 
@@ -49,11 +49,8 @@ pub struct AwqResult {
 impl AwqResult {
     /// Q(W s) / s: the weight to use when the scales cannot be folded into a previous op.
     pub fn effective_weight(&self) -> Vec<f32> {
-        let cols = self.weight.cols();
         let mut w = self.weight.dequantize();
-        for (i, v) in w.iter_mut().enumerate() {
-            *v /= self.input_scales[i % cols];
-        }
+        unscale_columns(&mut w, &self.input_scales);
         w
     }
 }
@@ -89,7 +86,7 @@ pub fn fold_into_previous_linear(prev: &mut [f32], prev_out: usize, input_scales
 }
 
 fn scaled_weight(w: &MatrixRef<'_>, s: &[f32]) -> Vec<f32> {
-    w.data().iter().enumerate().map(|(i, &v)| v * s[i % w.cols()]).collect()
+    scale_columns(w.data(), s)
 }
 
 /// Run AWQ on one linear layer: `w` is `[out x in]`, `x` the calibration inputs `[tokens x in]`.
@@ -122,9 +119,8 @@ impl AwqSharedResult {
     /// Q(W_i s) / s for member `i`, when the scales cannot be folded.
     pub fn effective_weight(&self, i: usize) -> Option<Vec<f32>> {
         let q = self.weights.get(i)?;
-        let cols = q.cols();
         let mut w = q.dequantize();
-        w.iter_mut().enumerate().for_each(|(k, v)| *v /= self.input_scales[k % cols]);
+        unscale_columns(&mut w, &self.input_scales);
         Some(w)
     }
 }
@@ -193,7 +189,7 @@ pub fn awq_shared_input(ws: &[MatrixRef<'_>], x: &MatrixRef<'_>, config: &AwqCon
     };
     let unscale = |q: &QuantizedMatrix, s: &[f32]| -> Vec<f32> {
         let mut w_hat = q.dequantize();
-        w_hat.iter_mut().enumerate().for_each(|(i, v)| *v /= s[i % cols]);
+        unscale_columns(&mut w_hat, s);
         w_hat
     };
 

@@ -215,3 +215,19 @@ pub fn subsample_rows(x: &MatrixRef<'_>, max_rows: usize) -> Vec<f32> {
     }
     (0..max_rows).flat_map(|i| x.row(i * n / max_rows).iter().copied()).collect()
 }
+
+/// Row-major `[rows x s.len()]` data with every row multiplied element-wise by `s` (column scaling).
+pub fn scale_columns(data: &[f32], s: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    for row in data.chunks(s.len().max(1)) {
+        out.extend(row.iter().zip(s).map(|(v, k)| v * k));
+    }
+    out
+}
+
+/// In place: every row divided element-wise by `s` (undoing [`scale_columns`]).
+pub fn unscale_columns(data: &mut [f32], s: &[f32]) {
+    for row in data.chunks_mut(s.len().max(1)) {
+        row.iter_mut().zip(s).for_each(|(v, k)| *v /= k);
+    }
+}

@@ -7,7 +7,9 @@
 use crate::error::{QuantError, Result};
 use crate::fp8::Fp8Format;
 use crate::fp8_matrix::{Fp8Scaling, quantize_fp8};
-use crate::matrix::{MatrixRef, amax, check_calibration, matmul_xwt, nmse, subsample_rows};
+use crate::matrix::{
+    MatrixRef, amax, check_calibration, matmul_xwt, nmse, scale_columns, subsample_rows, unscale_columns,
+};
 use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
 
 /// Activation element type of a W8A8 layer (activations are quantized per token, dynamically).
@@ -89,7 +91,11 @@ pub fn w8a8_forward(
         Some(s) if s.len() != cols => {
             return Err(QuantError::LengthMismatch { what: "smoothing factors", expected: cols, actual: s.len() });
         }
-        Some(s) => x.data().iter().enumerate().map(|(i, &v)| v / s[i % cols]).collect(),
+        Some(s) => {
+            let mut v = x.data().to_vec();
+            unscale_columns(&mut v, s);
+            v
+        }
         None => x.data().to_vec(),
     };
     let xq = fake_quantize_activations(&MatrixRef::new("activations", &xs, x.rows(), cols)?, activations)?;
@@ -137,7 +143,7 @@ pub fn smoothquant(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &SmoothQuantCon
     let mut best: Option<SmoothQuantResult> = None;
     for alpha in alphas {
         let s = smoothing_factors(&act_max, &w_max, alpha);
-        let ws: Vec<f32> = w.data().iter().enumerate().map(|(i, &v)| v * s[i % cols]).collect();
+        let ws = scale_columns(w.data(), &s);
         let weight = quantize_rtn(&MatrixRef::new("smoothed weight", &ws, rows, cols)?, &config.weights)?;
         let y = w8a8_forward(&xs, Some(&s), &weight, config.activations)?;
         let err = nmse(&reference, &y);
