@@ -32,6 +32,7 @@ typedef long long i64;
 #endif
 
 #define QF_FULL_MASK 0xffffffffu
+#define QF_NEG_INF __int_as_float(0xff800000)  // no math header under NVRTC, so no INFINITY macro
 
 // ---- f16 / bf16 ----------------------------------------------------------------------------------------
 

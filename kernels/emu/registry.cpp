@@ -3,12 +3,23 @@
 // crates/quantfleet-kernels/src/sources.rs, so a kernel cannot be added to one and forgotten in the other.
 #include "emu_registry.h"
 
+#include "../attention/attn_decode.cu"
+#include "../attention/kv_append.cu"
 #include "../gemv/gemv_fp8.cu"
 #include "../gemv/gemv_int4.cu"
 #include "../gemv/gemv_int8.cu"
 
 namespace qf_emu {
 const KernelEntry kKernels[] = {
+    QF_EMU_KERNEL(attn_decode_f16_d64),
+    QF_EMU_KERNEL(attn_decode_f16_d128),
+    QF_EMU_KERNEL(attn_decode_fp8_d64),
+    QF_EMU_KERNEL(attn_decode_fp8_d128),
+    QF_EMU_KERNEL(attn_decode_int4kivi_d64),
+    QF_EMU_KERNEL(attn_decode_int4kivi_d128),
+    QF_EMU_KERNEL(kv_append_f16),
+    QF_EMU_KERNEL(kv_append_fp8),
+    QF_EMU_KERNEL(kv_append_kivi),
     QF_EMU_KERNEL(gemv_fp8_f16_bt1),
     QF_EMU_KERNEL(gemv_fp8_f16_bt8),
     QF_EMU_KERNEL(gemv_fp8_bf16_bt1),

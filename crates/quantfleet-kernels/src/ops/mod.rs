@@ -1,6 +1,7 @@
 //! Launch builders for every kernel family: each checks shapes and buffer sizes, picks the variant and
 //! grid, and returns a [`crate::Launch`]. Layouts are documented on the kernels (kernels/README.md).
 
+pub mod attention;
 pub mod gemv;
 
 /// 16-bit float type of activations and outputs.
