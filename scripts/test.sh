@@ -21,5 +21,15 @@ step "CUDA kernels: NVRTC compile check, sm_80/sm_89/sm_90 (the CPU-emulated ker
 scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
+
+step "Kubernetes control plane for the control-plane tests (tests/controlplane: built once, started per run)"
+tests/controlplane/build.sh >/dev/null  # logs the cold build's time and peak memory
+cp_ready="$(mktemp -u "${TMPDIR:-/tmp}/quantfleet-cp-ready.XXXXXX")"
+tests/controlplane/launch.sh --ready-file "$cp_ready" >/dev/null &  # logs its warm start time; tears down with us
+cp_pid=$!
+trap 'kill "$cp_pid" 2>/dev/null || true; wait "$cp_pid" 2>/dev/null || true' EXIT
+until [[ -f "$cp_ready" ]]; do kill -0 "$cp_pid" 2>/dev/null || { echo "control plane did not start" >&2; exit 1; }; sleep 0.5; done
+QUANTFLEET_KUBECONFIG="$(cat "$cp_ready")" && export QUANTFLEET_KUBECONFIG && rm -f "$cp_ready"
+
 step "unit and integration tests"
 cargo test --workspace --locked
