@@ -5,12 +5,28 @@
 
 #include "../attention/attn_decode.cu"
 #include "../attention/kv_append.cu"
+#include "../common/layers.cu"
+#include "../common/sampling.cu"
 #include "../gemv/gemv_fp8.cu"
 #include "../gemv/gemv_int4.cu"
 #include "../gemv/gemv_int8.cu"
+#include "../quant/act_quant_fp8.cu"
 
 namespace qf_emu {
 const KernelEntry kKernels[] = {
+    QF_EMU_KERNEL(act_quant_fp8_f16),
+    QF_EMU_KERNEL(act_quant_fp8_bf16),
+    QF_EMU_KERNEL(rmsnorm_f16),
+    QF_EMU_KERNEL(rope_f16),
+    QF_EMU_KERNEL(swiglu_f16),
+    QF_EMU_KERNEL(embedding_f16),
+    QF_EMU_KERNEL(rmsnorm_bf16),
+    QF_EMU_KERNEL(rope_bf16),
+    QF_EMU_KERNEL(swiglu_bf16),
+    QF_EMU_KERNEL(embedding_bf16),
+    QF_EMU_KERNEL(sample_argmax_f32),
+    QF_EMU_KERNEL(sample_softmax_f32),
+    QF_EMU_KERNEL(sample_categorical_f32),
     QF_EMU_KERNEL(attn_decode_f16_d64),
     QF_EMU_KERNEL(attn_decode_f16_d128),
     QF_EMU_KERNEL(attn_decode_fp8_d64),

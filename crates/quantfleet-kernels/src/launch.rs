@@ -18,6 +18,7 @@ pub enum KernelArg {
     /// A device address (`const T*` / `T*`); 0 is a null pointer (optional inputs).
     Ptr(u64),
     U32(u32),
+    U64(u64),
     I32(i32),
     F32(f32),
 }
@@ -28,6 +29,7 @@ impl KernelArg {
         match *self {
             KernelArg::Ptr(v) => v.to_ne_bytes().to_vec(),
             KernelArg::U32(v) => v.to_ne_bytes().to_vec(),
+            KernelArg::U64(v) => v.to_ne_bytes().to_vec(),
             KernelArg::I32(v) => v.to_ne_bytes().to_vec(),
             KernelArg::F32(v) => v.to_ne_bytes().to_vec(),
         }

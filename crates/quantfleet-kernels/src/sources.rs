@@ -72,6 +72,22 @@ pub const MODULES: &[KernelModule] = &[
         ]
     ),
     module!("kv_append", "attention/kv_append.cu", ["kv_append_f16", "kv_append_fp8", "kv_append_kivi"]),
+    module!("act_quant_fp8", "quant/act_quant_fp8.cu", ["act_quant_fp8_f16", "act_quant_fp8_bf16"]),
+    module!(
+        "layers",
+        "common/layers.cu",
+        [
+            "rmsnorm_f16",
+            "rmsnorm_bf16",
+            "rope_f16",
+            "rope_bf16",
+            "swiglu_f16",
+            "swiglu_bf16",
+            "embedding_f16",
+            "embedding_bf16"
+        ]
+    ),
+    module!("sampling", "common/sampling.cu", ["sample_argmax_f32", "sample_softmax_f32", "sample_categorical_f32"]),
 ];
 
 /// The module named `name`.

@@ -3,6 +3,8 @@
 
 pub mod attention;
 pub mod gemv;
+pub mod layers;
+pub mod sampling;
 
 /// 16-bit float type of activations and outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,0 +1,132 @@
+//! Emulated per-token kernels against scalar references: FP8 activation quantization byte-for-byte
+//! against quantfleet-quant, RMSNorm / RoPE / SwiGLU against f64 math, embedding gather exactly (including
+//! the out-of-range status flag). Awkward widths 17, 1025, 5137; token counts 1, 3, 16. Data is synthetic.
+
+mod common;
+
+use common::*;
+use quantfleet_kernels::emu::{EmuBuffer, EmuRunner};
+use quantfleet_kernels::launch::{Launch, Runner};
+use quantfleet_kernels::ops::Act;
+use quantfleet_kernels::ops::layers::{act_quant_fp8, embedding, rmsnorm, rope, swiglu};
+use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
+use quantfleet_quant::{Fp8Format, MatrixRef};
+
+const SHAPES: &[(usize, usize)] = &[(1, 17), (3, 1025), (16, 5137)];
+
+fn launch(l: Launch) {
+    EmuRunner.launch(&l).expect("emulated launch");
+}
+
+#[test]
+fn act_quant_fp8_matches_quantizer_bytes() {
+    for (i, &(tokens, cols)) in SHAPES.iter().enumerate() {
+        for act in [Act::F16, Act::Bf16] {
+            let mut v = synthetic(400 + i as u64, tokens * cols, 2.0);
+            v[..cols].iter_mut().for_each(|x| *x = 0.0); // an all-zero token takes scale 1
+            let (x, xb) = to_act(act, &v);
+            let want =
+                quantize_fp8(&MatrixRef::new("x", &x, tokens, cols).unwrap(), Fp8Format::E4M3, Fp8Scaling::PerRow)
+                    .unwrap();
+            let (xd, codes, scales) = (EmuBuffer::from_bytes(&xb), output(tokens * cols), output(4 * tokens));
+            launch(act_quant_fp8(act, tokens, cols, &xd, &codes, &scales).unwrap());
+            assert_eq!(codes.bytes(), &want.codes[..], "codes {tokens}x{cols} {act:?}");
+            assert_eq!(bytes_f32(scales.bytes()), want.scales, "scales {tokens}x{cols} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_matches_reference() {
+    for (i, &(tokens, cols)) in SHAPES.iter().enumerate() {
+        for act in [Act::F16, Act::Bf16] {
+            let (x, xb) = to_act(act, &synthetic(500 + i as u64, tokens * cols, 3.0));
+            let w: Vec<f32> = synthetic(600 + i as u64, cols, 0.2).iter().map(|d| 1.0 + d).collect();
+            let (xd, wd, y) = (EmuBuffer::from_bytes(&xb), EmuBuffer::from_bytes(&f32_bytes(&w)), output(xb.len()));
+            launch(rmsnorm(act, tokens, cols, &xd, &wd, &y, 1e-5).unwrap());
+            let got = from_act(act, y.bytes());
+            let mut want = Vec::new();
+            for row in x.chunks(cols) {
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
+                let r = 1.0 / (ms + 1e-5).sqrt();
+                want.extend(row.iter().zip(&w).map(|(&v, &g)| v as f64 * r * g as f64));
+            }
+            let budget: Vec<f64> = want.iter().map(|w| w.abs() * 1e-5 + 1e-6).collect();
+            assert_close(&format!("rmsnorm {tokens}x{cols} {act:?}"), &got, &want, out_eps(act), &budget);
+        }
+    }
+}
+
+#[test]
+fn rope_matches_reference() {
+    let (n_heads, head_dim, base) = (3, 64, 10000f32);
+    let positions: Vec<i32> = vec![0, 1, 17, 1025, 4097];
+    let tokens = positions.len();
+    for act in [Act::F16, Act::Bf16] {
+        let (x, xb) = to_act(act, &synthetic(700, tokens * n_heads * head_dim, 1.0));
+        let xd = EmuBuffer::from_bytes(&xb);
+        let pos = EmuBuffer::from_bytes(&positions.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
+        launch(rope(act, tokens, n_heads, head_dim, &xd, &pos, base).unwrap());
+        let got = from_act(act, xd.bytes());
+        let half = head_dim / 2;
+        let (mut want, mut budget) = (vec![0f64; x.len()], vec![0f64; x.len()]);
+        for (t, &p) in positions.iter().enumerate() {
+            for h in 0..n_heads {
+                for i in 0..half {
+                    let a = (t * n_heads + h) * head_dim + i;
+                    let angle = p as f64 * (base as f64).powf(-(2.0 * i as f64) / head_dim as f64);
+                    let (s, c) = angle.sin_cos();
+                    let (x0, x1) = (x[a] as f64, x[a + half] as f64);
+                    want[a] = x0 * c - x1 * s;
+                    want[a + half] = x1 * c + x0 * s;
+                    // The angle is formed in fp32 (pos * inv_freq): a few ulps of the angle, times |x|.
+                    let e = (x0.abs() + x1.abs()) * (angle.abs() * 2f64.powi(-21) + 2f64.powi(-20));
+                    budget[a] = e;
+                    budget[a + half] = e;
+                }
+            }
+        }
+        assert_close(&format!("rope {act:?}"), &got, &want, out_eps(act), &budget);
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    for (i, &(tokens, inter)) in SHAPES.iter().enumerate() {
+        let act = if i % 2 == 0 { Act::F16 } else { Act::Bf16 };
+        let (gu, gub) = to_act(act, &synthetic(800 + i as u64, tokens * 2 * inter, 2.0));
+        let (gd, out) = (EmuBuffer::from_bytes(&gub), output(2 * tokens * inter));
+        launch(swiglu(act, tokens, inter, &gd, &out).unwrap());
+        let got = from_act(act, out.bytes());
+        let want: Vec<f64> = (0..tokens * inter)
+            .map(|j| {
+                let (t, c) = (j / inter, j % inter);
+                let g = gu[t * 2 * inter + c] as f64;
+                g / (1.0 + (-g).exp()) * gu[t * 2 * inter + inter + c] as f64
+            })
+            .collect();
+        let budget: Vec<f64> = want.iter().map(|w| w.abs() * 1e-6 + 1e-7).collect();
+        assert_close(&format!("swiglu {tokens}x{inter} {act:?}"), &got, &want, out_eps(act), &budget);
+    }
+}
+
+#[test]
+fn embedding_gathers_rows_and_flags_bad_ids() {
+    let (vocab, dim) = (37, 1025);
+    let (_, table) = to_act(Act::Bf16, &synthetic(900, vocab * dim, 1.0));
+    let td = EmuBuffer::from_bytes(&table);
+    for (ids, bad) in [(vec![0i32, 36, 5, 5], false), (vec![3, 37, -1], true)] {
+        let idb = EmuBuffer::from_bytes(&ids.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
+        let (out, status) = (output(2 * ids.len() * dim), EmuBuffer::from_bytes(&[0; 4]));
+        launch(embedding(Act::Bf16, ids.len(), vocab, dim, &td, &idb, &out, &status).unwrap());
+        for (t, &id) in ids.iter().enumerate() {
+            let got = &out.bytes()[2 * t * dim..2 * (t + 1) * dim];
+            if (0..vocab as i32).contains(&id) {
+                assert_eq!(got, &table[2 * id as usize * dim..2 * (id as usize + 1) * dim], "row {t}");
+            } else {
+                assert!(got.iter().all(|&b| b == 0), "out-of-range id {id} must give zeros");
+            }
+        }
+        assert_eq!(status.bytes(), &(bad as u32).to_le_bytes(), "status for {ids:?}");
+    }
+}
