@@ -84,7 +84,7 @@ pub fn rope(
 ) -> Result<Launch> {
     let kernel = name(act, "rope_f16", "rope_bf16");
     let (t, _) = dims(kernel, tokens, n_heads * head_dim)?;
-    if !head_dim.is_multiple_of(2) || !(base.is_finite() && base > 1.0) {
+    if !(head_dim.is_multiple_of(2) && base.is_finite() && base > 1.0) {
         return Err(KernelError::InvalidShape {
             kernel,
             reason: format!("head_dim {head_dim} must be even, base {base} > 1"),
