@@ -165,6 +165,17 @@ fn run_group(method: &str, d: &GroupData) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// CPU seconds (user + system) this process has used, from /proc/self/stat (Linux; USER_HZ is 100 there).
+/// Beside wall time it shows how much of the machine the run actually got when other work competes.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 overall.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn algorithms(tokens: usize, full: bool) {
     let (n, out, inf) = (128, 1536, 576);
     let mut rng = SynthRng::new(3);
@@ -202,6 +213,7 @@ fn algorithms(tokens: usize, full: bool) {
         let jobs: Vec<usize> = (0..30).flat_map(|_| 0..INPUT_GROUPS.len()).collect();
         let next = std::sync::atomic::AtomicUsize::new(0);
         let busy = std::sync::Mutex::new(0.0f64);
+        let cpu0 = process_cpu_seconds();
         let t = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..2 {
@@ -216,9 +228,13 @@ fn algorithms(tokens: usize, full: bool) {
             }
         });
         let quant = *busy.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = match (cpu0, process_cpu_seconds()) {
+            (Some(a), Some(b)) => format!("{:.1} CPU s", b - a),
+            _ => "CPU time n/a".to_string(),
+        };
         // Quantizer time is summed over both threads; wall above it means the threads were not both running.
         println!(
-            "{method:<5} 210 layers, 2 threads: {:.1} s wall (quantizer time {:.1} s over 2 threads = {:.1} s per thread)",
+            "{method:<5} 210 layers, 2 threads: {:.1} s wall (quantizer time {:.1} s over 2 threads = {:.1} s per thread; {cpu})",
             t.elapsed().as_secs_f64(),
             quant,
             quant / 2.0
