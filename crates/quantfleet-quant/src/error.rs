@@ -28,6 +28,15 @@ pub enum QuantError {
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, QuantError>;
 
+/// Fail with [`QuantError::LengthMismatch`] unless `actual == expected` (containers have public fields, so
+/// row access re-checks their lengths instead of trusting them).
+pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
+    if expected != actual {
+        return Err(QuantError::LengthMismatch { what, expected, actual });
+    }
+    Ok(())
+}
+
 /// Fail with [`QuantError::NonFinite`] at the first NaN or infinity in `data`.
 pub(crate) fn check_finite(what: &'static str, data: &[f32]) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {

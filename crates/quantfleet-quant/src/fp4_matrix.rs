@@ -8,7 +8,7 @@
 //!
 //! The last block of a row may be shorter when the block size does not divide the row length.
 
-use crate::error::{QuantError, Result};
+use crate::error::{QuantError, Result, check_len};
 use crate::fp4::{E2M1_MAX, E2M1_VALUES, decode_e2m1, decode_e8m0, encode_e2m1, mx_shared_scale_e8m0};
 use crate::fp8::{Fp8Format, Saturation, encode_e2m1_fast};
 use crate::matrix::{MatrixRef, amax};
@@ -152,7 +152,14 @@ impl Fp4Matrix {
         }
     }
 
+    /// Check that the field lengths agree with the shape (the fields are public).
+    pub fn validate(&self) -> Result<()> {
+        check_len("FP4 packed bytes", self.rows * self.cols.div_ceil(2), self.packed.len())?;
+        check_len("FP4 block scales", self.rows * self.cols.div_ceil(self.kind.block_size()), self.block_scales.len())
+    }
+
     fn check_row(&self, r: usize, out: &[f32]) -> Result<()> {
+        self.validate()?;
         if r >= self.rows {
             return Err(QuantError::RowOutOfRange { row: r, rows: self.rows });
         }

@@ -2,7 +2,7 @@
 //! or static (calibrated) f32 scales. value = decode(code) * scale. Encoding always saturates, so a value
 //! beyond a static scale's range clamps to ±max instead of turning into NaN.
 
-use crate::error::{QuantError, Result};
+use crate::error::{QuantError, Result, check_len};
 use crate::fp8::{Fp8Format, Saturation, decode_fp8_slice, encode_fp8_slice};
 use crate::matrix::{MatrixRef, amax};
 
@@ -73,6 +73,10 @@ impl Fp8Matrix {
 
     /// Dequantize row `r` into `out`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        check_len("FP8 codes", self.rows * self.cols, self.codes.len())?;
+        if self.scales.len() != 1 {
+            check_len("FP8 row scales", self.rows, self.scales.len())?;
+        }
         if r >= self.rows {
             return Err(QuantError::RowOutOfRange { row: r, rows: self.rows });
         }

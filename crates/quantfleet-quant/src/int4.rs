@@ -12,7 +12,7 @@
 //!   group of a row may be shorter when G does not divide `cols` (e.g. 576 columns at G = 128). Scales and
 //!   zero points are indexed `r * groups_per_row + g`.
 
-use crate::error::{QuantError, Result};
+use crate::error::{QuantError, Result, check_len};
 use crate::halfp::f16;
 use crate::matrix::MatrixRef;
 use crate::simd::{Isa, clamp_fast, multiversion, round_small};
@@ -245,7 +245,24 @@ impl Int4Matrix {
         self.packed.len() + self.scales.bytes() + self.zeros.as_ref().map_or(0, Vec::len)
     }
 
+    /// Check that the field lengths agree with the shape (the fields are public).
+    pub fn validate(&self) -> Result<()> {
+        let groups = self.rows * self.groups_per_row();
+        check_len("INT4 packed bytes", self.rows * self.row_bytes(), self.packed.len())?;
+        let scales = match &self.scales {
+            Int4Scales::F32(v) => v.len(),
+            Int4Scales::F16(v) => v.len(),
+            Int4Scales::DoubleQuant { codes, .. } => codes.len(),
+        };
+        check_len("INT4 group scales", groups, scales)?;
+        if let Some(z) = &self.zeros {
+            check_len("INT4 zero points", groups, z.len())?;
+        }
+        Ok(())
+    }
+
     fn check_row(&self, r: usize, out: &[f32]) -> Result<()> {
+        self.validate()?;
         if r >= self.rows {
             return Err(QuantError::RowOutOfRange { row: r, rows: self.rows });
         }
@@ -266,6 +283,11 @@ impl Int4Matrix {
             decode_group(isa, &row[start..start + chunk.len().div_ceil(2)], p.scale, p.zero as f32, chunk);
         }
         Ok(())
+    }
+
+    /// Dequantize row `r` into `out` on the widest ISA available.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        self.dequantize_row_isa(Isa::detect(), r, out)
     }
 
     /// Dequantize row `r` (reference: one nibble at a time through [`GroupParams::dequantize`]).

@@ -1,7 +1,7 @@
 //! INT8 symmetric per-channel weights: one f32 scale per output row, codes in -127..=127
 //! (scale = amax / 127, round to nearest even; -128 is never produced so negation stays exact).
 
-use crate::error::{QuantError, Result};
+use crate::error::{QuantError, Result, check_len};
 use crate::matrix::{MatrixRef, amax};
 use crate::simd::{Isa, clamp_fast, multiversion, round_small};
 
@@ -66,6 +66,8 @@ pub fn quantize_int8(w: &MatrixRef<'_>) -> Result<Int8Matrix> {
 impl Int8Matrix {
     /// Dequantize row `r` into `out`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        check_len("INT8 codes", self.rows * self.cols, self.codes.len())?;
+        check_len("INT8 row scales", self.rows, self.scales.len())?;
         if r >= self.rows {
             return Err(QuantError::RowOutOfRange { row: r, rows: self.rows });
         }

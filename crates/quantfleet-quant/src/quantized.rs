@@ -1,7 +1,7 @@
 //! One enum over every packed weight container, so the engine can hold "a quantized linear weight" without
 //! caring which tier made it, plus the round-to-nearest (RTN) baseline for every format.
 
-use crate::error::{QuantError, Result};
+use crate::error::{QuantError, Result, check_len};
 use crate::fp4_matrix::{Fp4Kind, Fp4Matrix, quantize_fp4};
 use crate::fp8::Fp8Format;
 use crate::fp8_matrix::{Fp8Matrix, Fp8Scaling, quantize_fp8};
@@ -100,12 +100,14 @@ impl QuantizedMatrix {
         }
         match self {
             QuantizedMatrix::Bf16 { values, .. } => {
+                check_len("BF16 values", rows * cols, values.len())?;
                 for (o, v) in out.iter_mut().zip(&values[r * cols..]) {
                     *o = v.to_f32();
                 }
                 Ok(())
             }
             QuantizedMatrix::F16 { values, .. } => {
+                check_len("FP16 values", rows * cols, values.len())?;
                 for (o, v) in out.iter_mut().zip(&values[r * cols..]) {
                     *o = v.to_f32();
                 }

@@ -80,3 +80,34 @@ fn row_access_is_validated_and_storage_matches_the_layout() {
     let m = MatrixRef::new("big", &big, 1, 4).unwrap();
     assert!(matches!(quantize_rtn(&m, &WeightFormat::F16), Err(QuantError::InvalidParameter { .. })));
 }
+
+#[test]
+fn inconsistent_public_fields_are_an_error_not_a_panic() {
+    let data = [1.0f32; 64];
+    let w = MatrixRef::new("w", &data, 2, 32).unwrap();
+    let mut out = vec![0f32; 32];
+    let QuantizedMatrix::Int4(mut m) =
+        quantize_rtn(&w, &WeightFormat::Int4(Int4Config::asymmetric(32).unwrap())).unwrap()
+    else {
+        unreachable!()
+    };
+    m.zeros.as_mut().unwrap().pop();
+    assert!(matches!(m.dequantize_row(1, &mut out), Err(QuantError::LengthMismatch { .. })));
+    m.zeros = None;
+    m.packed.truncate(3);
+    assert!(matches!(m.dequantize_row_ref(0, &mut out), Err(QuantError::LengthMismatch { .. })));
+    let QuantizedMatrix::Fp4(mut f) = quantize_rtn(&w, &WeightFormat::Fp4(Fp4Kind::Nvfp4)).unwrap() else {
+        unreachable!()
+    };
+    f.block_scales.clear();
+    assert!(f.dequantize_row(0, &mut out).is_err());
+    let QuantizedMatrix::Int8(mut i) = quantize_rtn(&w, &WeightFormat::Int8).unwrap() else { unreachable!() };
+    i.scales.pop();
+    assert!(i.dequantize_row(1, &mut out).is_err());
+    let fp8 = WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow };
+    let QuantizedMatrix::Fp8(mut e) = quantize_rtn(&w, &fp8).unwrap() else { unreachable!() };
+    e.codes.pop();
+    assert!(e.dequantize_row(1, &mut out).is_err());
+    let bad = QuantizedMatrix::Bf16 { rows: 2, cols: 32, values: vec![] };
+    assert!(bad.dequantize_row(1, &mut out).is_err());
+}
