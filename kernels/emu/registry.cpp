@@ -7,6 +7,7 @@
 #include "../attention/kv_append.cu"
 #include "../common/layers.cu"
 #include "../common/sampling.cu"
+#include "../common/selftest.cu"
 #include "../gemv/gemv_fp8.cu"
 #include "../gemv/gemv_int4.cu"
 #include "../gemv/gemv_int8.cu"
@@ -14,6 +15,10 @@
 
 namespace qf_emu {
 const KernelEntry kKernels[] = {
+    QF_EMU_KERNEL(selftest_block_reverse),
+    QF_EMU_KERNEL(selftest_warp_ops),
+    QF_EMU_KERNEL(selftest_atomics),
+    QF_EMU_KERNEL(selftest_partial_shuffle),
     QF_EMU_KERNEL(act_quant_fp8_f16),
     QF_EMU_KERNEL(act_quant_fp8_bf16),
     QF_EMU_KERNEL(rmsnorm_f16),

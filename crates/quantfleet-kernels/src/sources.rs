@@ -88,6 +88,11 @@ pub const MODULES: &[KernelModule] = &[
         ]
     ),
     module!("sampling", "common/sampling.cu", ["sample_argmax_f32", "sample_softmax_f32", "sample_categorical_f32"]),
+    module!(
+        "selftest",
+        "common/selftest.cu",
+        ["selftest_block_reverse", "selftest_warp_ops", "selftest_atomics", "selftest_partial_shuffle"]
+    ),
 ];
 
 /// The module named `name`.
