@@ -149,7 +149,7 @@ start_apiserver() {
         --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
         --disable-admission-plugins=ServiceAccount \
         --cert-dir="$dir/apiserver-certs" --v=1
-    wait_until kube-apiserver 90 curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
+    wait_until kube-apiserver 120 curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
         "https://127.0.0.1:$api_port/readyz"
 }
 

@@ -45,15 +45,23 @@ impl ControlPlane {
     pub async fn client(&self) -> Result<kube::Client, Error> {
         client_from_kubeconfig(&self.kubeconfig).await
     }
+
+    /// The admin client configuration, for tests that connect as another identity (replace `auth_info`).
+    pub async fn config(&self) -> Result<kube::Config, Error> {
+        config_from_kubeconfig(&self.kubeconfig).await
+    }
+}
+
+/// Reads a kubeconfig file into a client configuration (its current context).
+pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, Error> {
+    let kubeconfig_error = |source| Error::Kubeconfig { path: path.to_path_buf(), source };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.map_err(kubeconfig_error)
 }
 
 /// Builds a client from a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, Error> {
-    let kubeconfig_error = |source| Error::Kubeconfig { path: path.to_path_buf(), source };
-    let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(kubeconfig_error)?;
+    let config = config_from_kubeconfig(path).await?;
     kube::Client::try_from(config).map_err(Error::kube("building a client"))
 }
 
