@@ -49,7 +49,8 @@ impl SmoothQuantConfig {
 /// A smoothed, quantized W8A8 layer.
 #[derive(Clone, Debug)]
 pub struct SmoothQuantResult {
-    pub alpha: f32,
+    /// Chosen migration strength; `None` when no smoothing (s = 1) was best on the calibration tokens.
+    pub alpha: Option<f32>,
     /// Per-input-channel factors: inputs are divided by them, `weight` holds Q(W diag(s)).
     pub smoothing: Vec<f32>,
     pub weight: QuantizedMatrix,
@@ -136,13 +137,18 @@ pub fn smoothquant(w: &MatrixRef<'_>, x: &MatrixRef<'_>, config: &SmoothQuantCon
     let xs_data = subsample_rows(x, config.max_tokens);
     let xs = MatrixRef::new("calibration tokens", &xs_data, xs_data.len() / cols, cols)?;
     let reference = matmul_xwt(xs.data(), xs.rows(), w.data(), rows, cols);
-    let alphas: Vec<f32> = match config.alpha {
-        Some(a) => vec![a],
-        None => (0..=20).map(|i| i as f32 / 20.0).collect(),
+    // A searched alpha also competes with no smoothing at all (s = 1; alpha = 0 is not that, it divides by
+    // max|W|), so the search never ends worse than naive W8A8 on its own tokens.
+    let candidates: Vec<Option<f32>> = match config.alpha {
+        Some(a) => vec![Some(a)],
+        None => std::iter::once(None).chain((0..=20).map(|i| Some(i as f32 / 20.0))).collect(),
     };
     let mut best: Option<SmoothQuantResult> = None;
-    for alpha in alphas {
-        let s = smoothing_factors(&act_max, &w_max, alpha);
+    for alpha in candidates {
+        let s = match alpha {
+            Some(a) => smoothing_factors(&act_max, &w_max, a),
+            None => vec![1.0; cols],
+        };
         let ws = scale_columns(w.data(), &s);
         let weight = quantize_rtn(&MatrixRef::new("smoothed weight", &ws, rows, cols)?, &config.weights)?;
         let y = w8a8_forward(&xs, Some(&s), &weight, config.activations)?;
