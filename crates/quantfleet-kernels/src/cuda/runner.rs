@@ -160,6 +160,20 @@ impl CudaRunner {
         Ok(f)
     }
 
+    /// Mean time of one launch in milliseconds over `iters` back-to-back launches (after one warm-up
+    /// launch, which also compiles and loads the module), measured with CUDA events on the stream.
+    pub fn time_launch(&self, launch: &Launch, iters: u32) -> Result<f32> {
+        self.launch(launch)?;
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(driver)?;
+        for _ in 0..iters.max(1) {
+            self.launch(launch)?;
+        }
+        let end = self.stream.record_event(flags).map_err(driver)?;
+        end.synchronize().map_err(driver)?;
+        Ok(start.elapsed_ms(&end).map_err(driver)? / iters.max(1) as f32)
+    }
+
     /// Waits for all launched work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(driver)
