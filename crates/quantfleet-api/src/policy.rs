@@ -171,7 +171,7 @@ pub struct RouteSpec {
     pub tier: String,
     /// Tiers tried in order when `tier` has no healthy endpoint (usually higher precision ones).
     #[serde(default)]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 30)))]
     pub fallbacks: Vec<String>,
 }
 
