@@ -5,5 +5,8 @@
 
 pub mod builders;
 pub mod canary;
+pub mod controller;
+pub mod metrics;
 pub mod routes;
+pub mod stats_source;
 pub mod status;

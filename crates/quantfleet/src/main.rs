@@ -17,13 +17,23 @@ enum Command {
     Crdgen(cmd::crdgen::Args),
     /// Plan memory for a QuantizedModel's tiers on its accelerator, without a cluster.
     Plan(cmd::plan::Args),
+    /// Run the QuantizedModel and PrecisionPolicy controllers.
+    Operator(cmd::operator::Args),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Plan(args) => cmd::plan::run(args),
+        Command::Operator(args) => cmd::operator::run_operator(args),
     };
     match result {
         Ok(code) => code,

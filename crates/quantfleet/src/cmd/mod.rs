@@ -1,2 +1,3 @@
 pub mod crdgen;
+pub mod operator;
 pub mod plan;

@@ -1,0 +1,338 @@
+//! The two controllers and their wiring to the API server. Reconcile is the pipeline of STYLE.md: read ->
+//! validate -> build (pure, in [`crate::builders`] / [`crate::canary`]) -> server-side apply under one field
+//! manager -> compute status (pure, in [`crate::status`]) and write it only when it changed.
+
+use crate::builders::{FIELD_MANAGER, MODEL_LABEL, Settings, TIER_LABEL, build_tier};
+use crate::canary::{self, ABORT_ANNOTATION, Observation, PROMOTE_ANNOTATION};
+use crate::routes::effective_routes;
+use crate::stats_source::HttpStats;
+use crate::status::{DeploymentObservation, model_status};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use quantfleet_api::conditions::{Condition, Time, policy as pcond, reason, set_condition, status as st};
+use quantfleet_api::plan::{AcceleratorTable, plan_model};
+use quantfleet_api::validate::policy_against_model;
+use quantfleet_api::{CanaryPhase, PrecisionPolicy, PrecisionPolicyStatus, QuantizedModel};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A reconcile failure, with a fixed category for metrics and Events (never the message text).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("building tier objects: {0}")]
+    Build(#[from] crate::builders::BuildError),
+    #[error("serializing: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object without {0}")]
+    Metadata(&'static str),
+}
+
+impl Error {
+    /// Bounded label value for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::Build(_) => "build",
+            Error::Serialize(_) => "serialize",
+            Error::Metadata(_) => "metadata",
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub accelerators: AcceleratorTable,
+    pub recorder: Recorder,
+    /// The router's stats endpoint; None when no router is configured (canaries then wait for samples).
+    pub stats: Option<HttpStats>,
+    /// Reconcile outcome counters by (controller, outcome or error category).
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// How often a settled object is re-checked, and how often a running canary polls the router.
+const RESYNC: Duration = Duration::from_secs(300);
+const CANARY_POLL: Duration = Duration::from_secs(10);
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Server-side applies `object` under the operator's field manager (forcing ownership of its fields).
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let name = object.meta().name.clone().ok_or(Error::Metadata("metadata.name"))?;
+    Ok(api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)).await?)
+}
+
+/// Writes `status` with server-side apply on the status subresource.
+async fn apply_status<K>(api: &Api<K>, name: &str, status: &impl Serialize) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+/// Deletes the tier objects of `model` whose tier is no longer in its spec.
+async fn prune<K>(api: &Api<K>, model: &str, keep: &[String]) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    for object in api.list(&ListParams::default().labels(&format!("{MODEL_LABEL}={model}"))).await? {
+        let tier = object.labels().get(TIER_LABEL).cloned().unwrap_or_default();
+        if !keep.contains(&tier) {
+            api.delete(&object.name_any(), &DeleteParams::background()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// QuantizedModel -> per fitting tier a ConfigMap, Deployment and Service; status from the plan and the
+/// Deployments. A tier that does not fit is not applied (an already running one keeps its previous config).
+pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if model.metadata.deletion_timestamp.is_some() {
+        // Being deleted (foreground deletion waits for the children): re-applying them would resurrect them.
+        return Ok(Action::await_change());
+    }
+    let name = model.metadata.name.clone().ok_or(Error::Metadata("metadata.name"))?;
+    let ns = model.metadata.namespace.clone().ok_or(Error::Metadata("metadata.namespace"))?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+
+    let plan = plan_model(&model.spec, &ctx.accelerators);
+    let mut observed = BTreeMap::new();
+    for (tier, tier_plan) in model.spec.tiers.iter().zip(&plan.tiers) {
+        if !tier_plan.fits() {
+            continue;
+        }
+        let objects = build_tier(&model, tier, tier_plan, &ctx.settings)?;
+        apply(&config_maps, &objects.config_map).await?;
+        apply(&services, &objects.service).await?;
+        let deployment = apply(&deployments, &objects.deployment).await?;
+        observed.insert(tier.name.clone(), DeploymentObservation::of(&deployment));
+    }
+    let keep: Vec<String> = model.spec.tiers.iter().map(|t| t.name.clone()).collect();
+    prune(&deployments, &name, &keep).await?;
+    prune(&services, &name, &keep).await?;
+    prune(&config_maps, &name, &keep).await?;
+
+    let status = model_status(&model, &plan, &observed, model.status.as_ref(), &now());
+    if model.status.as_ref() != Some(&status) {
+        apply_status(&Api::<QuantizedModel>::namespaced(ctx.client.clone(), &ns), &name, &status).await?;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+fn policy_condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { st::TRUE } else { st::FALSE }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now(),
+    }
+}
+
+fn annotation_set(policy: &PrecisionPolicy, key: &str) -> bool {
+    policy.annotations().get(key).is_some_and(|v| v == "true")
+}
+
+/// PrecisionPolicy -> effective routes and the canary state machine, all in status.
+pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if policy.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = policy.metadata.name.clone().ok_or(Error::Metadata("metadata.name"))?;
+    let ns = policy.metadata.namespace.clone().ok_or(Error::Metadata("metadata.namespace"))?;
+    let generation = policy.metadata.generation;
+    let models: Api<QuantizedModel> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = policy.status.clone().unwrap_or_default();
+    let mut status = PrecisionPolicyStatus { observed_generation: generation, ..previous.clone() };
+
+    let model = models.get_opt(&policy.spec.model_ref.name).await?;
+    let problems = match &model {
+        None => {
+            Some((reason::MODEL_NOT_FOUND, format!("QuantizedModel {} not found in {ns}", policy.spec.model_ref.name)))
+        }
+        Some(m) => {
+            let p = policy_against_model(&policy.spec, &m.spec);
+            (!p.is_empty()).then(|| (reason::UNKNOWN_TIER, p.join("; ")))
+        }
+    };
+    let mut transition = None;
+    match problems {
+        Some((why, message)) => {
+            // Nothing can be routed safely: keep the routes and canary state the router already has.
+            set_condition(&mut status.conditions, policy_condition(pcond::READY, false, why, message, generation));
+        }
+        None => {
+            let model = model.expect("checked above");
+            let mut obs = Observation {
+                candidate_ready: false,
+                stats: BTreeMap::new(),
+                promote_requested: annotation_set(&policy, PROMOTE_ANNOTATION),
+                abort_requested: annotation_set(&policy, ABORT_ANNOTATION),
+                now: Timestamp::now().to_string(),
+            };
+            if let Some(canary) = &policy.spec.canary {
+                obs.candidate_ready = model
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.tiers.iter().find(|t| t.name == canary.candidate_tier))
+                    .is_some_and(|t| t.ready_replicas > 0);
+                if let Some(source) = &ctx.stats {
+                    match source.fetch().await {
+                        Ok(report) => {
+                            if let Some(p) = report.policies.iter().find(|p| {
+                                p.namespace == ns && p.policy == name && p.candidate_tier == canary.candidate_tier
+                            }) {
+                                obs.stats = p.classes.iter().map(|c| (c.task_class, c.sums)).collect();
+                            }
+                        }
+                        Err(err) => tracing::warn!(policy = %name, %err, "router stats unavailable; the canary waits"),
+                    }
+                }
+            }
+            match canary::advance(&policy.spec, previous.canary.as_ref(), &obs) {
+                Some((canary_status, t)) => {
+                    status.canary = Some(canary_status);
+                    transition = t;
+                }
+                None => status.canary = None,
+            }
+            status.effective_routes = effective_routes(&policy.spec, status.canary.as_ref());
+            set_condition(
+                &mut status.conditions,
+                policy_condition(
+                    pcond::READY,
+                    true,
+                    reason::ROUTES_RESOLVED,
+                    "every tier the policy names is declared by the model".into(),
+                    generation,
+                ),
+            );
+            let failed = status.canary.as_ref().is_some_and(|c| {
+                c.phase == CanaryPhase::RolledBack
+                    || c.evidence.iter().any(|e| e.verdict == quantfleet_api::GateVerdict::Fail)
+            });
+            let health = if failed {
+                let msg = status.canary.as_ref().and_then(|c| c.message.clone()).unwrap_or_default();
+                policy_condition(pcond::CANARY_HEALTHY, false, reason::GATE_FAILED, msg, generation)
+            } else {
+                policy_condition(
+                    pcond::CANARY_HEALTHY,
+                    true,
+                    reason::GATES_PASSING,
+                    "no canary gate has failed".into(),
+                    generation,
+                )
+            };
+            set_condition(&mut status.conditions, health);
+        }
+    }
+
+    if status != previous {
+        apply_status(&Api::<PrecisionPolicy>::namespaced(ctx.client.clone(), &ns), &name, &status).await?;
+    }
+    if let Some(t) = transition {
+        let event = Event {
+            type_: if t.reason == canary::reason::ROLLED_BACK { EventType::Warning } else { EventType::Normal },
+            reason: t.reason.into(),
+            note: Some(match status.canary.as_ref().and_then(|c| c.recommended_spec_change.clone()) {
+                Some(change) => format!("{}. Commit to Git: {change}", t.message),
+                None => t.message.clone(),
+            }),
+            action: "AdvanceCanary".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+            tracing::warn!(policy = %name, %err, "could not publish canary event");
+        }
+    }
+    let running = status.canary.as_ref().is_some_and(|c| {
+        matches!(c.phase, CanaryPhase::Pending | CanaryPhase::Shadowing | CanaryPhase::Stepping | CanaryPhase::Paused)
+    });
+    Ok(Action::requeue(if running { CANARY_POLL } else { RESYNC }))
+}
+
+fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(category = error.category(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let models = Controller::new(Api::<QuantizedModel>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
+        .owns(Api::<Service>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
+        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
+        .graceful_shutdown_on(stop(rx.clone()))
+        .run(reconcile_model, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move { ctx.metrics.record("quantizedmodel", &result) }
+        });
+
+    // A policy depends on its model's status (candidate readiness, tiers): re-reconcile policies that name a
+    // model whenever the model changes.
+    let policy_store = Api::<PrecisionPolicy>::all(client.clone());
+    let policies_controller = Controller::new(policy_store, watcher::Config::default());
+    let policies_reader = policies_controller.store();
+    let policies = policies_controller
+        .watches(Api::<QuantizedModel>::all(client.clone()), watcher::Config::default(), move |model| {
+            let ns = model.namespace();
+            let name = model.name_any();
+            policies_reader
+                .state()
+                .into_iter()
+                .filter(move |p| p.namespace() == ns && p.spec.model_ref.name == name)
+                .map(|p| ObjectRef::from_obj(&*p))
+        })
+        .graceful_shutdown_on(stop(rx))
+        .run(reconcile_policy, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move { ctx.metrics.record("precisionpolicy", &result) }
+        });
+    futures::join!(models, policies);
+}
+
+/// The Event reporter identity.
+pub fn reporter(instance: Option<String>) -> Reporter {
+    Reporter { controller: FIELD_MANAGER.into(), instance }
+}
