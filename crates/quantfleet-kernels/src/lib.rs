@@ -11,6 +11,7 @@
 //!   launches through the driver API (cudarc, dynamically loaded: building needs no CUDA; running needs the
 //!   NVIDIA driver and libnvrtc). A missing driver is [`KernelError::NoDriver`], never a panic.
 
+pub mod device;
 pub mod emu;
 pub mod error;
 pub mod launch;
@@ -20,5 +21,6 @@ pub mod sources;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use device::Device;
 pub use error::{KernelError, Result};
 pub use launch::{DeviceBuffer, KernelArg, Launch, LaunchConfig};

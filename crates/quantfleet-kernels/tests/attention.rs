@@ -6,9 +6,8 @@
 mod common;
 
 use common::*;
+use quantfleet_kernels::Device;
 use quantfleet_kernels::DeviceBuffer;
-use quantfleet_kernels::emu::{EmuBuffer, EmuRunner};
-use quantfleet_kernels::launch::Runner;
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::attention::{KvAppendTarget, KvCache, PagedLayout, attn_decode, kv_append};
 use quantfleet_quant::MatrixRef;
@@ -70,20 +69,29 @@ fn i32_bytes(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Device-side cache buffers for one kind.
-struct Cache {
-    k: EmuBuffer,
-    v: EmuBuffer,
-    k_scale: EmuBuffer,
-    v_scale: EmuBuffer,
-    k_zero: EmuBuffer,
-    v_zero: EmuBuffer,
-    res_k: EmuBuffer,
-    res_v: EmuBuffer,
+/// Cache buffers for one kind: on the device (`B` = the device's buffer) or copied back (`HostBuf`).
+struct Cache<B> {
+    k: B,
+    v: B,
+    k_scale: B,
+    v_scale: B,
+    k_zero: B,
+    v_zero: B,
+    res_k: B,
+    res_v: B,
 }
 
-impl Cache {
-    fn new(kind: Kind, l: &PagedLayout) -> Self {
+/// A downloaded buffer.
+struct HostBuf(Vec<u8>);
+
+impl HostBuf {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl<B: DeviceBuffer> Cache<B> {
+    fn new<D: Device<Buffer = B>>(dev: &D, kind: Kind, l: &PagedLayout) -> Self {
         let tokens = l.num_blocks * l.n_kv_heads * l.block_size;
         let elems = tokens * l.head_dim;
         let code_bytes = match kind {
@@ -94,14 +102,14 @@ impl Cache {
         let channels = l.num_blocks * l.n_kv_heads * l.head_dim;
         let residual = 2 * l.batch * l.n_kv_heads * l.block_size * l.head_dim;
         Cache {
-            k: EmuBuffer::poisoned(code_bytes),
-            v: EmuBuffer::poisoned(code_bytes),
-            k_scale: EmuBuffer::poisoned(4 * if kind == Kind::Kivi { channels } else { tokens }),
-            v_scale: EmuBuffer::poisoned(4 * tokens),
-            k_zero: EmuBuffer::poisoned(channels),
-            v_zero: EmuBuffer::poisoned(tokens),
-            res_k: EmuBuffer::poisoned(residual),
-            res_v: EmuBuffer::poisoned(residual),
+            k: out(dev, code_bytes),
+            v: out(dev, code_bytes),
+            k_scale: out(dev, 4 * if kind == Kind::Kivi { channels } else { tokens }),
+            v_scale: out(dev, 4 * tokens),
+            k_zero: out(dev, channels),
+            v_zero: out(dev, tokens),
+            res_k: out(dev, residual),
+            res_v: out(dev, residual),
         }
     }
     fn view(&self, kind: Kind) -> KvCache<'_> {
@@ -120,10 +128,24 @@ impl Cache {
             },
         }
     }
+    /// Every buffer copied back, after checking its guard zones.
+    fn download<D: Device<Buffer = B>>(&self, dev: &D) -> Cache<HostBuf> {
+        let get = |b: &B, name: &str| HostBuf(fetch(dev, b, name));
+        Cache {
+            k: get(&self.k, "k"),
+            v: get(&self.v, "v"),
+            k_scale: get(&self.k_scale, "k_scale"),
+            v_scale: get(&self.v_scale, "v_scale"),
+            k_zero: get(&self.k_zero, "k_zero"),
+            v_zero: get(&self.v_zero, "v_zero"),
+            res_k: get(&self.res_k, "res_k"),
+            res_v: get(&self.res_v, "res_v"),
+        }
+    }
 }
 
 /// Appends every token through the kernel, one decode step (all sequences at once) per launch.
-fn fill(kind: Kind, s: &Setup, cache: &Cache, table: &EmuBuffer) {
+fn fill<D: Device>(dev: &D, kind: Kind, s: &Setup, cache: &Cache<D::Buffer>, table: &D::Buffer) {
     let l = s.layout;
     let row = l.n_kv_heads * l.head_dim;
     for t in 0..*SEQ_LENS.iter().max().unwrap() {
@@ -133,7 +155,7 @@ fn fill(kind: Kind, s: &Setup, cache: &Cache, table: &EmuBuffer) {
                 .flat_map(|b| to_act(Act::F16, &if live(b) { x[b][t].clone() } else { vec![0.0; row] }).1)
                 .collect()
         };
-        let (kn, vn) = (EmuBuffer::from_bytes(&pick(&s.k)), EmuBuffer::from_bytes(&pick(&s.v)));
+        let (kn, vn) = (up(dev, &pick(&s.k)), up(dev, &pick(&s.v)));
         let slots: Vec<i32> =
             (0..l.batch)
                 .map(|b| {
@@ -141,8 +163,8 @@ fn fill(kind: Kind, s: &Setup, cache: &Cache, table: &EmuBuffer) {
                 })
                 .collect();
         let positions: Vec<i32> = (0..l.batch).map(|b| if live(b) { t as i32 } else { -1 }).collect();
-        let slots = EmuBuffer::from_bytes(&i32_bytes(&slots));
-        let positions = EmuBuffer::from_bytes(&i32_bytes(&positions));
+        let slots = up(dev, &i32_bytes(&slots));
+        let positions = up(dev, &i32_bytes(&positions));
         let target = match kind {
             Kind::F16 => KvAppendTarget::F16 { slot_mapping: &slots, k: &cache.k, v: &cache.v },
             Kind::Fp8 => KvAppendTarget::Fp8 {
@@ -154,10 +176,7 @@ fn fill(kind: Kind, s: &Setup, cache: &Cache, table: &EmuBuffer) {
             },
             Kind::Kivi => KvAppendTarget::Kivi { positions: &positions, block_table: table, cache: cache.view(kind) },
         };
-        EmuRunner.launch(&kv_append(target, l, &kn, &vn).unwrap()).expect("append launch");
-    }
-    for (name, b) in [("k", &cache.k), ("v", &cache.v), ("k_scale", &cache.k_scale), ("res_k", &cache.res_k)] {
-        b.check_guards(name).unwrap();
+        run(dev, kv_append(target, l, &kn, &vn).unwrap());
     }
 }
 
@@ -167,12 +186,12 @@ struct Expect {
     v_hat: Vec<Vec<f32>>,
 }
 
-fn read_f32(buf: &EmuBuffer, i: usize) -> f32 {
+fn read_f32(buf: &HostBuf, i: usize) -> f32 {
     bytes_f32(&buf.bytes()[4 * i..4 * i + 4])[0]
 }
 
 /// Checks the cache bytes against quantfleet-quant and returns the dequantized K/V `[len x row]` per sequence.
-fn check_cache(kind: Kind, s: &Setup, c: &Cache) -> Expect {
+fn check_cache(kind: Kind, s: &Setup, c: &Cache<HostBuf>) -> Expect {
     let l = s.layout;
     let (d, nkv) = (l.head_dim, l.n_kv_heads);
     let row = nkv * d;
@@ -294,24 +313,21 @@ fn check_cache(kind: Kind, s: &Setup, c: &Cache) -> Expect {
     e
 }
 
-fn run_case(kind: Kind, head_dim: usize) {
+fn run_case<D: Device>(dev: &D, kind: Kind, head_dim: usize) {
     let s = setup(head_dim, 7 + head_dim as u64);
     let l = s.layout;
-    let cache = Cache::new(kind, &l);
-    let table = EmuBuffer::from_bytes(&i32_bytes(&s.table));
-    fill(kind, &s, &cache, &table);
-    let expect = check_cache(kind, &s, &cache);
+    let cache = Cache::new(dev, kind, &l);
+    let table = up(dev, &i32_bytes(&s.table));
+    fill(dev, kind, &s, &cache, &table);
+    let expect = check_cache(kind, &s, &cache.download(dev));
 
     let (q, qbytes) = to_act(Act::F16, &synthetic(99, l.batch * l.n_heads * head_dim, 1.0));
-    let qb = EmuBuffer::from_bytes(&qbytes);
-    let out = EmuBuffer::poisoned(qbytes.len());
-    let lens = EmuBuffer::from_bytes(&i32_bytes(&SEQ_LENS.map(|x| x as i32)));
+    let qb = up(dev, &qbytes);
+    let out_buf = out(dev, qbytes.len());
+    let lens = up(dev, &i32_bytes(&SEQ_LENS.map(|x| x as i32)));
     let scale = 1.0 / (head_dim as f32).sqrt();
-    EmuRunner
-        .launch(&attn_decode(cache.view(kind), l, &qb, &out, &table, &lens, scale).unwrap())
-        .expect("attention launch");
-    out.check_guards("out").unwrap();
-    let got = from_act(Act::F16, out.bytes());
+    run(dev, attn_decode(cache.view(kind), l, &qb, &out_buf, &table, &lens, scale).unwrap());
+    let got = from_act(Act::F16, &fetch(dev, &out_buf, "out"));
 
     // Reference: GQA expanded to one kv head per query head, then quantfleet-quant's f64 attention.
     let group = l.n_heads / l.n_kv_heads;
@@ -339,29 +355,25 @@ fn run_case(kind: Kind, head_dim: usize) {
     assert_close(&format!("attn {kind:?} d{head_dim}"), &got, &want, out_eps(Act::F16), &budget);
 }
 
-#[test]
-fn attention_f16_cache() {
-    run_case(Kind::F16, 64);
-    run_case(Kind::F16, 128);
+fn attention_f16_cache<D: Device>(dev: &D) {
+    run_case(dev, Kind::F16, 64);
+    run_case(dev, Kind::F16, 128);
 }
 
-#[test]
-fn attention_fp8_cache() {
-    run_case(Kind::Fp8, 64);
-    run_case(Kind::Fp8, 128);
+fn attention_fp8_cache<D: Device>(dev: &D) {
+    run_case(dev, Kind::Fp8, 64);
+    run_case(dev, Kind::Fp8, 128);
 }
 
-#[test]
-fn attention_int4_kivi_cache() {
-    run_case(Kind::Kivi, 64);
-    run_case(Kind::Kivi, 128);
+fn attention_int4_kivi_cache<D: Device>(dev: &D) {
+    run_case(dev, Kind::Kivi, 64);
+    run_case(dev, Kind::Kivi, 128);
 }
 
-#[test]
-fn attention_refuses_bad_layouts() {
+fn attention_refuses_bad_layouts<D: Device>(dev: &D) {
     let s = setup(64, 1);
     let mut l = s.layout;
-    let buf = EmuBuffer::poisoned(1 << 20);
+    let buf = out(dev, 1 << 20);
     let view = || KvCache::F16 { k: &buf, v: &buf };
     l.head_dim = 96;
     assert!(attn_decode(view(), l, &buf, &buf, &buf, &buf, 0.1).unwrap_err().to_string().contains("head_dim"));
@@ -369,7 +381,9 @@ fn attention_refuses_bad_layouts() {
     l.n_kv_heads = 3;
     assert!(attn_decode(view(), l, &buf, &buf, &buf, &buf, 0.1).is_err());
     l.n_kv_heads = 2;
-    let small = EmuBuffer::poisoned(8);
+    let small = out(dev, 8);
     let err = attn_decode(view(), l, &small, &buf, &buf, &buf, 0.1).unwrap_err().to_string();
     assert!(err.contains("`q`") && small.byte_len() == 8, "{err}");
 }
+
+device_tests!(attention_f16_cache, attention_fp8_cache, attention_int4_kivi_cache, attention_refuses_bad_layouts);

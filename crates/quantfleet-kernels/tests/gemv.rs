@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use quantfleet_kernels::emu::{EmuBuffer, EmuRunner};
-use quantfleet_kernels::launch::Runner;
+use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
@@ -36,17 +35,14 @@ fn reference(x: &[f32], w_hat: &[f32], shape: GemvShape) -> (Vec<f64>, Vec<f64>)
     (want, budget)
 }
 
-fn run(weights: GemvWeights<'_>, act: Act, shape: GemvShape, x: &[u8]) -> Vec<f32> {
-    let xb = EmuBuffer::from_bytes(x);
-    let y = output(shape.batch * shape.n * 2);
-    let launch = gemv(weights, act, shape, &xb, &y).expect("valid launch");
-    EmuRunner.launch(&launch).expect("emulated launch");
-    y.check_guards("y").unwrap();
-    from_act(act, y.bytes())
+fn run_gemv<D: Device>(dev: &D, weights: GemvWeights<'_>, act: Act, shape: GemvShape, x: &[u8]) -> Vec<f32> {
+    let xb = up(dev, x);
+    let y = out(dev, shape.batch * shape.n * 2);
+    run(dev, gemv(weights, act, shape, &xb, &y).expect("valid launch"));
+    from_act(act, &fetch(dev, &y, "y"))
 }
 
-#[test]
-fn gemv_fp8_matches_reference() {
+fn gemv_fp8_matches_reference<D: Device>(dev: &D) {
     for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
         for act in [Act::F16, Act::Bf16] {
             for per_channel in [true, false] {
@@ -59,9 +55,15 @@ fn gemv_fp8_matches_reference() {
                     q.dequantize_row(r, &mut w_hat[r * k..(r + 1) * k]).unwrap();
                 }
                 let (x, xbytes) = to_act(act, &synthetic(100 + i as u64, batch * k, 1.0));
-                let codes = EmuBuffer::from_bytes(&q.codes);
-                let scales = EmuBuffer::from_bytes(&f32_bytes(&q.scales));
-                let got = run(GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel }, act, shape, &xbytes);
+                let codes = up(dev, &q.codes);
+                let scales = up(dev, &f32_bytes(&q.scales));
+                let got = run_gemv(
+                    dev,
+                    GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel },
+                    act,
+                    shape,
+                    &xbytes,
+                );
                 let (want, budget) = reference(&x, &w_hat, shape);
                 assert_close(
                     &format!("fp8 {shape:?} {act:?} per_channel={per_channel}"),
@@ -75,13 +77,12 @@ fn gemv_fp8_matches_reference() {
     }
 }
 
-#[test]
-fn gemv_refuses_short_buffers_and_empty_shapes() {
+fn gemv_refuses_short_buffers_and_empty_shapes<D: Device>(dev: &D) {
     let shape = GemvShape { n: 4, k: 17, batch: 1 };
-    let codes = EmuBuffer::from_bytes(&[0u8; 4 * 17 - 1]);
-    let scales = EmuBuffer::from_bytes(&[0u8; 16]);
-    let x = EmuBuffer::from_bytes(&[0u8; 34]);
-    let y = EmuBuffer::poisoned(8);
+    let codes = up(dev, &[0u8; 4 * 17 - 1]);
+    let scales = up(dev, &[0u8; 16]);
+    let x = up(dev, &[0u8; 34]);
+    let y = out(dev, 8);
     let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
     let err = gemv(w, Act::F16, shape, &x, &y).unwrap_err();
     assert!(err.to_string().contains("codes"), "{err}");
@@ -89,8 +90,7 @@ fn gemv_refuses_short_buffers_and_empty_shapes() {
     assert!(gemv(w, Act::F16, GemvShape { n: 0, k: 17, batch: 1 }, &x, &y).is_err());
 }
 
-#[test]
-fn gemv_int8_matches_reference() {
+fn gemv_int8_matches_reference<D: Device>(dev: &D) {
     for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
         for act in [Act::F16, Act::Bf16] {
             let shape = GemvShape { n, k, batch };
@@ -101,17 +101,16 @@ fn gemv_int8_matches_reference() {
                 q.dequantize_row(r, &mut w_hat[r * k..(r + 1) * k]).unwrap();
             }
             let (x, xbytes) = to_act(act, &synthetic(200 + i as u64, batch * k, 1.0));
-            let codes = EmuBuffer::from_bytes(&q.codes.iter().map(|&c| c as u8).collect::<Vec<_>>());
-            let scales = EmuBuffer::from_bytes(&f32_bytes(&q.scales));
-            let got = run(GemvWeights::Int8 { codes: &codes, scales: &scales }, act, shape, &xbytes);
+            let codes = up(dev, &q.codes.iter().map(|&c| c as u8).collect::<Vec<_>>());
+            let scales = up(dev, &f32_bytes(&q.scales));
+            let got = run_gemv(dev, GemvWeights::Int8 { codes: &codes, scales: &scales }, act, shape, &xbytes);
             let (want, budget) = reference(&x, &w_hat, shape);
             assert_close(&format!("int8 {shape:?} {act:?}"), &got, &want, out_eps(act), &budget);
         }
     }
 }
 
-#[test]
-fn gemv_int4_matches_reference() {
+fn gemv_int4_matches_reference<D: Device>(dev: &D) {
     // Group sizes 64 and 128, symmetric and asymmetric; K = 17 and 5137 end in a partial group and an
     // odd (padding) nibble, K = 1025 crosses a group boundary inside most 16-byte chunks.
     for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
@@ -128,16 +127,16 @@ fn gemv_int4_matches_reference() {
             }
             let scales: Vec<f32> = (0..n * q.groups_per_row()).map(|g| q.scales.get(g)).collect();
             let (x, xbytes) = to_act(act, &synthetic(300 + i as u64, batch * k, 1.0));
-            let packed = EmuBuffer::from_bytes(&q.packed);
-            let scales = EmuBuffer::from_bytes(&f32_bytes(&scales));
-            let zeros = q.zeros.as_ref().map(|z| EmuBuffer::from_bytes(z));
+            let packed = up(dev, &q.packed);
+            let scales = up(dev, &f32_bytes(&scales));
+            let zeros = q.zeros.as_ref().map(|z| up(dev, z));
             let weights = GemvWeights::Int4 {
                 packed: &packed,
                 scales: &scales,
                 zeros: zeros.as_ref().map(|z| z as &dyn quantfleet_kernels::DeviceBuffer),
                 group_size: group,
             };
-            let got = run(weights, act, shape, &xbytes);
+            let got = run_gemv(dev, weights, act, shape, &xbytes);
             let (want, budget) = reference(&x, &w_hat, shape);
             assert_close(
                 &format!("int4 g{group} sym={symmetric} {shape:?} {act:?}"),
@@ -149,3 +148,10 @@ fn gemv_int4_matches_reference() {
         }
     }
 }
+
+device_tests!(
+    gemv_fp8_matches_reference,
+    gemv_int8_matches_reference,
+    gemv_int4_matches_reference,
+    gemv_refuses_short_buffers_and_empty_shapes
+);

@@ -5,8 +5,7 @@
 mod common;
 
 use common::*;
-use quantfleet_kernels::emu::{EmuBuffer, EmuRunner};
-use quantfleet_kernels::launch::{Launch, Runner};
+use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::layers::{act_quant_fp8, embedding, rmsnorm, rope, swiglu};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
@@ -14,12 +13,7 @@ use quantfleet_quant::{Fp8Format, MatrixRef};
 
 const SHAPES: &[(usize, usize)] = &[(1, 17), (3, 1025), (16, 5137)];
 
-fn launch(l: Launch) {
-    EmuRunner.launch(&l).expect("emulated launch");
-}
-
-#[test]
-fn act_quant_fp8_matches_quantizer_bytes() {
+fn act_quant_fp8_matches_quantizer_bytes<D: Device>(dev: &D) {
     for (i, &(tokens, cols)) in SHAPES.iter().enumerate() {
         for act in [Act::F16, Act::Bf16] {
             let mut v = synthetic(400 + i as u64, tokens * cols, 2.0);
@@ -28,23 +22,22 @@ fn act_quant_fp8_matches_quantizer_bytes() {
             let want =
                 quantize_fp8(&MatrixRef::new("x", &x, tokens, cols).unwrap(), Fp8Format::E4M3, Fp8Scaling::PerRow)
                     .unwrap();
-            let (xd, codes, scales) = (EmuBuffer::from_bytes(&xb), output(tokens * cols), output(4 * tokens));
-            launch(act_quant_fp8(act, tokens, cols, &xd, &codes, &scales).unwrap());
-            assert_eq!(codes.bytes(), &want.codes[..], "codes {tokens}x{cols} {act:?}");
-            assert_eq!(bytes_f32(scales.bytes()), want.scales, "scales {tokens}x{cols} {act:?}");
+            let (xd, codes, scales) = (up(dev, &xb), out(dev, tokens * cols), out(dev, 4 * tokens));
+            run(dev, act_quant_fp8(act, tokens, cols, &xd, &codes, &scales).unwrap());
+            assert_eq!(&fetch(dev, &codes, "codes"), &want.codes[..], "codes {tokens}x{cols} {act:?}");
+            assert_eq!(bytes_f32(&fetch(dev, &scales, "scales")), want.scales, "scales {tokens}x{cols} {act:?}");
         }
     }
 }
 
-#[test]
-fn rmsnorm_matches_reference() {
+fn rmsnorm_matches_reference<D: Device>(dev: &D) {
     for (i, &(tokens, cols)) in SHAPES.iter().enumerate() {
         for act in [Act::F16, Act::Bf16] {
             let (x, xb) = to_act(act, &synthetic(500 + i as u64, tokens * cols, 3.0));
             let w: Vec<f32> = synthetic(600 + i as u64, cols, 0.2).iter().map(|d| 1.0 + d).collect();
-            let (xd, wd, y) = (EmuBuffer::from_bytes(&xb), EmuBuffer::from_bytes(&f32_bytes(&w)), output(xb.len()));
-            launch(rmsnorm(act, tokens, cols, &xd, &wd, &y, 1e-5).unwrap());
-            let got = from_act(act, y.bytes());
+            let (xd, wd, y) = (up(dev, &xb), up(dev, &f32_bytes(&w)), out(dev, xb.len()));
+            run(dev, rmsnorm(act, tokens, cols, &xd, &wd, &y, 1e-5).unwrap());
+            let got = from_act(act, &fetch(dev, &y, "y"));
             let mut want = Vec::new();
             for row in x.chunks(cols) {
                 let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / cols as f64;
@@ -57,17 +50,16 @@ fn rmsnorm_matches_reference() {
     }
 }
 
-#[test]
-fn rope_matches_reference() {
+fn rope_matches_reference<D: Device>(dev: &D) {
     let (n_heads, head_dim, base) = (3, 64, 10000f32);
     let positions: Vec<i32> = vec![0, 1, 17, 1025, 4097];
     let tokens = positions.len();
     for act in [Act::F16, Act::Bf16] {
         let (x, xb) = to_act(act, &synthetic(700, tokens * n_heads * head_dim, 1.0));
-        let xd = EmuBuffer::from_bytes(&xb);
-        let pos = EmuBuffer::from_bytes(&positions.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
-        launch(rope(act, tokens, n_heads, head_dim, &xd, &pos, base).unwrap());
-        let got = from_act(act, xd.bytes());
+        let xd = up(dev, &xb);
+        let pos = up(dev, &positions.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
+        run(dev, rope(act, tokens, n_heads, head_dim, &xd, &pos, base).unwrap());
+        let got = from_act(act, &fetch(dev, &xd, "xd"));
         let half = head_dim / 2;
         let (mut want, mut budget) = (vec![0f64; x.len()], vec![0f64; x.len()]);
         for (t, &p) in positions.iter().enumerate() {
@@ -90,14 +82,13 @@ fn rope_matches_reference() {
     }
 }
 
-#[test]
-fn swiglu_matches_reference() {
+fn swiglu_matches_reference<D: Device>(dev: &D) {
     for (i, &(tokens, inter)) in SHAPES.iter().enumerate() {
         let act = if i % 2 == 0 { Act::F16 } else { Act::Bf16 };
         let (gu, gub) = to_act(act, &synthetic(800 + i as u64, tokens * 2 * inter, 2.0));
-        let (gd, out) = (EmuBuffer::from_bytes(&gub), output(2 * tokens * inter));
-        launch(swiglu(act, tokens, inter, &gd, &out).unwrap());
-        let got = from_act(act, out.bytes());
+        let (gd, out) = (up(dev, &gub), out(dev, 2 * tokens * inter));
+        run(dev, swiglu(act, tokens, inter, &gd, &out).unwrap());
+        let got = from_act(act, &fetch(dev, &out, "out"));
         let want: Vec<f64> = (0..tokens * inter)
             .map(|j| {
                 let (t, c) = (j / inter, j % inter);
@@ -110,23 +101,31 @@ fn swiglu_matches_reference() {
     }
 }
 
-#[test]
-fn embedding_gathers_rows_and_flags_bad_ids() {
+fn embedding_gathers_rows_and_flags_bad_ids<D: Device>(dev: &D) {
     let (vocab, dim) = (37, 1025);
     let (_, table) = to_act(Act::Bf16, &synthetic(900, vocab * dim, 1.0));
-    let td = EmuBuffer::from_bytes(&table);
+    let td = up(dev, &table);
     for (ids, bad) in [(vec![0i32, 36, 5, 5], false), (vec![3, 37, -1], true)] {
-        let idb = EmuBuffer::from_bytes(&ids.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
-        let (out, status) = (output(2 * ids.len() * dim), EmuBuffer::from_bytes(&[0; 4]));
-        launch(embedding(Act::Bf16, ids.len(), vocab, dim, &td, &idb, &out, &status).unwrap());
+        let idb = up(dev, &ids.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>());
+        let (out, status) = (out(dev, 2 * ids.len() * dim), up(dev, &[0; 4]));
+        run(dev, embedding(Act::Bf16, ids.len(), vocab, dim, &td, &idb, &out, &status).unwrap());
+        let all = fetch(dev, &out, "out");
         for (t, &id) in ids.iter().enumerate() {
-            let got = &out.bytes()[2 * t * dim..2 * (t + 1) * dim];
+            let got = &all[2 * t * dim..2 * (t + 1) * dim];
             if (0..vocab as i32).contains(&id) {
                 assert_eq!(got, &table[2 * id as usize * dim..2 * (id as usize + 1) * dim], "row {t}");
             } else {
                 assert!(got.iter().all(|&b| b == 0), "out-of-range id {id} must give zeros");
             }
         }
-        assert_eq!(status.bytes(), &(bad as u32).to_le_bytes(), "status for {ids:?}");
+        assert_eq!(&fetch(dev, &status, "status"), &(bad as u32).to_le_bytes(), "status for {ids:?}");
     }
 }
+
+device_tests!(
+    act_quant_fp8_matches_quantizer_bytes,
+    rmsnorm_matches_reference,
+    rope_matches_reference,
+    swiglu_matches_reference,
+    embedding_gathers_rows_and_flags_bad_ids
+);

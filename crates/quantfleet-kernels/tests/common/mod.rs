@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use half::{bf16, f16};
-use quantfleet_kernels::emu::EmuBuffer;
+use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
 use quantfleet_quant::synthetic::SynthRng;
 
@@ -79,7 +79,53 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64, abs: &[f64]
     eprintln!("{what}: worst error at {} is {:.2} of its budget", worst.0, worst.1);
 }
 
-/// An output buffer and a guard check after the launch.
-pub fn output(len: usize) -> EmuBuffer {
-    EmuBuffer::poisoned(len)
+/// A GPU device for the `cuda` variants of the device tests (those are `#[ignore]`d: run them with
+/// `cargo test -p quantfleet-kernels --features cuda -- --ignored` on a GPU host).
+#[cfg(feature = "cuda")]
+pub fn gpu() -> quantfleet_kernels::cuda::CudaRunner {
+    let cache = std::env::temp_dir().join("quantfleet-test-ptx");
+    quantfleet_kernels::cuda::CudaRunner::new(0, &cache).expect("the cuda test variants need an NVIDIA GPU")
+}
+
+/// Runs each listed `fn name<D: Device>(dev: &D)` once per device: `emu::name` on the CPU emulator in
+/// every test run, `cuda::name` on a GPU (ignored unless asked for, since CI has no GPU).
+#[macro_export]
+macro_rules! device_tests {
+    ($($name:ident),* $(,)?) => {
+        mod emu {
+            $(#[test]
+            fn $name() {
+                super::$name(&quantfleet_kernels::emu::EmuRunner);
+            })*
+        }
+        #[cfg(feature = "cuda")]
+        mod cuda {
+            $(#[test]
+            #[ignore = "needs an NVIDIA GPU: cargo test -p quantfleet-kernels --features cuda -- --ignored"]
+            fn $name() {
+                super::$name(&$crate::common::gpu());
+            })*
+        }
+    };
+}
+
+/// Uploads `data` (tests treat device errors as failures).
+pub fn up<D: Device>(dev: &D, data: &[u8]) -> D::Buffer {
+    dev.upload(data).expect("upload")
+}
+
+/// A poisoned output buffer.
+pub fn out<D: Device>(dev: &D, len: usize) -> D::Buffer {
+    dev.poisoned(len).expect("alloc")
+}
+
+/// Contents of `buf` after checking its guard zones.
+pub fn fetch<D: Device>(dev: &D, buf: &D::Buffer, name: &str) -> Vec<u8> {
+    dev.check_guards(buf, name).expect("guard zones intact");
+    dev.download(buf).expect("download")
+}
+
+/// Runs one launch.
+pub fn run<D: Device>(dev: &D, launch: quantfleet_kernels::Launch) {
+    dev.run(&launch).unwrap_or_else(|e| panic!("{} launch of {}: {e}", dev.name(), launch.kernel));
 }

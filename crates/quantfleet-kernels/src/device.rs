@@ -1,0 +1,64 @@
+//! A device the kernels run on: memory plus a [`Runner`]. The CPU emulator and a CUDA GPU both implement
+//! it, so a kernel test is written once and run per device (the emulated run in every `cargo test`, the GPU
+//! run on a GPU host).
+
+use crate::error::Result;
+use crate::launch::{DeviceBuffer, Launch};
+
+pub trait Device {
+    type Buffer: DeviceBuffer;
+    /// Short name for messages ("emu", "cuda").
+    fn name(&self) -> &'static str;
+    /// A new buffer holding a copy of `data`.
+    fn upload(&self, data: &[u8]) -> Result<Self::Buffer>;
+    /// A new buffer of `len` bytes, all 0xFF (NaN in every float format we use), so unwritten outputs show.
+    fn poisoned(&self, len: usize) -> Result<Self::Buffer> {
+        self.upload(&vec![0xFF; len])
+    }
+    /// The buffer's contents (waits for launched work).
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
+    /// Executes one launch.
+    fn run(&self, launch: &Launch) -> Result<()>;
+    /// Fails if a kernel wrote outside `buf`, where the device can tell (the emulator's guard zones).
+    fn check_guards(&self, buf: &Self::Buffer, name: &str) -> Result<()>;
+}
+
+impl Device for crate::emu::EmuRunner {
+    type Buffer = crate::emu::EmuBuffer;
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+    fn upload(&self, data: &[u8]) -> Result<Self::Buffer> {
+        Ok(crate::emu::EmuBuffer::from_bytes(data))
+    }
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>> {
+        Ok(buf.bytes().to_vec())
+    }
+    fn run(&self, launch: &Launch) -> Result<()> {
+        crate::launch::Runner::launch(self, launch)
+    }
+    fn check_guards(&self, buf: &Self::Buffer, name: &str) -> Result<()> {
+        buf.check_guards(name)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Device for crate::cuda::CudaRunner {
+    type Buffer = crate::cuda::CudaBuffer;
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn upload(&self, data: &[u8]) -> Result<Self::Buffer> {
+        crate::cuda::CudaRunner::upload(self, data)
+    }
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>> {
+        crate::cuda::CudaRunner::download(self, buf)
+    }
+    fn run(&self, launch: &Launch) -> Result<()> {
+        crate::launch::Runner::launch(self, launch)
+    }
+    fn check_guards(&self, _buf: &Self::Buffer, _name: &str) -> Result<()> {
+        // No guard zones on the GPU; compute-sanitizer (memcheck) is the tool for out-of-bounds writes there.
+        Ok(())
+    }
+}
