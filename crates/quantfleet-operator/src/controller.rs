@@ -286,7 +286,7 @@ fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action
 }
 
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
     let client = ctx.client.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -6,6 +6,7 @@
 pub mod builders;
 pub mod canary;
 pub mod controller;
+pub mod lease;
 pub mod metrics;
 pub mod routes;
 pub mod stats_source;

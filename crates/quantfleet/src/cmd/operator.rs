@@ -5,6 +5,7 @@ use anyhow::{Context as _, Result};
 use quantfleet_api::plan::AcceleratorTable;
 use quantfleet_operator::builders::Settings;
 use quantfleet_operator::controller::{Context, reporter, run};
+use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
 use quantfleet_operator::stats_source::HttpStats;
 use std::process::ExitCode;
@@ -26,9 +27,21 @@ pub struct Args {
     /// Address of the Prometheus metrics endpoint.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: String,
-    /// This replica's identity in Events (usually the pod name).
+    /// This replica's identity in Events and in the leader Lease (usually the pod name).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// Run only while holding the leader Lease, so several replicas can run with one active.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "quantfleet-operator")]
+    lease_name: String,
+    /// How long a leader's Lease is valid without renewal (renewed every third of it).
+    #[arg(long, default_value = "15", value_name = "SECONDS")]
+    lease_duration_seconds: u64,
 }
 
 pub fn run_operator(args: Args) -> Result<ExitCode> {
@@ -43,6 +56,15 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
             Some(url) => Some(HttpStats::new(url, Duration::from_secs(5))?),
             None => None,
         };
+        let identity = args.instance.clone().unwrap_or_else(|| format!("quantfleet-operator-{}", std::process::id()));
+        let elector = args.leader_elect.then(|| {
+            LeaderElector::new(
+                kube::Api::namespaced(client.clone(), &args.lease_namespace),
+                &args.lease_name,
+                &identity,
+                Duration::from_secs(args.lease_duration_seconds.max(3)),
+            )
+        });
         let metrics = Arc::new(Metrics::default());
         let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
             .await
@@ -56,12 +78,32 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
             stats,
             metrics,
         });
-        tracing::info!("quantfleet operator started");
-        run(ctx, async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+        if let Some(elector) = &elector {
+            tracing::info!(identity = elector.identity(), lease = %args.lease_name, "waiting to lead");
+            tokio::select! {
+                acquired = elector.acquire() => acquired.context("acquiring the leader lease")?,
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+        }
+        tracing::info!(identity, "quantfleet operator leading");
+        let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
+        let holder = elector.clone();
+        run(ctx, async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+                _ = async { match &holder { Some(e) => e.hold().await, None => std::future::pending().await } } => {
+                    tracing::error!("lost the leader lease; stopping so a standby can lead");
+                    let _ = lost_tx.send(true);
+                }
+            }
         })
         .await;
+        if *lost_rx.borrow_and_update() {
+            return Ok(ExitCode::from(1));
+        }
+        if let Some(elector) = &elector {
+            elector.release().await.context("releasing the leader lease")?;
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
