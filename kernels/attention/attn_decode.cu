@@ -14,16 +14,22 @@
 //         quantized (per-channel key scales need the whole block) and live in f16 residual buffers
 //         [batch x n_kv_heads x block_size x D]; kv_append_kivi quantizes a block when it fills.
 //
-// Work split and why: one block of 4 warps per (query head, sequence). Warps take tokens round-robin; for a
-// token the warp reads the K row with each lane owning D/32 CONTIGUOUS dims (one 4- or 8-byte load per lane
-// for f16, 2-4 bytes for FP8, 1-2 for INT4: the warp reads the row as one coalesced segment), reduces the
-// dot product with shuffles, and keeps an online softmax (running max m, sum l, fp32 accumulator) so K and
-// V are read exactly once. The four warps' partial softmax states are merged through shared memory at the
-// end. GQA query heads of one kv head re-read the same K/V, which then comes from L2, not HBM.
-// Kernels: attn_decode_{f16,fp8,int4kivi}_d{64,128}; grid (n_heads, batch), block 128.
+// Work split and why: one block of 4 warps per (kv head, sequence), serving every query head that shares the
+// kv head (GQA group of up to 8), so each K and V row is read from HBM once and used `group` times from
+// registers. Warps take tokens round-robin; for a token the warp reads the K and V rows with each lane owning
+// D/32 CONTIGUOUS dims (one 4- or 8-byte load per lane for f16, 2-4 bytes for FP8, 1-2 for INT4: the warp
+// reads a row as one coalesced segment), reduces one dot product per query head with shuffles, and keeps an
+// online softmax per query head (running max m, sum l, fp32 accumulator). The warps' partial states are
+// merged through shared memory (16 KiB at D = 128) at the end.
+// Registers: ~75-125 per thread (8 query states in registers). `__launch_bounds__(128, 1)` lets ptxas use
+// them freely; with the default it aimed for 64 registers at D = 64 and spilled. That leaves about 4 blocks
+// (16 warps) per SM, roughly half the bytes in flight HBM needs; processing two tokens per warp step is the
+// next step if measurements show the kernel short of bandwidth.
+// Kernels: attn_decode_{f16,fp8,int4kivi}_d{64,128}; grid (n_kv_heads, batch), block 128.
 #include "../common/qf_common.cuh"
 
 #define QF_ATTN_WARPS 4
+#define QF_ATTN_MAX_GROUP 8  // GQA query heads per kv head handled by one block (Llama-3 uses 4, 70B 8)
 
 struct PagedIndex {
     u32 n_kv_heads, block_size;
@@ -127,61 +133,84 @@ __device__ __forceinline__ void attn_decode(const KV &kv, const u16 *QF_RESTRICT
                                             const i32 *QF_RESTRICT block_table, u32 len, float scale,
                                             u32 n_heads, u32 n_kv_heads, u32 max_blocks) {
     constexpr int DPL = D / 32;
-    const u32 h = blockIdx.x, b = blockIdx.y;
-    const u32 kvh = h / (n_heads / n_kv_heads);
+    const u32 kvh = blockIdx.x, b = blockIdx.y;
+    const u32 group = n_heads / n_kv_heads;  // query heads sharing this kv head, 1..=QF_ATTN_MAX_GROUP
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const u32 block_size = kv.ix.block_size;
-    const u64 qrow = ((u64)b * n_heads + h) * D + lane * DPL;
+    // Query head kvh * group + g of sequence b; this lane's dims start at lane * DPL.
+    const u64 qbase = ((u64)b * n_heads + (u64)kvh * group) * D + lane * DPL;
 
-    float qv[DPL], acc[DPL], kr[DPL], vr[DPL];
+    // Per query head g: scaled query, fp32 accumulator, running max and sum. Loops over g are unrolled to
+    // QF_ATTN_MAX_GROUP with `g < group` guards so every array index is static and stays in registers.
+    float qv[QF_ATTN_MAX_GROUP][DPL], acc[QF_ATTN_MAX_GROUP][DPL], m[QF_ATTN_MAX_GROUP], l[QF_ATTN_MAX_GROUP];
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) {
-        qv[i] = qf_f16_to_f32(q[qrow + i]) * scale;
-        acc[i] = 0.0f;
+    for (int g = 0; g < QF_ATTN_MAX_GROUP; ++g) {
+        m[g] = QF_NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            qv[g][i] = (u32)g < group ? qf_f16_to_f32(q[qbase + (u64)g * D + i]) * scale : 0.0f;
+            acc[g][i] = 0.0f;
+        }
     }
-    float m = QF_NEG_INF, l = 0.0f;
+    float kr[DPL], vr[DPL];
+    const i32 *QF_RESTRICT table = block_table + (u64)b * max_blocks;  // this sequence's blocks
     for (u32 t = warp; t < len; t += QF_ATTN_WARPS) {
-        const u32 blk = (u32)block_table[(u64)b * max_blocks + t / block_size];
+        const u32 blk = (u32)table[t / block_size];
         const u32 slot = t % block_size;
         kv.key(b, blk, kvh, slot, t, lane, kr);
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DPL; ++i) s += qv[i] * kr[i];
-        s = qf_warp_sum(s);
         kv.value(b, blk, kvh, slot, t, lane, vr);
-        const float m_new = fmaxf(m, s);
-        const float corr = expf(m - m_new), p = expf(s - m_new);
-        l = l * corr + p;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) acc[i] = acc[i] * corr + p * vr[i];
-        m = m_new;
+        for (int g = 0; g < QF_ATTN_MAX_GROUP; ++g) {
+            if ((u32)g < group) {  // uniform across the warp, so the shuffles below stay convergent
+                float s = 0.0f;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) s += qv[g][i] * kr[i];
+                s = qf_warp_sum(s);
+                const float m_new = fmaxf(m[g], s);
+                const float corr = expf(m[g] - m_new), p = expf(s - m_new);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) acc[g][i] = acc[g][i] * corr + p * vr[i];
+                m[g] = m_new;
+            }
+        }
     }
 
-    // Merge the warps' (m, l, acc): out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M).
-    __shared__ float s_m[QF_ATTN_WARPS], s_l[QF_ATTN_WARPS];
-    __shared__ float s_acc[QF_ATTN_WARPS][D];
-    if (lane == 0) {
-        s_m[warp] = m;
-        s_l[warp] = l;
-    }
+    // Merge the warps' (m, l, acc) per query head: out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M).
+    __shared__ float s_m[QF_ATTN_WARPS][QF_ATTN_MAX_GROUP], s_l[QF_ATTN_WARPS][QF_ATTN_MAX_GROUP];
+    __shared__ float s_acc[QF_ATTN_WARPS][QF_ATTN_MAX_GROUP][D];
 #pragma unroll
-    for (int i = 0; i < DPL; ++i) s_acc[warp][lane * DPL + i] = acc[i];
+    for (int g = 0; g < QF_ATTN_MAX_GROUP; ++g) {
+        if ((u32)g < group) {
+            if (lane == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) s_acc[warp][g][lane * DPL + i] = acc[g][i];
+        }
+    }
     __syncthreads();
-    if (warp == 0) {
+    for (u32 g = warp; g < group; g += QF_ATTN_WARPS) {  // warp w writes query heads w, w + 4
         float mx = QF_NEG_INF;
-        for (int w = 0; w < QF_ATTN_WARPS; ++w) mx = fmaxf(mx, s_m[w]);
+        for (int w = 0; w < QF_ATTN_WARPS; ++w) mx = fmaxf(mx, s_m[w][g]);
         float denom = 0.0f, num[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; ++i) num[i] = 0.0f;
         for (int w = 0; w < QF_ATTN_WARPS; ++w) {
-            const float f = s_l[w] > 0.0f ? expf(s_m[w] - mx) : 0.0f;
-            denom += s_l[w] * f;
+            const float f = s_l[w][g] > 0.0f ? expf(s_m[w][g] - mx) : 0.0f;
+            denom += s_l[w][g] * f;
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) num[i] += s_acc[w][lane * DPL + i] * f;
+            for (int i = 0; i < DPL; ++i) num[i] += s_acc[w][g][lane * DPL + i] * f;
         }
         const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;  // empty sequence: zeros
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) out[qrow + i] = qf_f32_to_f16(num[i] * inv);
+        // The output address is formed here, not kept from the start: one fewer 64-bit value live across the
+        // token loop removed small ptxas spills in the D = 64 variants.
+        u16 *o = out + ((u64)blockIdx.y * n_heads + (u64)blockIdx.x * group + g) * D + lane * DPL;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) o[i] = qf_f32_to_f16(num[i] * inv);
     }
 }
 
@@ -192,20 +221,20 @@ __device__ __forceinline__ void attn_decode(const KV &kv, const u16 *QF_RESTRICT
     attn_decode<cache, d>(kv, q, out, block_table, (u32)seq_lens[blockIdx.y], scale, n_heads, n_kv_heads, max_blocks)
 
 #define QF_ATTN_F16(d)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128)                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                        \
         attn_decode_f16_d##d(QF_ATTN_COMMON_ARGS, const u16 *QF_RESTRICT k, const u16 *QF_RESTRICT v) {     \
         F16Cache<d> kv{k, v, {n_kv_heads, block_size}};                                                      \
         QF_ATTN_CALL(F16Cache<d>, d);                                                                        \
     }
 #define QF_ATTN_FP8(d)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128)                                                        \
+    extern "C" __global__ void __launch_bounds__(128, 1)                                                        \
         attn_decode_fp8_d##d(QF_ATTN_COMMON_ARGS, const u8 *QF_RESTRICT k, const u8 *QF_RESTRICT v,         \
                              const float *QF_RESTRICT k_scale, const float *QF_RESTRICT v_scale) {          \
         Fp8Cache<d> kv{k, v, k_scale, v_scale, {n_kv_heads, block_size}};                                    \
         QF_ATTN_CALL(Fp8Cache<d>, d);                                                                        \
     }
 #define QF_ATTN_KIVI(d)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) attn_decode_int4kivi_d##d(                             \
+    extern "C" __global__ void __launch_bounds__(128, 1) attn_decode_int4kivi_d##d(                             \
         QF_ATTN_COMMON_ARGS, const u8 *QF_RESTRICT k, const u8 *QF_RESTRICT v, const float *QF_RESTRICT k_scale, \
         const float *QF_RESTRICT v_scale, const u8 *QF_RESTRICT k_zero, const u8 *QF_RESTRICT v_zero,        \
         const u16 *QF_RESTRICT res_k, const u16 *QF_RESTRICT res_v) {                                        \

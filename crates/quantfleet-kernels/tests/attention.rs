@@ -1,7 +1,8 @@
 //! Emulated KV append (FP16, FP8, INT4-KIVI) and paged decode attention against quantfleet-quant: the
 //! cache bytes the append kernels write must equal the Rust quantizers' bytes exactly, and attention over
 //! them must match an f64 softmax reference. Sequence lengths 1, 17, 45 and 32 with 16-token blocks cross
-//! block boundaries, leave residual (unquantized) KIVI tokens, and exactly fill blocks. Data is synthetic.
+//! block boundaries, leave residual (unquantized) KIVI tokens, and exactly fill blocks; GQA groups are 8 and 3.
+//! Data is synthetic.
 
 mod common;
 
@@ -36,7 +37,9 @@ struct Setup {
 fn setup(head_dim: usize, seed: u64) -> Setup {
     let layout = PagedLayout {
         batch: SEQ_LENS.len(),
-        n_heads: 4,
+        // GQA groups of 8 (D = 64: every query-state slot, two heads merged per warp) and 3 (D = 128:
+        // not a power of two, one warp idle in the merge).
+        n_heads: if head_dim == 64 { 16 } else { 6 },
         n_kv_heads: 2,
         head_dim,
         block_size: BLOCK,
@@ -380,6 +383,9 @@ fn attention_refuses_bad_layouts<D: Device>(dev: &D) {
     l.head_dim = 64;
     l.n_kv_heads = 3;
     assert!(attn_decode(view(), l, &buf, &buf, &buf, &buf, 0.1).is_err());
+    l.n_kv_heads = 1;
+    let err = attn_decode(view(), l, &buf, &buf, &buf, &buf, 0.1).unwrap_err().to_string();
+    assert!(err.contains("16 query heads per kv head"), "{err}");
     l.n_kv_heads = 2;
     let small = out(dev, 8);
     let err = attn_decode(view(), l, &small, &buf, &buf, &buf, 0.1).unwrap_err().to_string();

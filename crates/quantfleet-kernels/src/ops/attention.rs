@@ -6,6 +6,9 @@
 use crate::error::{KernelError, Result};
 use crate::launch::{DeviceBuffer, KernelArg, Launch, LaunchConfig, buffer_arg};
 
+/// Query heads per kv head one attention block serves; must equal QF_ATTN_MAX_GROUP in attn_decode.cu.
+pub const MAX_GQA_GROUP: usize = 8;
+
 /// Geometry of one layer's paged cache and of the decode batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedLayout {
@@ -63,6 +66,12 @@ impl PagedLayout {
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} query heads do not share {} kv heads evenly", self.n_heads, self.n_kv_heads));
+        }
+        if self.n_heads / self.n_kv_heads > MAX_GQA_GROUP {
+            return bad(format!(
+                "{} query heads per kv head (the kernels serve up to {MAX_GQA_GROUP})",
+                self.n_heads / self.n_kv_heads
+            ));
         }
         if self.batch > 65535 || self.n_heads > u32::MAX as usize {
             return bad("batch above 65535 (grid y) or too many heads".into());
@@ -138,7 +147,9 @@ pub fn attn_decode(
         KernelArg::U32(u32_of(kernel, "max_blocks", l.max_blocks)?),
     ];
     args.extend(extra);
-    let config = LaunchConfig { grid: [l.n_heads as u32, l.batch as u32, 1], block: [128, 1, 1], shared_mem_bytes: 0 };
+    // One block per (kv head, sequence): it serves all query heads of the kv head's GQA group.
+    let config =
+        LaunchConfig { grid: [l.n_kv_heads as u32, l.batch as u32, 1], block: [128, 1, 1], shared_mem_bytes: 0 };
     Ok(Launch { module: "attn_decode", kernel, config, args })
 }
 
