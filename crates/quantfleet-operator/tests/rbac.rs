@@ -1,0 +1,154 @@
+//! The operator's ClusterRole (deploy/rbac/operator-clusterrole.yaml) is enough: the controllers run under a
+//! ServiceAccount bound to it, on a real API server, and converge a model and a policy with no API error.
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use quantfleet_api::conditions::find;
+use quantfleet_api::plan::AcceleratorTable;
+use quantfleet_api::{PrecisionPolicy, QuantizedModel};
+use quantfleet_operator::builders::Settings;
+use quantfleet_operator::controller::{Context, reporter, run};
+use quantfleet_operator::lease::LeaderElector;
+use quantfleet_operator::metrics::Metrics;
+use quantfleet_testsupport::crds::{install_crds, repo_crds_dir};
+use quantfleet_testsupport::wait::{Probe, until};
+use quantfleet_testsupport::{Error, TestEnv, control_plane};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_runs_with_exactly_its_cluster_role() -> Result<(), Error> {
+    let env = TestEnv::new("rbac").await?;
+    let admin = env.client.clone();
+    let ns = env.namespace().to_owned();
+    install_crds(&admin, &repo_crds_dir()).await?;
+    let k = |what: &'static str| Error::kube(what);
+
+    // The role from the repo, bound to a fresh ServiceAccount (cluster-scoped names made unique per namespace).
+    let mut role: ClusterRole = serde_yaml::from_str(&repo_file("deploy/rbac/operator-clusterrole.yaml")).unwrap();
+    let role_name = format!("quantfleet-operator-{ns}");
+    role.metadata.name = Some(role_name.clone());
+    Api::<ClusterRole>::all(admin.clone())
+        .patch(&role_name, &PatchParams::apply("rbac-test").force(), &Patch::Apply(&role))
+        .await
+        .map_err(k("applying the cluster role"))?;
+    let sa = ServiceAccount {
+        metadata: ObjectMeta { name: Some("operator".into()), ..ObjectMeta::default() },
+        ..ServiceAccount::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &sa)
+        .await
+        .map_err(k("creating the SA"))?;
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta { name: Some(role_name.clone()), ..ObjectMeta::default() },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role_name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "operator".into(),
+            namespace: Some(ns.clone()),
+            ..Subject::default()
+        }]),
+    };
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(&role_name, &PatchParams::apply("rbac-test").force(), &Patch::Apply(&binding))
+        .await
+        .map_err(k("binding the role"))?;
+
+    // A client that acts as the ServiceAccount (the admin impersonates it; RBAC checks the SA's rights).
+    let mut config = control_plane()?.config().await?;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:operator"));
+    let client = kube::Client::try_from(config).map_err(k("building the SA client"))?;
+
+    let elector = LeaderElector::new(
+        Api::namespaced(client.clone(), &ns),
+        "quantfleet-operator",
+        "rbac-test",
+        Duration::from_secs(6),
+    );
+    assert!(elector.try_acquire_or_renew().await.map_err(k("acquiring the lease as the SA"))?);
+    assert!(elector.try_acquire_or_renew().await.map_err(k("renewing the lease as the SA"))?);
+
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context {
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter(Some("rbac".into()))),
+        client: client.clone(),
+        settings: Settings { node_image: "registry.invalid/quantfleet:rbac".into() },
+        accelerators: AcceleratorTable::builtin(),
+        stats: None,
+        metrics: metrics.clone(),
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(run(ctx, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut qm: QuantizedModel =
+        serde_yaml::from_str(&repo_file("deploy/samples/smollm2-135m.quantizedmodel.yaml")).unwrap();
+    qm.spec.tiers[3].replicas = 1;
+    let pp: PrecisionPolicy =
+        serde_yaml::from_str(&repo_file("deploy/samples/smollm2-135m.precisionpolicy.yaml")).unwrap();
+    let models: Api<QuantizedModel> = Api::namespaced(admin.clone(), &ns);
+    models.create(&PostParams::default(), &qm).await.map_err(k("creating the model"))?;
+    let policies: Api<PrecisionPolicy> = Api::namespaced(admin.clone(), &ns);
+    policies.create(&PostParams::default(), &pp).await.map_err(k("creating the policy"))?;
+
+    // The canary reaching Shadowing needs: model reconciled (SSA of children, status), policy status and an Event.
+    until("the model Ready and the canary Shadowing under the SA", Duration::from_secs(90), || async {
+        let ready = models
+            .get("smollm2-135m")
+            .await
+            .map_err(k("reading the model"))?
+            .status
+            .and_then(|s| find(&s.conditions, "Ready").map(|c| c.status.clone()));
+        let phase = policies
+            .get("smollm2-135m")
+            .await
+            .map_err(k("reading the policy"))?
+            .status
+            .and_then(|s| s.canary)
+            .map(|c| c.phase);
+        Ok(match (ready.as_deref(), phase) {
+            (Some("True"), Some(quantfleet_api::CanaryPhase::Shadowing)) => Probe::Done(()),
+            other => Probe::Pending(format!("{other:?}; {}", metrics.render())),
+        })
+    })
+    .await?;
+    // Pruning a removed tier exercises list + delete.
+    let mut fewer = models.get("smollm2-135m").await.map_err(k("reading the model"))?;
+    fewer.spec.tiers.retain(|t| t.name != "fp8-kv8");
+    models.replace("smollm2-135m", &PostParams::default(), &fewer).await.map_err(k("removing a tier"))?;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(admin.clone(), &ns);
+    until("the removed tier's Deployment to be pruned", Duration::from_secs(60), || async {
+        Ok(match deployments.get_opt("smollm2-135m-fp8-kv8").await.map_err(k("reading deployment"))? {
+            None => Probe::Done(()),
+            Some(_) => Probe::Pending("still there".into()),
+        })
+    })
+    .await?;
+    assert_eq!(
+        metrics.count("quantizedmodel", "kube_api") + metrics.count("precisionpolicy", "kube_api"),
+        0,
+        "{}",
+        metrics.render()
+    );
+    elector.release().await.map_err(k("releasing the lease as the SA"))?;
+
+    let _ = stop.send(());
+    operator.await.unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .delete(&role_name, &Default::default())
+        .await
+        .map_err(k("cleanup"))?;
+    Api::<ClusterRole>::all(admin.clone()).delete(&role_name, &Default::default()).await.map_err(k("cleanup"))?;
+    env.cleanup().await
+}
