@@ -24,4 +24,20 @@ NVRTC_LIB="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(n
 cargo clippy --locked -p quantfleet-kernels --features cuda --all-targets -- -D warnings
 cargo build --locked -p quantfleet-kernels --features cuda --bin quantfleet-kernel-check
 BIN="${CARGO_TARGET_DIR:-target}/debug/quantfleet-kernel-check"
-LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$BIN" "${1:-sm_80,sm_89,sm_90}"
+export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NVRTC compiles one program at a time within a process, so each architecture gets its own process; the
+# reports are printed in order once all have finished, and any failure fails the check.
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+IFS=, read -r -a archs <<< "${1:-sm_80,sm_89,sm_90}"
+pids=()
+for arch in "${archs[@]}"; do
+    "$BIN" "$arch" > "$out/$arch.log" 2>&1 &
+    pids+=("$!")
+done
+status=0
+for i in "${!archs[@]}"; do
+    wait "${pids[$i]}" || status=1
+    cat "$out/${archs[$i]}.log"
+done
+exit "$status"
