@@ -56,6 +56,18 @@ pub mod status {
     pub const UNKNOWN: &str = "Unknown";
 }
 
+/// A True/False condition observed at `now` for `generation`.
+pub fn boolean(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { status::TRUE } else { status::FALSE }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
 /// Inserts or replaces the condition of `new.type_`. When the status is unchanged the existing
 /// `lastTransitionTime` is kept, so a steady state produces identical status (and no writes).
 /// Returns true when anything changed.

@@ -17,7 +17,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use quantfleet_api::conditions::{Condition, Time, policy as pcond, reason, set_condition, status as st};
+use quantfleet_api::conditions::{Condition, Time, policy as pcond, reason, set_condition};
 use quantfleet_api::plan::{AcceleratorTable, plan_model};
 use quantfleet_api::validate::policy_against_model;
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, PrecisionPolicyStatus, QuantizedModel};
@@ -148,14 +148,7 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> R
 }
 
 fn policy_condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { st::TRUE } else { st::FALSE }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now(),
-    }
+    quantfleet_api::conditions::boolean(type_, ok, reason, message, generation, &now())
 }
 
 fn annotation_set(policy: &PrecisionPolicy, key: &str) -> bool {

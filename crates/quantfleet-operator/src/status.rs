@@ -3,7 +3,9 @@
 //! nothing).
 
 use k8s_openapi::api::apps::v1::Deployment;
-use quantfleet_api::conditions::{Condition, Time, model as cond, reason, set_condition, status as st};
+use quantfleet_api::conditions::{
+    Condition, Time, boolean as condition, model as cond, reason, set_condition, status as st,
+};
 use quantfleet_api::node::NODE_GRPC_PORT;
 use quantfleet_api::plan::ModelPlan;
 use quantfleet_api::{QuantizedModel, QuantizedModelStatus, TierStatus};
@@ -47,17 +49,6 @@ impl DeploymentObservation {
 
     fn rolled_out(&self) -> bool {
         self.current && self.updated >= self.desired && self.ready >= self.desired
-    }
-}
-
-fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { st::TRUE } else { st::FALSE }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now.clone(),
     }
 }
 
