@@ -19,6 +19,8 @@ enum Command {
     Plan(cmd::plan::Args),
     /// Run the QuantizedModel and PrecisionPolicy controllers.
     Operator(cmd::operator::Args),
+    /// Download a checkpoint and verify its SHA-256 (the init container of https:// model sources).
+    Fetch(cmd::fetch::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Operator(args) => cmd::operator::run_operator(args),
+        Command::Fetch(args) => cmd::fetch::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,3 +1,4 @@
 pub mod crdgen;
+pub mod fetch;
 pub mod operator;
 pub mod plan;
