@@ -146,7 +146,7 @@ start_apiserver() {
         --client-ca-file="$pki/ca.crt" --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc.cluster.local \
         --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-        --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true \
+        --service-cluster-ip-range=10.0.0.0/16 --allow-privileged=true \
         --disable-admission-plugins=ServiceAccount \
         --cert-dir="$dir/apiserver-certs" --v=1
     wait_until kube-apiserver 120 curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
