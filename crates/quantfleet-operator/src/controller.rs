@@ -133,6 +133,7 @@ where
 /// QuantizedModel -> per fitting tier a ConfigMap, Deployment and Service; status from the plan and the
 /// Deployments. A tier that does not fit is not applied (an already running one keeps its previous config).
 pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.time("quantizedmodel");
     if model.metadata.deletion_timestamp.is_some() {
         // Being deleted (foreground deletion waits for the children): re-applying them would resurrect them.
         return Ok(Action::await_change());
@@ -177,6 +178,7 @@ fn annotation_set(policy: &PrecisionPolicy, key: &str) -> bool {
 
 /// PrecisionPolicy -> effective routes and the canary state machine, all in status.
 pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.time("precisionpolicy");
     if policy.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -269,6 +271,7 @@ pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -
         }
     }
 
+    ctx.metrics.set_canary_phase(&ns, &name, status.canary.as_ref().map(|c| c.phase));
     if status != previous {
         apply_status(&Api::<PrecisionPolicy>::namespaced(ctx.client.clone(), &ns), &name, &status).await?;
     }
