@@ -86,6 +86,10 @@ pub trait Backend: Send + Sync {
 
     /// Makes a GGUF tensor usable as a matrix; the CPU backend keeps it in the memory map, a GPU backend copies.
     fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<Self::Matrix>;
+    /// Makes a weight matrix quantized at load (a precision tier) usable as a matrix.
+    fn upload_packed(&self, m: crate::packed::PackedMatrix) -> Result<Self::Matrix>;
+    /// Bytes of weight data a matrix reads per full pass (its storage, scales included).
+    fn matrix_storage_bytes(&self, m: &Self::Matrix) -> usize;
     fn upload_vector(&self, values: &[f32]) -> Result<Self::Vector>;
     fn matrix_shape(&self, m: &Self::Matrix) -> (usize, usize);
 

@@ -11,7 +11,9 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, SeqKv};
 use crate::model::{Llama, Logits};
 use crate::sampler::{Sampler, SamplingParams, logsumexp, top_logprobs};
+use crate::tier::{LoadOptions, TierLoadReport};
 use crate::tokenizer::Tokenizer;
+use quantfleet_api::model::TierSpec;
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -48,16 +50,32 @@ pub struct Generation {
 pub struct Engine<B: Backend> {
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,
+    /// What loading a precision tier did (None for a model served in its file's own formats).
+    pub tier: Option<TierLoadReport>,
+}
+
+fn open_file(path: &Path, sha256: Option<&str>) -> Result<Arc<GgufFile>> {
+    Ok(Arc::new(match sha256 {
+        Some(h) => GgufFile::open_verified(path, h)?,
+        None => GgufFile::open(path)?,
+    }))
 }
 
 impl Engine<CpuBackend> {
-    /// Opens a GGUF model on the CPU backend, verifying its sha256 when given.
+    /// Opens a GGUF model on the CPU backend, verifying its sha256 when given. Weights are used in the file's
+    /// own formats (dequantized to f32 inside the kernels): this is the fp32 reference the tiers are measured
+    /// against.
     pub fn open_cpu(path: &Path, sha256: Option<&str>) -> Result<Self> {
-        let file = match sha256 {
-            Some(h) => GgufFile::open_verified(path, h)?,
-            None => GgufFile::open(path)?,
-        };
-        Self::new(CpuBackend::new(), Arc::new(file))
+        Self::new(CpuBackend::new(), open_file(path, sha256)?)
+    }
+
+    /// Opens a GGUF model on the CPU backend at a precision tier: every weight matrix is dequantized to fp32
+    /// and re-quantized as `tier` says (format, method, group size, per-layer overrides; AWQ/GPTQ calibrate on
+    /// `opts`' calibration text). Unsupported tier settings are a clear error before any work is done.
+    pub fn open_cpu_tier(path: &Path, sha256: Option<&str>, tier: &TierSpec, opts: &LoadOptions) -> Result<Self> {
+        let (model, tokenizer, report) = crate::tier::load_tier(open_file(path, sha256)?, tier, opts)?;
+        Self::check_vocab(&tokenizer, &model)?;
+        Ok(Self { model, tokenizer, tier: Some(report) })
     }
 }
 
@@ -65,6 +83,11 @@ impl<B: Backend> Engine<B> {
     pub fn new(backend: B, file: Arc<GgufFile>) -> Result<Self> {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let model = Llama::load(backend, file)?;
+        Self::check_vocab(&tokenizer, &model)?;
+        Ok(Self { model, tokenizer, tier: None })
+    }
+
+    fn check_vocab(tokenizer: &Tokenizer, model: &Llama<B>) -> Result<()> {
         if tokenizer.vocab_size() != model.config.vocab {
             return Err(EngineError::UnsupportedModel(format!(
                 "tokenizer has {} tokens, model {}",
@@ -72,7 +95,7 @@ impl<B: Backend> Engine<B> {
                 model.config.vocab
             )));
         }
-        Ok(Self { model, tokenizer })
+        Ok(())
     }
 
     /// A KV cache holding as many blocks as fit in `budget_bytes`.

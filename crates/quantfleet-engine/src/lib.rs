@@ -10,7 +10,10 @@ pub mod error;
 pub mod gguf;
 pub mod kv_cache;
 pub mod model;
+pub mod packed;
+pub mod quality;
 pub mod sampler;
+pub mod tier;
 pub mod tokenizer;
 
 pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation};

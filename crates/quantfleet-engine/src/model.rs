@@ -65,16 +65,27 @@ impl LlamaConfig {
     }
 }
 
-struct Layer<B: Backend> {
-    attn_norm: B::Vector,
-    wq: B::Matrix,
-    wk: B::Matrix,
-    wv: B::Matrix,
-    wo: B::Matrix,
-    ffn_norm: B::Vector,
-    gate: B::Matrix,
-    up: B::Matrix,
-    down: B::Matrix,
+pub(crate) struct Layer<B: Backend> {
+    pub(crate) attn_norm: B::Vector,
+    pub(crate) wq: B::Matrix,
+    pub(crate) wk: B::Matrix,
+    pub(crate) wv: B::Matrix,
+    pub(crate) wo: B::Matrix,
+    pub(crate) ffn_norm: B::Vector,
+    pub(crate) gate: B::Matrix,
+    pub(crate) up: B::Matrix,
+    pub(crate) down: B::Matrix,
+}
+
+impl<B: Backend> Layer<B> {
+    /// The linear weights in a fixed order: q, k, v, o, gate, up, down.
+    pub(crate) fn matrices(&self) -> [&B::Matrix; 7] {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down]
+    }
+
+    pub(crate) fn matrices_mut(&mut self) -> [&mut B::Matrix; 7] {
+        [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo, &mut self.gate, &mut self.up, &mut self.down]
+    }
 }
 
 /// Which positions' logits a forward call returns.
@@ -88,29 +99,29 @@ pub enum Logits {
 
 /// Reusable activation buffers: a forward pass allocates only when a batch is larger than any before.
 pub struct Workspace<B: Backend> {
-    x: B::Activations,
-    h: B::Activations,
-    q: B::Activations,
-    k: B::Activations,
-    v: B::Activations,
-    attn: B::Activations,
-    proj: B::Activations,
-    gate: B::Activations,
-    up: B::Activations,
-    act: B::Activations,
+    pub(crate) x: B::Activations,
+    pub(crate) h: B::Activations,
+    pub(crate) q: B::Activations,
+    pub(crate) k: B::Activations,
+    pub(crate) v: B::Activations,
+    pub(crate) attn: B::Activations,
+    pub(crate) proj: B::Activations,
+    pub(crate) gate: B::Activations,
+    pub(crate) up: B::Activations,
+    pub(crate) act: B::Activations,
     last: B::Activations,
     logits: B::Activations,
-    rope: RopeTable,
+    pub(crate) rope: RopeTable,
 }
 
 pub struct Llama<B: Backend> {
     pub backend: B,
     pub config: LlamaConfig,
-    tok_embd: B::Matrix,
+    pub(crate) tok_embd: B::Matrix,
     /// `None`: tied to the embedding (SmolLM2).
-    output: Option<B::Matrix>,
+    pub(crate) output: Option<B::Matrix>,
     output_norm: B::Vector,
-    layers: Vec<Layer<B>>,
+    pub(crate) layers: Vec<Layer<B>>,
 }
 
 impl<B: Backend> Llama<B> {

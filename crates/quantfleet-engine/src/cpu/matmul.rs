@@ -95,13 +95,33 @@ pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: 
         }
         return;
     }
-    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: w.rows, row0: 0, len: out.len() };
-    let n_chunks = w.rows.div_ceil(ROWS_PER_TASK);
+    // Cannot fail: row lengths were validated when the matrix was built.
+    let dequant = |r: usize, o: &mut [f32]| {
+        let _ = dequantize_row_reference(w.ty, w.row(r), o);
+    };
+    gemm_dequantized(level, w.rows, w.cols, &dequant, x, n_tokens, out);
+}
+
+/// Prefill product over any weight storage: each task dequantizes a chunk of rows with `dequant(row, out)`
+/// to f32 once and runs the register-blocked kernels over all `n_tokens` tokens. `cols` must be a multiple
+/// of 16.
+pub(crate) fn gemm_dequantized(
+    level: SimdLevel,
+    rows: usize,
+    cols: usize,
+    dequant: &(dyn Fn(usize, &mut [f32]) + Sync),
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    assert!(cols.is_multiple_of(16) && x.len() == n_tokens * cols && out.len() == n_tokens * rows, "gemm shapes");
+    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
+    let n_chunks = rows.div_ceil(ROWS_PER_TASK);
     (0..n_chunks).into_par_iter().for_each(|c| {
         let r0 = c * ROWS_PER_TASK;
-        let nr = ROWS_PER_TASK.min(w.rows - r0);
+        let nr = ROWS_PER_TASK.min(rows - r0);
         DEQUANT_SCRATCH.with_borrow_mut(|scratch| {
-            let k = w.cols;
+            let k = cols;
             scratch.resize(ROWS_PER_TASK * k + k, 0.0);
             let tile_out = out_ptr.with_row0(r0);
             #[cfg(target_arch = "x86_64")]
@@ -110,8 +130,7 @@ pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: 
                 let (wt, row_buf) = scratch.split_at_mut(ROWS_PER_TASK * k);
                 wt.fill(0.0);
                 for r in 0..nr {
-                    // Cannot fail: row lengths were validated when the matrix was built.
-                    let _ = dequantize_row_reference(w.ty, w.row(r0 + r), row_buf);
+                    dequant(r0 + r, row_buf);
                     for (kk, &v) in row_buf.iter().enumerate() {
                         wt[kk * ROWS_PER_TASK + r] = v;
                     }
@@ -121,8 +140,7 @@ pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: 
                 return;
             }
             for r in 0..nr {
-                // Cannot fail: row lengths were validated when the matrix was built.
-                let _ = dequantize_row_reference(w.ty, w.row(r0 + r), &mut scratch[r * k..(r + 1) * k]);
+                dequant(r0 + r, &mut scratch[r * k..(r + 1) * k]);
             }
             gemm_dispatch(level, &scratch[..nr * k], nr, x, n_tokens, k, tile_out);
         });

@@ -5,6 +5,7 @@ mod attention;
 pub mod dot;
 mod gemm;
 mod matmul;
+mod packed_kernels;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -21,6 +22,7 @@ use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::packed::PackedMatrix;
 use matmul::BlockMatrix;
 
 #[derive(Debug, Clone)]
@@ -62,14 +64,15 @@ impl AsMut<[f32]> for CpuTensor {
     }
 }
 
-/// A weight matrix living in the model file's memory map.
-pub struct CpuMatrix {
-    view: MatrixRef,
-    file: Arc<GgufFile>,
+/// A weight matrix: either living in the model file's memory map in its GGUF block format, or quantized at
+/// load for a precision tier and owned in memory.
+pub enum CpuMatrix {
+    Gguf { view: MatrixRef, file: Arc<GgufFile> },
+    Packed(PackedMatrix),
 }
 
 #[derive(Clone, Copy)]
-struct MatrixRef {
+pub struct MatrixRef {
     ty: crate::dtype::GgmlType,
     rows: usize,
     cols: usize,
@@ -78,9 +81,44 @@ struct MatrixRef {
 }
 
 impl CpuMatrix {
-    fn block(&self) -> BlockMatrix<'_> {
-        let v = self.view;
-        BlockMatrix { ty: v.ty, rows: v.rows, cols: v.cols, data: &self.file.bytes()[v.start..v.start + v.len] }
+    fn block(&self) -> Option<BlockMatrix<'_>> {
+        match self {
+            CpuMatrix::Gguf { view: v, file } => Some(BlockMatrix {
+                ty: v.ty,
+                rows: v.rows,
+                cols: v.cols,
+                data: &file.bytes()[v.start..v.start + v.len],
+            }),
+            CpuMatrix::Packed(_) => None,
+        }
+    }
+
+    /// The element type and bytes of a GGUF matrix (None for a packed one).
+    pub fn gguf_data(&self) -> Option<(crate::dtype::GgmlType, &[u8])> {
+        self.block().map(|b| (b.ty, b.data))
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            CpuMatrix::Gguf { view, .. } => (view.rows, view.cols),
+            CpuMatrix::Packed(p) => (p.rows, p.cols),
+        }
+    }
+
+    /// Bytes of weight data this matrix reads (in the file map or owned).
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            CpuMatrix::Gguf { view, .. } => view.len,
+            CpuMatrix::Packed(p) => p.storage_bytes(),
+        }
+    }
+
+    /// A short name of the storage format (`Q4_1`, `fp8-e4m3`, `int4-g128-asym`, ...).
+    pub fn format_name(&self) -> String {
+        match self {
+            CpuMatrix::Gguf { view, .. } => view.ty.name().to_owned(),
+            CpuMatrix::Packed(p) => p.format.name(),
+        }
     }
 }
 
@@ -122,7 +160,16 @@ impl Backend for CpuBackend {
             start: info.start as usize,
             len: info.len as usize,
         };
-        Ok(CpuMatrix { view, file: Arc::clone(file) })
+        Ok(CpuMatrix::Gguf { view, file: Arc::clone(file) })
+    }
+
+    fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {
+        m.validate()?;
+        Ok(CpuMatrix::Packed(m))
+    }
+
+    fn matrix_storage_bytes(&self, m: &CpuMatrix) -> usize {
+        m.storage_bytes()
     }
 
     fn upload_vector(&self, values: &[f32]) -> Result<Vec<f32>> {
@@ -130,7 +177,7 @@ impl Backend for CpuBackend {
     }
 
     fn matrix_shape(&self, m: &CpuMatrix) -> (usize, usize) {
-        (m.view.rows, m.view.cols)
+        m.shape()
     }
 
     fn new_activations(&self) -> CpuTensor {
@@ -166,26 +213,41 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut CpuTensor) -> Result<()> {
-        let m = table.block();
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= m.rows) {
-            return Err(EngineError::TokenOutOfRange { id, vocab: m.rows });
+        let (rows, cols) = table.shape();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= rows) {
+            return Err(EngineError::TokenOutOfRange { id, vocab: rows });
         }
-        self.resize(out, ids.len(), m.cols)?;
-        let rb = m.data.len() / m.rows;
-        for (o, &id) in out.data.chunks_exact_mut(m.cols).zip(ids) {
+        self.resize(out, ids.len(), cols)?;
+        for (o, &id) in out.data.chunks_exact_mut(cols).zip(ids) {
             let id = id as usize;
-            dequantize_row_reference(m.ty, &m.data[id * rb..(id + 1) * rb], o)?;
+            match (table, table.block()) {
+                (_, Some(m)) => {
+                    let rb = m.data.len() / m.rows;
+                    dequantize_row_reference(m.ty, &m.data[id * rb..(id + 1) * rb], o)?;
+                }
+                (CpuMatrix::Packed(p), None) => {
+                    // AWQ input scales apply to the matrix's use as lm_head, not to the embedding rows.
+                    p.dequantize_row_reference(id, o)?;
+                }
+                (CpuMatrix::Gguf { .. }, None) => unreachable!("GGUF matrices always have a block view"),
+            }
         }
         Ok(())
     }
 
     fn matmul(&self, w: &CpuMatrix, x: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
-        let m = w.block();
-        if x.cols != m.cols {
-            return Err(shape_err("matmul", format!("x has {} columns, W has {}", x.cols, m.cols)));
+        let (rows, cols) = w.shape();
+        if x.cols != cols {
+            return Err(shape_err("matmul", format!("x has {} columns, W has {}", x.cols, cols)));
         }
-        self.resize(out, x.rows, m.rows)?;
-        matmul::matmul(self.level, m, &x.data, x.rows, &mut out.data);
+        self.resize(out, x.rows, rows)?;
+        match w {
+            CpuMatrix::Packed(p) => packed_kernels::matmul(self.level, p, &x.data, x.rows, &mut out.data),
+            CpuMatrix::Gguf { .. } => {
+                let m = w.block().expect("GGUF matrices have a block view");
+                matmul::matmul(self.level, m, &x.data, x.rows, &mut out.data)
+            }
+        }
         Ok(())
     }
 
@@ -200,16 +262,39 @@ impl Backend for CpuBackend {
             }
             return Ok(());
         }
-        // A stack array, not a Vec: this runs several times per layer per decoded token.
-        let mut blocks = [ws[0].block(); MAX_FUSED];
-        for (slot, (w, out)) in blocks.iter_mut().zip(ws.iter().zip(outs.iter_mut())) {
-            *slot = w.block();
-            if slot.cols != x.cols {
-                return Err(shape_err("matmul_many", format!("x has {} columns, W has {}", x.cols, slot.cols)));
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            let (rows, cols) = w.shape();
+            if cols != x.cols {
+                return Err(shape_err("matmul_many", format!("x has {} columns, W has {}", x.cols, cols)));
             }
-            self.resize(out, 1, slot.rows)?;
+            self.resize(out, 1, rows)?;
         }
-        matmul::matvec_many(self.level, &blocks[..ws.len()], &x.data, outs);
+        if ws.iter().all(|w| matches!(w, CpuMatrix::Packed(_))) {
+            let mut packed: [Option<&PackedMatrix>; MAX_FUSED] = [None; MAX_FUSED];
+            for (slot, w) in packed.iter_mut().zip(ws) {
+                if let CpuMatrix::Packed(p) = w {
+                    *slot = Some(p);
+                }
+            }
+            let packed: Vec<&PackedMatrix> = packed.iter().flatten().copied().collect();
+            packed_kernels::matvec_many(self.level, &packed, &x.data, outs);
+            return Ok(());
+        }
+        if let Some(first) = ws[0].block()
+            && ws.iter().all(|w| w.block().is_some())
+        {
+            // A stack array, not a Vec: this runs several times per layer per decoded token.
+            let mut blocks = [first; MAX_FUSED];
+            for (slot, w) in blocks.iter_mut().zip(ws) {
+                *slot = w.block().expect("checked above");
+            }
+            matmul::matvec_many(self.level, &blocks[..ws.len()], &x.data, outs);
+            return Ok(());
+        }
+        // Mixed storage (a layer override between them): one product at a time.
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(w, x, out)?;
+        }
         Ok(())
     }
 

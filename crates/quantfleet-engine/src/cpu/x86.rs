@@ -10,8 +10,14 @@ use super::gemm::OutPtr;
 /// Block scales are little-endian f16 at unaligned offsets; F16C converts them in one instruction.
 #[inline(always)]
 fn f16_to_f32(b0: u8, b1: u8) -> f32 {
+    f16_bits_to_f32(u16::from_le_bytes([b0, b1]))
+}
+
+/// One f16 (as bits) to f32 with F16C.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(bits: u16) -> f32 {
     // SAFETY: only inlined into functions compiled with the f16c feature (checked at dispatch).
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b0, b1]) as i32))) }
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
 }
 
 /// One Q4_1 block times its 32 activations, before scaling: (sum q_lo*x_lo + q_hi*x_hi) as 16 lanes.

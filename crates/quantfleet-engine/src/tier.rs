@@ -1,0 +1,399 @@
+//! Precision tiers at load: a `TierSpec` (the API type) turns the model's fp32-dequantized weights into
+//! BF16, FP8 E4M3, INT8 or INT4 (RTN, AWQ, GPTQ) matrices through `quantfleet-quant`, honouring per-layer
+//! overrides through the planner's own resolution (`quantfleet_api::plan::weight_spec_for`), so what the
+//! engine stores is what the fit planner counted.
+//!
+//! AWQ and GPTQ calibrate on real activations: the calibration text (bundled `calibration/calibration.txt`
+//! unless another is given) runs through the model once, layer by layer; each layer's linears are quantized
+//! from the inputs they see, and the pass continues with the quantized layer (sequential calibration, as
+//! GPTQ does), so later layers calibrate on the activations they will really get.
+//! AWQ searches one set of input scales per shared input (q/k/v after the attention norm, gate/up after the
+//! FFN norm) and one each for o_proj and down_proj; the scales are kept beside the matrix and divide the input
+//! at run time (`PackedMatrix::input_scales`), so nothing needs folding.
+//! Embeddings and lm_head have no calibration input here: they are quantized with RTN in their format.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use quantfleet_api::model::{ModelArchitecture, TierSpec, WeightSpec};
+use quantfleet_api::plan::{TensorSite, weight_spec_for};
+use quantfleet_api::vocab::{ActivationPrecision, QuantMethod, WeightFormat as ApiFormat, WeightScaling};
+use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
+use quantfleet_quant::gptq::{GptqConfig, gptq_with_hessian, layer_hessian};
+use quantfleet_quant::matrix::subsample_rows;
+use quantfleet_quant::{Fp8Format, Fp8Scaling, Int4Config, MatrixRef, ScaleStorage, WeightFormat, quantize_rtn};
+use rayon::prelude::*;
+
+use crate::backend::{Backend, SeqSpan};
+use crate::cpu::{CpuBackend, CpuMatrix, CpuTensor};
+use crate::dtype::dequantize_row_reference;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::{KvCache, SeqKv};
+use crate::model::{Llama, Workspace};
+use crate::packed::PackedMatrix;
+use crate::tokenizer::Tokenizer;
+
+/// The bundled calibration text (see `calibration/README.md` for its source).
+pub const BUILTIN_CALIBRATION: &str = include_str!("../calibration/calibration.txt");
+
+/// How a tier is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Calibration text for AWQ/GPTQ; `None` uses [`BUILTIN_CALIBRATION`].
+    pub calibration_text: Option<String>,
+    /// Tokens of the calibration text run through the model (its first ones); GPTQ's Hessians use them all.
+    pub calibration_tokens: usize,
+    /// AWQ: tokens its searches use (evenly subsampled), alpha grid points (alpha = 0, 1/grid, .., 1) and
+    /// clipping ratios. AWQ's cost grows with all three; these defaults keep a 28-layer search to minutes.
+    pub awq_tokens: usize,
+    pub awq_grid: usize,
+    pub awq_clip_grid: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { calibration_text: None, calibration_tokens: 256, awq_tokens: 64, awq_grid: 10, awq_clip_grid: 4 }
+    }
+}
+
+/// What loading a tier did.
+#[derive(Debug, Clone, Default)]
+pub struct TierLoadReport {
+    /// Bytes of all weight matrices as stored (packed tiers: owned; native GGUF matrices: their file bytes).
+    pub weight_bytes: u64,
+    /// Seconds spent quantizing (calibration pass included).
+    pub quantize_seconds: f64,
+    /// Calibration tokens run (0 when no AWQ/GPTQ matrix was quantized).
+    pub calibration_tokens: usize,
+    /// `(tensor name, storage format)` of every matrix, in model order.
+    pub formats: Vec<(String, String)>,
+}
+
+/// The quant-crate format (and method) that a weight spec asks for, or a clear error for what the CPU engine
+/// does not implement.
+pub fn quant_format(spec: &WeightSpec) -> Result<WeightFormat> {
+    let unsupported = |what: String| Err(EngineError::UnsupportedModel(format!("tier weights: {what}")));
+    let scaling = spec.effective_scaling();
+    match spec.format {
+        ApiFormat::Bf16 => Ok(WeightFormat::Bf16),
+        ApiFormat::Fp16 => unsupported("fp16 weights are not implemented by the CPU engine (use bf16)".into()),
+        ApiFormat::Nvfp4 | ApiFormat::Mxfp4 => {
+            unsupported(format!("{} weights need SM100 and are not implemented by the CPU engine", spec.format))
+        }
+        ApiFormat::Fp8E4m3 => match scaling {
+            Some(WeightScaling::PerChannel) => {
+                Ok(WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow })
+            }
+            Some(WeightScaling::PerTensor) => {
+                Ok(WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerTensor })
+            }
+            other => unsupported(format!("fp8-e4m3 with {other:?} scaling (per-channel or per-tensor only)")),
+        },
+        ApiFormat::Int8 => {
+            if scaling != Some(WeightScaling::PerChannel) || !spec.effective_symmetric() {
+                return unsupported("int8 weights are symmetric per-channel only".into());
+            }
+            Ok(WeightFormat::Int8)
+        }
+        ApiFormat::Int4 => {
+            if scaling != Some(WeightScaling::PerGroup) {
+                return unsupported(format!("int4 with {scaling:?} scaling (per-group only)"));
+            }
+            let group = spec.effective_group_size().unwrap_or(128) as usize;
+            let mut c =
+                if spec.effective_symmetric() { Int4Config::symmetric(group) } else { Int4Config::asymmetric(group) }
+                    .map_err(|e| EngineError::UnsupportedModel(format!("tier weights: {e}")))?;
+            c.scales = ScaleStorage::F16;
+            Ok(WeightFormat::Int4(c))
+        }
+    }
+}
+
+/// Checks everything about a tier the CPU engine cannot serve before any work is done.
+pub fn check_tier(arch: &ModelArchitecture, tier: &TierSpec) -> Result<()> {
+    if matches!(tier.activations, ActivationPrecision::Fp8E4m3 | ActivationPrecision::Int8) {
+        return Err(EngineError::UnsupportedModel(format!(
+            "tier {}: {} activations (W8A8) are not implemented by the CPU engine; activations run in f32",
+            tier.name, tier.activations
+        )));
+    }
+    let mut sites = vec![TensorSite::Embedding, TensorSite::LmHead];
+    sites.extend((0..arch.num_layers.max(0) as u32).map(TensorSite::Layer));
+    for site in sites {
+        let spec = weight_spec_for(arch, tier, site);
+        let format = quant_format(spec)?;
+        let ok = match spec.method {
+            QuantMethod::Rtn => true,
+            QuantMethod::Awq => matches!(format, WeightFormat::Int4(_)),
+            QuantMethod::Gptq => matches!(format, WeightFormat::Int4(_) | WeightFormat::Int8),
+            QuantMethod::SmoothQuant => false,
+        };
+        if !ok {
+            return Err(EngineError::UnsupportedModel(format!(
+                "tier {}: method {} on {} weights is not supported (awq: int4; gptq: int4/int8; smoothquant: W8A8, \
+                 not implemented)",
+                tier.name, spec.method, spec.format
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The model's shape in the API's terms (for override resolution).
+pub fn architecture(model: &Llama<CpuBackend>) -> ModelArchitecture {
+    let c = &model.config;
+    ModelArchitecture {
+        num_layers: c.n_layers as i32,
+        hidden_size: c.d_model as i32,
+        intermediate_size: c.d_ff as i32,
+        num_attention_heads: c.n_heads as i32,
+        num_key_value_heads: c.n_kv_heads as i32,
+        head_dim: c.head_dim as i32,
+        vocab_size: c.vocab as i32,
+        tied_embeddings: model.output.is_none(),
+        max_position_embeddings: c.context as i32,
+    }
+}
+
+/// The fp32 values of a matrix (dequantizing a GGUF block matrix, or a packed one).
+pub fn matrix_f32(m: &CpuMatrix) -> Result<Vec<f32>> {
+    let (rows, cols) = m.shape();
+    let mut out = vec![0.0f32; rows * cols];
+    match m {
+        CpuMatrix::Gguf { .. } => {
+            let (ty, data) = m.gguf_data().expect("GGUF matrix");
+            let rb = data.len() / rows;
+            out.par_chunks_mut(cols)
+                .enumerate()
+                .try_for_each(|(r, o)| dequantize_row_reference(ty, &data[r * rb..(r + 1) * rb], o))?;
+        }
+        CpuMatrix::Packed(p) => {
+            out.par_chunks_mut(cols).enumerate().try_for_each(|(r, o)| p.dequantize_row_reference(r, o))?;
+        }
+    }
+    Ok(out)
+}
+
+fn quant_err(name: &str) -> impl Fn(quantfleet_quant::QuantError) -> EngineError + '_ {
+    move |e| EngineError::UnsupportedModel(format!("quantizing {name}: {e}"))
+}
+
+fn rtn(name: &str, m: &CpuMatrix, format: &WeightFormat) -> Result<PackedMatrix> {
+    let (rows, cols) = m.shape();
+    let w = matrix_f32(m)?;
+    let q = quantize_rtn(&MatrixRef::new("weights", &w, rows, cols).map_err(quant_err(name))?, format)
+        .map_err(quant_err(name))?;
+    PackedMatrix::from_quantized(&q)
+}
+
+/// Quantizes matrices that read the same input `x` (`[tokens, cols]`) with the spec's method.
+fn quantize_group(
+    names: &[String],
+    ms: &[&CpuMatrix],
+    x: &CpuTensor,
+    spec: &WeightSpec,
+    opts: &LoadOptions,
+) -> Result<Vec<PackedMatrix>> {
+    let format = quant_format(spec)?;
+    let name = names.join("+");
+    match spec.method {
+        QuantMethod::Rtn | QuantMethod::SmoothQuant => {
+            names.par_iter().zip(ms.par_iter()).map(|(n, m)| rtn(n, m, &format)).collect()
+        }
+        QuantMethod::Awq => {
+            let ws: Vec<Vec<f32>> = ms.iter().map(|m| matrix_f32(m)).collect::<Result<_>>()?;
+            let refs: Vec<MatrixRef> = ws
+                .iter()
+                .zip(ms)
+                .map(|(w, m)| MatrixRef::new("weights", w, m.shape().0, m.shape().1))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(quant_err(&name))?;
+            let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
+            let mut config = AwqConfig::new(format);
+            config.grid = opts.awq_grid;
+            config.clip_grid = opts.awq_clip_grid;
+            config.max_tokens = opts.awq_tokens;
+            let r = awq_shared_input(&refs, &xr, &config).map_err(quant_err(&name))?;
+            r.weights
+                .iter()
+                .map(|q| {
+                    let mut p = PackedMatrix::from_quantized(q)?;
+                    p.input_scales = Some(r.input_scales.clone());
+                    Ok(p)
+                })
+                .collect()
+        }
+        QuantMethod::Gptq => {
+            let mut config = GptqConfig::new(format);
+            config.max_tokens = opts.calibration_tokens;
+            let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
+            let xs = subsample_rows(&xr, config.max_tokens);
+            let xs = MatrixRef::new("calibration", &xs, xs.len() / x.cols, x.cols).map_err(quant_err(&name))?;
+            let h = layer_hessian(&xs);
+            names
+                .par_iter()
+                .zip(ms.par_iter())
+                .map(|(n, m)| {
+                    let w = matrix_f32(m)?;
+                    let wr = MatrixRef::new("weights", &w, m.shape().0, m.shape().1).map_err(quant_err(n))?;
+                    let q = gptq_with_hessian(&wr, h.clone(), &config).map_err(quant_err(n))?;
+                    PackedMatrix::from_quantized(&q)
+                })
+                .collect()
+        }
+    }
+}
+
+fn needs_calibration(spec: &WeightSpec) -> bool {
+    matches!(spec.method, QuantMethod::Awq | QuantMethod::Gptq)
+}
+
+/// Re-quantizes every matrix of `model` (loaded natively from its GGUF file) as `tier` asks.
+pub fn apply_tier(
+    model: &mut Llama<CpuBackend>,
+    tokenizer: &Tokenizer,
+    tier: &TierSpec,
+    opts: &LoadOptions,
+) -> Result<TierLoadReport> {
+    let started = Instant::now();
+    let arch = architecture(model);
+    check_tier(&arch, tier)?;
+    let be = model.backend.clone();
+    let n_layers = model.config.n_layers;
+    let layer_spec = |l: usize| weight_spec_for(&arch, tier, TensorSite::Layer(l as u32));
+    let calibrate = (0..n_layers).any(|l| needs_calibration(layer_spec(l)));
+    let mut report = TierLoadReport::default();
+
+    if calibrate {
+        report.calibration_tokens = calibrate_layers(model, tokenizer, &arch, tier, opts)?;
+    } else {
+        // RTN everywhere: each matrix independently, in parallel.
+        let jobs: Vec<(usize, usize)> = (0..n_layers).flat_map(|l| (0..7).map(move |i| (l, i))).collect();
+        let packed: Vec<PackedMatrix> = jobs
+            .par_iter()
+            .map(|&(l, i)| {
+                let spec = layer_spec(l);
+                let m = model.layers[l].matrices()[i];
+                rtn(&format!("blk.{l}.{}", LAYER_NAMES[i]), m, &quant_format(spec)?)
+            })
+            .collect::<Result<_>>()?;
+        for ((l, i), p) in jobs.into_iter().zip(packed) {
+            *model.layers[l].matrices_mut()[i] = be.upload_packed(p)?;
+        }
+    }
+    // Embeddings (and a separate lm_head): RTN in their resolved format.
+    let embd_spec = weight_spec_for(&arch, tier, TensorSite::Embedding);
+    let packed = rtn("token_embd", &model.tok_embd, &quant_format(embd_spec)?)?;
+    model.tok_embd = be.upload_packed(packed)?;
+    if let Some(out) = &model.output {
+        let spec = weight_spec_for(&arch, tier, TensorSite::LmHead);
+        let packed = rtn("output", out, &quant_format(spec)?)?;
+        model.output = Some(be.upload_packed(packed)?);
+    }
+    report.quantize_seconds = started.elapsed().as_secs_f64();
+    report.formats = model_formats(model);
+    report.weight_bytes = model_weight_bytes(model);
+    Ok(report)
+}
+
+/// Names of a layer's matrices in `Layer::matrices` order.
+pub const LAYER_NAMES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// `(tensor name, format)` of every matrix.
+pub fn model_formats(model: &Llama<CpuBackend>) -> Vec<(String, String)> {
+    let mut out = vec![("token_embd".to_owned(), model.tok_embd.format_name())];
+    for (l, layer) in model.layers.iter().enumerate() {
+        for (name, m) in LAYER_NAMES.iter().zip(layer.matrices()) {
+            out.push((format!("blk.{l}.{name}"), m.format_name()));
+        }
+    }
+    if let Some(o) = &model.output {
+        out.push(("output".to_owned(), o.format_name()));
+    }
+    out
+}
+
+/// Bytes of every weight matrix as stored (norm vectors excluded).
+pub fn model_weight_bytes(model: &Llama<CpuBackend>) -> u64 {
+    let mut total = model.tok_embd.storage_bytes() as u64;
+    for layer in &model.layers {
+        total += layer.matrices().iter().map(|m| m.storage_bytes() as u64).sum::<u64>();
+    }
+    total + model.output.as_ref().map_or(0, |o| o.storage_bytes() as u64)
+}
+
+/// The sequential calibration pass (see the module docs). Returns the number of calibration tokens.
+fn calibrate_layers(
+    model: &mut Llama<CpuBackend>,
+    tokenizer: &Tokenizer,
+    arch: &ModelArchitecture,
+    tier: &TierSpec,
+    opts: &LoadOptions,
+) -> Result<usize> {
+    let text = opts.calibration_text.as_deref().unwrap_or(BUILTIN_CALIBRATION);
+    let mut tokens = tokenizer.encode(text)?;
+    tokens.truncate(opts.calibration_tokens.min(model.config.context));
+    if tokens.len() < 16 {
+        return Err(EngineError::InvalidRequest(format!(
+            "calibration text gives {} tokens; AWQ/GPTQ need at least 16",
+            tokens.len()
+        )));
+    }
+    let n = tokens.len();
+    let be = model.backend.clone();
+    let c = model.config.clone();
+    let layout = c.kv_layout(crate::kv_cache::DEFAULT_BLOCK_TOKENS);
+    let mut kv = KvCache::with_budget(&be, layout, n.div_ceil(layout.block_tokens) * layout.block_elems() * 4)?;
+    let mut seq = SeqKv::default();
+    kv.reserve(&mut seq, n)?;
+    let mut ws: Workspace<CpuBackend> = model.new_workspace();
+    ws.rope.fill(0..n, c.head_dim, c.rope_base);
+    be.embed(&model.tok_embd, &tokens, &mut ws.x)?;
+    let spans = [SeqSpan { row0: 0, n_tokens: n, start_pos: 0, block_table: &seq.block_table }];
+    for l in 0..c.n_layers {
+        let spec = weight_spec_for(arch, tier, TensorSite::Layer(l as u32));
+        let names = |idx: &[usize]| idx.iter().map(|&i| format!("blk.{l}.{}", LAYER_NAMES[i])).collect::<Vec<_>>();
+        let requantize = |model: &mut Llama<CpuBackend>, idx: &[usize], x: &CpuTensor| -> Result<()> {
+            let mats: Vec<&CpuMatrix> = idx.iter().map(|&i| model.layers[l].matrices()[i]).collect();
+            let packed = quantize_group(&names(idx), &mats, x, spec, opts)?;
+            for (&i, p) in idx.iter().zip(packed) {
+                *model.layers[l].matrices_mut()[i] = be.upload_packed(p)?;
+            }
+            Ok(())
+        };
+        be.rms_norm(&ws.x, &model.layers[l].attn_norm, c.rms_eps, &mut ws.h)?;
+        requantize(model, &[0, 1, 2], &ws.h)?;
+        let layer = &model.layers[l];
+        be.matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &ws.h, &mut [&mut ws.q, &mut ws.k, &mut ws.v])?;
+        be.rope(&mut ws.q, c.head_dim, &ws.rope)?;
+        be.rope(&mut ws.k, c.head_dim, &ws.rope)?;
+        be.kv_write(&mut kv.storage, l, &ws.k, &ws.v, &spans)?;
+        be.attention(&ws.q, &kv.storage, l, &spans, &mut ws.attn)?;
+        requantize(model, &[3], &ws.attn)?;
+        be.matmul(&model.layers[l].wo, &ws.attn, &mut ws.proj)?;
+        be.add_assign(&mut ws.x, &ws.proj)?;
+
+        be.rms_norm(&ws.x, &model.layers[l].ffn_norm, c.rms_eps, &mut ws.h)?;
+        requantize(model, &[4, 5], &ws.h)?;
+        let layer = &model.layers[l];
+        be.matmul_many(&[&layer.gate, &layer.up], &ws.h, &mut [&mut ws.gate, &mut ws.up])?;
+        be.swiglu(&ws.gate, &ws.up, &mut ws.act)?;
+        requantize(model, &[6], &ws.act)?;
+        be.matmul(&model.layers[l].down, &ws.act, &mut ws.proj)?;
+        be.add_assign(&mut ws.x, &ws.proj)?;
+    }
+    kv.release(&mut seq);
+    Ok(n)
+}
+
+/// Shared by `Engine::open_cpu_tier`: a native model re-quantized for `tier`.
+pub(crate) fn load_tier(
+    file: Arc<crate::gguf::GgufFile>,
+    tier: &TierSpec,
+    opts: &LoadOptions,
+) -> Result<(Llama<CpuBackend>, Tokenizer, TierLoadReport)> {
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let mut model = Llama::load(CpuBackend::new(), file)?;
+    let report = apply_tier(&mut model, &tokenizer, tier, opts)?;
+    Ok((model, tokenizer, report))
+}

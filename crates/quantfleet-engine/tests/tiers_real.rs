@@ -1,0 +1,199 @@
+//! Precision tiers on the real SmolLM2-135M: each tier loaded from a `TierSpec` (the API type), compared with
+//! the fp32 reference (the file's Q4_1/Q8_0 weights dequantized in f32) on short prompts by teacher-forced
+//! logits, and its per-layer overrides and weight bytes checked against the fit planner.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use quantfleet_api::model::TierSpec;
+use quantfleet_api::plan::{TensorSite, matrix_bytes, weight_spec_for};
+use quantfleet_api::vocab::QuantMethod;
+use quantfleet_engine::cpu::CpuBackend;
+use quantfleet_engine::model::Logits;
+use quantfleet_engine::quality::Divergence;
+use quantfleet_engine::sampler::SamplingParams;
+use quantfleet_engine::tier::{LoadOptions, architecture};
+use quantfleet_engine::{Engine, EngineError, GenerateRequest};
+
+const PROMPTS: [&str; 3] = [
+    "The capital of France is Paris. The capital of Italy is Rome. The capital of Germany is",
+    "<|im_start|>user\nWrite a Python function that returns the square of a number.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+];
+
+fn tier(json: &str) -> TierSpec {
+    serde_json::from_str(json).expect("tier spec JSON")
+}
+
+fn reference() -> &'static Engine<CpuBackend> {
+    static E: OnceLock<Engine<CpuBackend>> = OnceLock::new();
+    E.get_or_init(|| Engine::open_cpu(&common::smollm2_path(), Some(common::SMOLLM2_SHA256)).unwrap())
+}
+
+fn logits_all(e: &Engine<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
+    let mut kv = e.new_kv_cache(16 << 20).unwrap();
+    let mut seq = Default::default();
+    let mut ws = e.model.new_workspace();
+    let mut out = Vec::new();
+    e.model.forward(&mut ws, &mut kv, &mut seq, tokens, Logits::All, &mut out).unwrap();
+    kv.release(&mut seq);
+    out
+}
+
+/// Divergence of `e` from the reference over every position of the test prompts.
+fn divergence(e: &Engine<CpuBackend>) -> Divergence {
+    let r = reference();
+    let mut total = Divergence::default();
+    for p in PROMPTS {
+        let ids = r.tokenizer.encode(p).unwrap();
+        let d = Divergence::measure(&logits_all(r, &ids), &logits_all(e, &ids), r.model.config.vocab);
+        total.add(&d);
+    }
+    total
+}
+
+fn greedy_text(e: &Engine<CpuBackend>, prompt: &str, n: usize) -> String {
+    let mut kv = e.new_kv_cache(16 << 20).unwrap();
+    let ids = e.tokenizer.encode(prompt).unwrap();
+    let req =
+        GenerateRequest { max_tokens: n, sampling: SamplingParams::default(), stop_tokens: vec![], top_logprobs: 0 };
+    let out = e.generate(&mut kv, &ids, &req).unwrap();
+    e.tokenizer.decode(&out.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), false).unwrap()
+}
+
+fn open(t: &TierSpec, opts: &LoadOptions) -> Engine<CpuBackend> {
+    Engine::open_cpu_tier(&common::smollm2_path(), None, t, opts).unwrap()
+}
+
+/// Bytes the planner counts for every matrix of the tier, plus the AWQ input scales the engine keeps
+/// (4 bytes per input feature of each AWQ matrix), which the planner does not count.
+fn planned_matrix_bytes(e: &Engine<CpuBackend>, t: &TierSpec) -> u64 {
+    let arch = architecture(&e.model);
+    let c = &e.model.config;
+    let (d, f, kv) = (c.d_model as u64, c.d_ff as u64, (c.n_kv_heads * c.head_dim) as u64);
+    let shapes = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)];
+    let mut total = matrix_bytes(c.vocab as u64, d, weight_spec_for(&arch, t, TensorSite::Embedding));
+    for l in 0..c.n_layers as u32 {
+        let spec = weight_spec_for(&arch, t, TensorSite::Layer(l));
+        for (rows, cols) in shapes {
+            total += matrix_bytes(rows, cols, spec);
+            if spec.method == QuantMethod::Awq {
+                total += 4 * cols;
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn bf16_fp8_and_int8_tiers_track_the_fp32_reference() {
+    let cases = [
+        // Bounds: what these tiers measure on these prompts (bf16 6e-5, fp8 0.032 / 83% top-1, int8 0.005 / 97%)
+        // with margin. FP8 per-channel misses the issue's 0.01 target on this model (see README).
+        (r#"{"name":"bf16","weights":{"format":"bf16"}}"#, 0.001, 0.98),
+        (r#"{"name":"fp8","weights":{"format":"fp8-e4m3","scaling":"per-channel"}}"#, 0.05, 0.75),
+        (r#"{"name":"int8","weights":{"format":"int8"}}"#, 0.01, 0.93),
+    ];
+    for (json, max_kld, min_top1) in cases {
+        let t = tier(json);
+        let e = open(&t, &LoadOptions::default());
+        let d = divergence(&e);
+        println!(
+            "tier {}: mean KLD {:.5}, top-1 {:.3} over {} positions, first divergence {:?}",
+            t.name,
+            d.mean_kl(),
+            d.top1(),
+            d.positions,
+            d.first_divergent
+        );
+        assert!(d.mean_kl() < max_kld && d.top1() >= min_top1, "tier {}: {d:?}", t.name);
+        let report = e.tier.as_ref().unwrap();
+        assert_eq!(report.weight_bytes, planned_matrix_bytes(&e, &t), "tier {}: stored vs planned bytes", t.name);
+        assert!(greedy_text(&e, "The capital of France is", 2).starts_with(" Paris"), "tier {}", t.name);
+    }
+}
+
+/// The sample int4-awq tier's layout (deploy/samples): INT4 g128 with the first and last layers and the tied
+/// embeddings at bf16, loaded with RTN here (AWQ's search over all 28 layers is what `quantfleet eval` runs);
+/// the override resolution and stored bytes are the planner's.
+#[test]
+fn int4_sample_tier_keeps_overridden_layers_high_and_matches_the_planner() {
+    let t = tier(
+        r#"{"name":"int4","weights":{"format":"int4","groupSize":128},
+            "layerOverrides":[{"firstLayers":1,"lastLayers":1,"weights":{"format":"bf16"}},
+                              {"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]}"#,
+    );
+    let e = open(&t, &LoadOptions::default());
+    let report = e.tier.as_ref().unwrap();
+    let format = |name: &str| report.formats.iter().find(|(n, _)| n == name).map(|(_, f)| f.as_str()).unwrap();
+    assert_eq!(format("token_embd"), "bf16");
+    assert_eq!(format("blk.0.attn_q"), "bf16");
+    assert_eq!(format("blk.29.ffn_down"), "bf16");
+    assert_eq!(format("blk.1.attn_q"), "int4-g128-asym");
+    assert_eq!(format("blk.28.ffn_down"), "int4-g128-asym");
+    assert_eq!(report.calibration_tokens, 0, "RTN needs no calibration");
+    assert_eq!(report.weight_bytes, planned_matrix_bytes(&e, &t));
+    let d = divergence(&e);
+    println!("tier int4 g128 RTN (on the Q4_1 grid: optimistic): mean KLD {:.4}, top-1 {:.3}", d.mean_kl(), d.top1());
+    // Measured 0.34 / 71%: g128 is much coarser than the file's own g32 grid.
+    assert!(d.mean_kl() < 0.5 && d.top1() > 0.6, "{d:?}");
+    assert!(greedy_text(&e, "The capital of France is", 2).starts_with(" Paris"));
+}
+
+/// AWQ through an override on one layer (the rest bf16; AWQ's search costs about a minute per layer here):
+/// the calibration pass runs, the layer's matrices are INT4 g128 with AWQ input scales, and the planner's
+/// bytes plus those scales are what is stored.
+#[test]
+fn awq_override_on_selected_layers() {
+    let t = tier(
+        r#"{"name":"awq-some","weights":{"format":"bf16"},
+            "layerOverrides":[{"layers":[5],"weights":{"format":"int4","method":"awq","groupSize":128}}]}"#,
+    );
+    let e = open(&t, &LoadOptions { calibration_tokens: 128, ..LoadOptions::default() });
+    let report = e.tier.as_ref().unwrap();
+    let formats: Vec<&str> = report.formats.iter().map(|(_, f)| f.as_str()).collect();
+    assert_eq!(formats.iter().filter(|f| **f == "int4-g128-asym").count(), 7, "7 matrices of layer 5");
+    assert_eq!(report.calibration_tokens, 128);
+    assert_eq!(report.weight_bytes, planned_matrix_bytes(&e, &t));
+    let d = divergence(&e);
+    println!(
+        "awq on layer 5: mean KLD {:.5}, top-1 {:.3}, load {:.1} s",
+        d.mean_kl(),
+        d.top1(),
+        report.quantize_seconds
+    );
+    assert!(d.mean_kl() < 0.05 && d.top1() > 0.9, "{d:?}");
+}
+
+/// GPTQ through an override on two layers (the rest bf16): the calibration pass runs, the overridden layers
+/// are INT4 g64 symmetric, and the model still answers.
+#[test]
+fn gptq_override_on_selected_layers() {
+    let t = tier(
+        r#"{"name":"gptq-some","weights":{"format":"bf16"},
+            "layerOverrides":[{"layers":[3,17],"weights":{"format":"int4","method":"gptq","groupSize":64,"symmetric":true}}]}"#,
+    );
+    let e = open(&t, &LoadOptions { calibration_tokens: 128, ..LoadOptions::default() });
+    let report = e.tier.as_ref().unwrap();
+    let formats: Vec<&str> = report.formats.iter().map(|(_, f)| f.as_str()).collect();
+    assert_eq!(formats.iter().filter(|f| **f == "int4-g64-sym").count(), 14, "7 matrices x 2 layers");
+    assert_eq!(report.calibration_tokens, 128);
+    let d = divergence(&e);
+    assert!(d.mean_kl() < 0.05 && d.top1() > 0.9, "{d:?}");
+}
+
+#[test]
+fn unsupported_tiers_are_clear_errors() {
+    let cases = [
+        (r#"{"name":"nv","weights":{"format":"nvfp4"}}"#, "nvfp4"),
+        (r#"{"name":"w8a8","weights":{"format":"int8","method":"smoothquant"},"activations":"int8"}"#, "W8A8"),
+        (r#"{"name":"f16","weights":{"format":"fp16"}}"#, "fp16"),
+    ];
+    for (json, needle) in cases {
+        let err = Engine::open_cpu_tier(&common::smollm2_path(), None, &tier(json), &LoadOptions::default())
+            .err()
+            .expect("unsupported tier must fail");
+        assert!(matches!(err, EngineError::UnsupportedModel(_)) && err.to_string().contains(needle), "{err}");
+    }
+}
