@@ -130,7 +130,12 @@ pub trait Backend: Send + Sync {
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Activations, y: &Self::Activations) -> Result<()>;
 
-    fn new_kv_storage(&self, layout: KvLayout, n_blocks: usize) -> Result<Self::KvStorage>;
+    fn new_kv_storage(
+        &self,
+        layout: KvLayout,
+        dtype: crate::kv_cache::KvDtype,
+        n_blocks: usize,
+    ) -> Result<Self::KvStorage>;
     /// Stores the rows of `k` and `v` (`[n, n_kv_heads * head_dim]`) of layer `layer` at their sequences' slots.
     fn kv_write(
         &self,

@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::cpu::CpuBackend;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, SeqKv};
+use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvDtype, SeqKv};
 use crate::model::{Llama, Logits};
 use crate::sampler::{Sampler, SamplingParams, logsumexp, top_logprobs};
 use crate::tier::{LoadOptions, TierLoadReport};
@@ -52,6 +52,8 @@ pub struct Engine<B: Backend> {
     pub tokenizer: Tokenizer,
     /// What loading a precision tier did (None for a model served in its file's own formats).
     pub tier: Option<TierLoadReport>,
+    /// Element type of the KV caches `new_kv_cache` makes (the tier's; f32 for the reference).
+    pub kv_dtype: KvDtype,
 }
 
 fn open_file(path: &Path, sha256: Option<&str>) -> Result<Arc<GgufFile>> {
@@ -73,9 +75,10 @@ impl Engine<CpuBackend> {
     /// and re-quantized as `tier` says (format, method, group size, per-layer overrides; AWQ/GPTQ calibrate on
     /// `opts`' calibration text). Unsupported tier settings are a clear error before any work is done.
     pub fn open_cpu_tier(path: &Path, sha256: Option<&str>, tier: &TierSpec, opts: &LoadOptions) -> Result<Self> {
+        let kv_dtype = crate::tier::kv_dtype(tier)?;
         let (model, tokenizer, report) = crate::tier::load_tier(open_file(path, sha256)?, tier, opts)?;
         Self::check_vocab(&tokenizer, &model)?;
-        Ok(Self { model, tokenizer, tier: Some(report) })
+        Ok(Self { model, tokenizer, tier: Some(report), kv_dtype })
     }
 }
 
@@ -84,7 +87,7 @@ impl<B: Backend> Engine<B> {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let model = Llama::load(backend, file)?;
         Self::check_vocab(&tokenizer, &model)?;
-        Ok(Self { model, tokenizer, tier: None })
+        Ok(Self { model, tokenizer, tier: None, kv_dtype: KvDtype::F32 })
     }
 
     fn check_vocab(tokenizer: &Tokenizer, model: &Llama<B>) -> Result<()> {
@@ -98,9 +101,10 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// A KV cache holding as many blocks as fit in `budget_bytes`.
+    /// A KV cache of the engine's dtype holding as many blocks as fit in `budget_bytes`.
     pub fn new_kv_cache(&self, budget_bytes: usize) -> Result<KvCache<B>> {
-        KvCache::with_budget(&self.model.backend, self.model.config.kv_layout(DEFAULT_BLOCK_TOKENS), budget_bytes)
+        let layout = self.model.config.kv_layout(DEFAULT_BLOCK_TOKENS);
+        KvCache::with_budget_dtype(&self.model.backend, layout, self.kv_dtype, budget_bytes)
     }
 
     /// Generates after `prompt`; the sequence's KV blocks are returned to `kv` afterwards, also on error.

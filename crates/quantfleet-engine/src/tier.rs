@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use quantfleet_api::model::{ModelArchitecture, TierSpec, WeightSpec};
 use quantfleet_api::plan::{TensorSite, weight_spec_for};
-use quantfleet_api::vocab::{ActivationPrecision, QuantMethod, WeightFormat as ApiFormat, WeightScaling};
+use quantfleet_api::vocab::{ActivationPrecision, KvCacheDtype, QuantMethod, WeightFormat as ApiFormat, WeightScaling};
 use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
 use quantfleet_quant::gptq::{GptqConfig, gptq_with_hessian, layer_hessian};
 use quantfleet_quant::matrix::subsample_rows;
@@ -28,7 +28,7 @@ use crate::backend::{Backend, SeqSpan};
 use crate::cpu::{CpuBackend, CpuMatrix, CpuTensor};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::{KvCache, SeqKv};
+use crate::kv_cache::{KvCache, KvDtype, SeqKv};
 use crate::model::{Llama, Workspace};
 use crate::packed::PackedMatrix;
 use crate::tokenizer::Tokenizer;
@@ -107,6 +107,30 @@ pub fn quant_format(spec: &WeightSpec) -> Result<WeightFormat> {
             Ok(WeightFormat::Int4(c))
         }
     }
+}
+
+/// The KV cache dtype a tier asks for.
+pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
+    let kv = &tier.kv_cache;
+    let dtype = match kv.dtype {
+        KvCacheDtype::Fp16 => KvDtype::F16,
+        KvCacheDtype::Bf16 => KvDtype::Bf16,
+        KvCacheDtype::Fp8E4m3 => KvDtype::Fp8E4m3,
+        KvCacheDtype::Int8 => KvDtype::Int8,
+        KvCacheDtype::Int4 => {
+            return Err(EngineError::UnsupportedModel(format!(
+                "tier {}: the int4 (KIVI) KV cache is not implemented by the CPU engine yet",
+                tier.name
+            )));
+        }
+    };
+    if kv.sink_tokens != 0 || kv.residual_tokens != 0 {
+        return Err(EngineError::UnsupportedModel(format!(
+            "tier {}: sink/residual full-precision windows are implemented only for int4 KIVI caches",
+            tier.name
+        )));
+    }
+    Ok(dtype)
 }
 
 /// Checks everything about a tier the CPU engine cannot serve before any work is done.

@@ -183,6 +183,45 @@ fn gptq_override_on_selected_layers() {
     assert!(d.mean_kl() < 0.05 && d.top1() > 0.9, "{d:?}");
 }
 
+/// KV cache dtypes on the real model: the tier's KV dtype is what `new_kv_cache` builds, its block count grows
+/// as the dtype shrinks, and an FP8 / INT8 KV cache adds little divergence on top of the same weights.
+#[test]
+fn kv_cache_dtypes_add_little_divergence() {
+    use quantfleet_engine::kv_cache::KvDtype;
+    let weights = r#""weights":{"format":"fp8-e4m3"}"#;
+    let base = open(&tier(&format!(r#"{{"name":"fp8",{weights}}}"#)), &LoadOptions::default());
+    assert_eq!(base.kv_dtype, KvDtype::F16, "the default KV cache is fp16");
+    let f16_blocks = base.new_kv_cache(8 << 20).unwrap().total_blocks();
+    let vocab = base.model.config.vocab;
+    for (dtype, name, max_added) in
+        [("fp8-e4m3", KvDtype::Fp8E4m3, 0.005), ("int8", KvDtype::Int8, 0.005), ("bf16", KvDtype::Bf16, 0.001)]
+    {
+        let t = tier(&format!(r#"{{"name":"kv",{weights},"kvCache":{{"dtype":"{dtype}"}}}}"#));
+        let e = open(&t, &LoadOptions::default());
+        assert_eq!(e.kv_dtype, name);
+        let blocks = e.new_kv_cache(8 << 20).unwrap().total_blocks();
+        if dtype != "bf16" {
+            assert!(blocks > f16_blocks * 18 / 10, "{dtype}: {blocks} blocks vs fp16 {f16_blocks}");
+        }
+        let mut added = Divergence::default();
+        for p in PROMPTS {
+            let ids = e.tokenizer.encode(p).unwrap();
+            added.add(&Divergence::measure(&logits_all(&base, &ids), &logits_all(&e, &ids), vocab));
+        }
+        println!("KV {dtype} on fp8 weights: added mean KLD {:.5}, top-1 {:.3}", added.mean_kl(), added.top1());
+        assert!(added.mean_kl() < max_added, "KV {dtype}: {added:?}");
+    }
+    let err = Engine::open_cpu_tier(
+        &common::smollm2_path(),
+        None,
+        &tier(r#"{"name":"kivi","weights":{"format":"bf16"},"kvCache":{"dtype":"int4","scheme":"kivi"}}"#),
+        &LoadOptions::default(),
+    )
+    .err()
+    .expect("int4 KV is not implemented");
+    assert!(err.to_string().contains("int4"), "{err}");
+}
+
 #[test]
 fn unsupported_tiers_are_clear_errors() {
     let cases = [

@@ -6,14 +6,126 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use quantfleet_quant::{Fp8Format, Saturation};
+
 use super::matmul::SimdLevel;
+use super::packed_kernels::e4m3_to_f32;
 use crate::backend::{KvLayout, SeqSpan};
+use crate::kv_cache::KvDtype;
+
+/// KV elements in the cache's dtype, in `KvLayout` order (keys transposed within a block, values as rows).
+pub(crate) enum KvData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+    Fp8(Vec<u8>),
+    Int8(Vec<i8>),
+}
+
+/// The CPU KV store: elements plus, for 8-bit dtypes, one f32 scale per (block, layer, K/V, head, slot) at
+/// index `(element offset of the head's run) / head_dim + slot`.
+pub(crate) struct KvStore {
+    pub data: KvData,
+    pub scales: Vec<f32>,
+}
+
+impl KvStore {
+    pub fn new(dtype: KvDtype, n_elems: usize, head_dim: usize) -> Self {
+        let data = match dtype {
+            KvDtype::F32 => KvData::F32(vec![0.0; n_elems]),
+            KvDtype::F16 => KvData::F16(vec![f16::ZERO; n_elems]),
+            KvDtype::Bf16 => KvData::Bf16(vec![bf16::ZERO; n_elems]),
+            KvDtype::Fp8E4m3 => KvData::Fp8(vec![0; n_elems]),
+            KvDtype::Int8 => KvData::Int8(vec![0; n_elems]),
+        };
+        let scales = match dtype {
+            KvDtype::Fp8E4m3 | KvDtype::Int8 => vec![0.0; n_elems / head_dim],
+            _ => Vec::new(),
+        };
+        Self { data, scales }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            KvData::F32(v) => v.len(),
+            KvData::F16(v) => v.len(),
+            KvData::Bf16(v) => v.len(),
+            KvData::Fp8(v) => v.len(),
+            KvData::Int8(v) => v.len(),
+        }
+    }
+
+    /// Stores one token's head vector `src` at `slot` of the run starting at `base`: keys transposed
+    /// (element d at `base + d * bt + slot`), values as a row (`base + slot * hd + d`).
+    pub fn put(&mut self, base: usize, slot: usize, key: bool, bt: usize, hd: usize, src: &[f32]) {
+        let idx = |d: usize| if key { base + d * bt + slot } else { base + slot * hd + d };
+        let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        match &mut self.data {
+            KvData::F32(v) => src.iter().enumerate().for_each(|(d, &x)| v[idx(d)] = x),
+            KvData::F16(v) => src.iter().enumerate().for_each(|(d, &x)| v[idx(d)] = f16::from_f32(x)),
+            KvData::Bf16(v) => src.iter().enumerate().for_each(|(d, &x)| v[idx(d)] = bf16::from_f32(x)),
+            KvData::Fp8(v) => {
+                let scale = if amax > 0.0 { amax / Fp8Format::E4M3.max_finite() } else { 1.0 };
+                self.scales[base / hd + slot] = scale;
+                let inv = 1.0 / scale;
+                src.iter()
+                    .enumerate()
+                    .for_each(|(d, &x)| v[idx(d)] = Fp8Format::E4M3.encode(x * inv, Saturation::Saturating));
+            }
+            KvData::Int8(v) => {
+                let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+                self.scales[base / hd + slot] = scale;
+                let inv = 1.0 / scale;
+                src.iter()
+                    .enumerate()
+                    .for_each(|(d, &x)| v[idx(d)] = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
+            }
+        }
+    }
+
+    /// The run of `n` elements at `base` as f32: borrowed for an f32 cache, decoded into `scratch` otherwise.
+    /// `key` selects the scale indexing (keys: per slot across the transposed run; values: per row).
+    #[inline(always)]
+    pub fn get<'a>(
+        &'a self,
+        base: usize,
+        n: usize,
+        key: bool,
+        bt: usize,
+        hd: usize,
+        scratch: &'a mut Vec<f32>,
+    ) -> &'a [f32] {
+        let run = base..base + n;
+        if let KvData::F32(v) = &self.data {
+            return &v[run];
+        }
+        scratch.resize(n, 0.0);
+        let out = &mut scratch[..n];
+        let scale = |i: usize| self.scales[base / hd + if key { i % bt } else { i / hd }];
+        match &self.data {
+            KvData::F32(_) => unreachable!(),
+            KvData::F16(v) => v[run].convert_to_f32_slice(out),
+            KvData::Bf16(v) => v[run].convert_to_f32_slice(out),
+            KvData::Fp8(v) => {
+                out.iter_mut().zip(&v[run]).enumerate().for_each(|(i, (o, &c))| *o = e4m3_to_f32(c) * scale(i))
+            }
+            KvData::Int8(v) => {
+                out.iter_mut().zip(&v[run]).enumerate().for_each(|(i, (o, &c))| *o = c as f32 * scale(i))
+            }
+        }
+        out
+    }
+}
 
 /// Slots per block for which scores are accumulated in registers (one AVX-512 vector).
 const LANES: usize = 16;
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Decoded K and V runs of one block (quantized caches only).
+    static KV_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Where row `row` of the batch sits: its span's block table and its absolute position.
@@ -21,8 +133,15 @@ fn locate<'a>(spans: &'a [SeqSpan<'a>], row: usize) -> Option<(&'a SeqSpan<'a>, 
     spans.iter().find(|s| row >= s.row0 && row < s.row0 + s.n_tokens).map(|s| (s, s.start_pos + row - s.row0))
 }
 
-/// Copies K and V rows (`[n, n_kv * hd]`) into their slots.
-pub(crate) fn kv_write(storage: &mut [f32], layout: &KvLayout, layer: usize, k: &[f32], v: &[f32], spans: &[SeqSpan]) {
+/// Copies K and V rows (`[n, n_kv * hd]`) into their slots, converting to the cache's dtype.
+pub(crate) fn kv_write(
+    storage: &mut KvStore,
+    layout: &KvLayout,
+    layer: usize,
+    k: &[f32],
+    v: &[f32],
+    spans: &[SeqSpan],
+) {
     let (hd, bt) = (layout.head_dim, layout.block_tokens);
     let width = layout.n_kv_heads * hd;
     for span in spans {
@@ -34,12 +153,10 @@ pub(crate) fn kv_write(storage: &mut [f32], layout: &KvLayout, layer: usize, k: 
             for h in 0..layout.n_kv_heads {
                 let src = row * width + h * hd;
                 // Keys transposed within the block (see KvLayout), values as rows.
-                let k_base = block * layout.block_elems() + layout.head_offset(layer, 0, h) + slot;
-                for (d, &kv) in k[src..src + hd].iter().enumerate() {
-                    storage[k_base + d * bt] = kv;
-                }
-                let v_base = block * layout.block_elems() + layout.head_offset(layer, 1, h) + slot * hd;
-                storage[v_base..v_base + hd].copy_from_slice(&v[src..src + hd]);
+                let k_base = block * layout.block_elems() + layout.head_offset(layer, 0, h);
+                storage.put(k_base, slot, true, bt, hd, &k[src..src + hd]);
+                let v_base = block * layout.block_elems() + layout.head_offset(layer, 1, h);
+                storage.put(v_base, slot, false, bt, hd, &v[src..src + hd]);
             }
         }
     }
@@ -49,7 +166,7 @@ pub(crate) fn kv_write(storage: &mut [f32], layout: &KvLayout, layer: usize, k: 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     level: SimdLevel,
-    storage: &[f32],
+    storage: &KvStore,
     layout: &KvLayout,
     layer: usize,
     q: &[f32],
@@ -80,7 +197,7 @@ pub(crate) fn attention(
 
 /// One (row, query head) of attention.
 struct Job<'a> {
-    storage: &'a [f32],
+    storage: &'a KvStore,
     layout: &'a KvLayout,
     layer: usize,
     kv_head: usize,
@@ -105,16 +222,24 @@ fn attend_avx2(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
 /// contiguous run of `block_tokens * head_dim`, so both passes stream memory linearly.
 #[inline(always)]
 fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
+    KV_SCRATCH.with_borrow_mut(|(ks, vs)| attend_blocks(job, scores, out, ks, vs))
+}
+
+#[inline(always)]
+fn attend_blocks(
+    job: &Job,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    k_scratch: &mut Vec<f32>,
+    v_scratch: &mut Vec<f32>,
+) {
     let l = job.layout;
     let (hd, bt) = (l.head_dim, l.block_tokens);
     let scale = 1.0 / (hd as f32).sqrt();
     let n = job.pos + 1;
     let k_off = l.head_offset(job.layer, 0, job.kv_head);
     let v_off = l.head_offset(job.layer, 1, job.kv_head);
-    let block_at = |b: usize, off: usize, len: usize| {
-        let base = job.block_table[b] as usize * l.block_elems() + off;
-        &job.storage[base..base + len * hd]
-    };
+    let base = |b: usize, off: usize| job.block_table[b] as usize * l.block_elems() + off;
     scores.clear();
     scores.resize(n, 0.0);
     let mut max = f32::NEG_INFINITY;
@@ -122,7 +247,7 @@ fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
         let len = bt.min(n - b * bt);
         // Keys are stored transposed ([d][slot]), so the block's scores accumulate as one vector over the
         // slots, one broadcast query element at a time: no horizontal reduction per key.
-        let keys_t = block_at(b, k_off, bt);
+        let keys_t = job.storage.get(base(b, k_off), bt * hd, true, bt, hd, k_scratch);
         let sc = &mut scores[b * bt..b * bt + len];
         if bt == LANES {
             // The default block size: the 16 scores live in one register for the whole loop over d (through
@@ -155,7 +280,7 @@ fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
     out.fill(0.0);
     for b in 0..n.div_ceil(bt) {
         let len = bt.min(n - b * bt);
-        let values = block_at(b, v_off, len);
+        let values = job.storage.get(base(b, v_off), len * hd, false, bt, hd, v_scratch);
         let weights = &scores[b * bt..b * bt + len];
         // Four value rows per pass over `out`: a quarter of the loads and stores of `out`, whose
         // store-to-load round trips otherwise dominate this loop.

@@ -22,6 +22,7 @@ use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::kv_cache::KvDtype;
 use crate::packed::PackedMatrix;
 use matmul::BlockMatrix;
 
@@ -357,13 +358,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn new_kv_storage(&self, layout: KvLayout, n_blocks: usize) -> Result<CpuKvStorage> {
+    fn new_kv_storage(&self, layout: KvLayout, dtype: KvDtype, n_blocks: usize) -> Result<CpuKvStorage> {
         let n = layout
             .block_elems()
             .checked_mul(n_blocks)
             .ok_or_else(|| shape_err("kv storage", format!("{n_blocks} blocks overflow")))?;
         // Zeroed allocation: the OS commits pages only when blocks are first written.
-        Ok(CpuKvStorage { layout, data: vec![0.0; n] })
+        Ok(CpuKvStorage { layout, n_blocks, store: attention::KvStore::new(dtype, n, layout.head_dim) })
     }
 
     fn kv_write(
@@ -379,7 +380,7 @@ impl Backend for CpuBackend {
             return Err(shape_err("kv_write", format!("k/v widths {}/{} for {:?}", k.cols, v.cols, kv.layout)));
         }
         kv.check(layer, k.rows, spans)?;
-        attention::kv_write(&mut kv.data, &kv.layout, layer, &k.data, &v.data, spans);
+        attention::kv_write(&mut kv.store, &kv.layout, layer, &k.data, &v.data, spans);
         Ok(())
     }
 
@@ -398,15 +399,28 @@ impl Backend for CpuBackend {
         }
         kv.check(layer, q.rows, spans)?;
         self.resize(out, q.rows, q.cols)?;
-        attention::attention(self.level, &kv.data, &l, layer, &q.data, n_heads, spans, &mut out.data);
+        attention::attention(self.level, &kv.store, &l, layer, &q.data, n_heads, spans, &mut out.data);
         Ok(())
     }
 }
 
-/// KV blocks in host memory, `layout.block_elems()` f32 per block.
+/// KV blocks in host memory, `layout.block_elems()` elements of the cache's dtype per block (plus scales).
 pub struct CpuKvStorage {
     layout: KvLayout,
-    data: Vec<f32>,
+    n_blocks: usize,
+    store: attention::KvStore,
+}
+
+impl CpuKvStorage {
+    /// Bytes allocated for elements and scales.
+    pub fn allocated_bytes(&self) -> usize {
+        let elem = match self.store.data {
+            attention::KvData::F32(_) => 4,
+            attention::KvData::F16(_) | attention::KvData::Bf16(_) => 2,
+            attention::KvData::Fp8(_) | attention::KvData::Int8(_) => 1,
+        };
+        elem * self.store.len() + 4 * self.store.scales.len()
+    }
 }
 
 impl CpuKvStorage {
@@ -417,7 +431,7 @@ impl CpuKvStorage {
         if layer >= l.n_layers {
             return Err(shape_err("kv", format!("layer {layer} of {}", l.n_layers)));
         }
-        let n_blocks = self.data.len() / l.block_elems();
+        let n_blocks = self.n_blocks;
         let mut next_row = 0;
         for s in spans {
             if s.row0 != next_row {
