@@ -9,6 +9,7 @@ pub mod model;
 pub mod node;
 pub mod plan;
 pub mod policy;
+pub mod routes;
 pub mod stats;
 pub mod validate;
 pub mod vocab;
