@@ -98,7 +98,10 @@ fn plan_rejects_unreadable_input_with_a_clear_error() {
 
 #[test]
 fn crdgen_check_detects_drift() {
-    assert!(quantfleet(&["crdgen", "--check", "crds"]).status.success(), "committed crds/ must match the types");
+    // Without a directory both copies are checked: crds/ and the Helm chart's charts/quantfleet/crds/.
+    let out = quantfleet(&["crdgen", "--check"]);
+    assert!(out.status.success(), "committed crds/ and chart CRDs must match the types: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("charts/quantfleet/crds"));
     let dir = std::env::temp_dir().join(format!("quantfleet-crds-{}", std::process::id()));
     let out = quantfleet(&["crdgen", dir.to_str().unwrap()]);
     assert!(out.status.success());

@@ -1,4 +1,5 @@
 //! `quantfleet crdgen`: the CRD YAML under crds/ is generated from the Rust types, never edited by hand.
+//! The Helm chart ships the same files (charts/quantfleet/crds), so both directories are written by default.
 //! `--check` compares instead of writing, so CI fails when someone changes the types and forgets to regenerate.
 
 use anyhow::{Context, Result, bail};
@@ -9,9 +10,9 @@ use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Directory the CRD files are written to (or compared with).
-    #[arg(default_value = "crds")]
-    dir: PathBuf,
+    /// Directories the CRD files are written to (or compared with).
+    #[arg(default_values = ["crds", "charts/quantfleet/crds"])]
+    dirs: Vec<PathBuf>,
     /// Compare the generated YAML with the files in DIR and fail on any difference; write nothing.
     #[arg(long)]
     check: bool,
@@ -34,28 +35,35 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let files = generated()?;
     if args.check {
         let mut stale = Vec::new();
-        for (name, yaml) in &files {
-            let path = args.dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(committed) if committed == *yaml => {}
-                Ok(_) => stale.push(format!("{} differs", path.display())),
-                Err(err) => stale.push(format!("{} unreadable: {err}", path.display())),
+        for dir in &args.dirs {
+            for (name, yaml) in &files {
+                let path = dir.join(name);
+                match std::fs::read_to_string(&path) {
+                    Ok(committed) if committed == *yaml => {}
+                    Ok(_) => stale.push(format!("{} differs", path.display())),
+                    Err(err) => stale.push(format!("{} unreadable: {err}", path.display())),
+                }
             }
         }
         if !stale.is_empty() {
             bail!(
-                "CRDs are out of date with the Rust types ({}); run `cargo run -p quantfleet -- crdgen` and commit crds/",
+                "CRDs are out of date with the Rust types ({}); run `cargo run -p quantfleet -- crdgen` and commit crds/ \
+                 and charts/quantfleet/crds/",
                 stale.join("; ")
             );
         }
-        println!("crds up to date: {} files in {}", files.len(), args.dir.display());
+        for dir in &args.dirs {
+            println!("crds up to date: {} files in {}", files.len(), dir.display());
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
-    for (name, yaml) in &files {
-        let path = args.dir.join(name);
-        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+    for dir in &args.dirs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, yaml) in &files {
+            let path = dir.join(name);
+            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
