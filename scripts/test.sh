@@ -14,13 +14,16 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "drift checks (crds/ and tests/admission/ must equal what their generators produce)"
-cargo run --quiet --locked -p quantfleet -- crdgen --check crds
+cargo run --quiet --locked -p quantfleet -- crdgen --check  # crds/ and charts/quantfleet/crds/
 python3 tests/admission/generate.py --check
 
 step "CUDA kernels: NVRTC compile check, sm_80/sm_89/sm_90 (the CPU-emulated kernel tests run under cargo test)"
 scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
+
+step "Helm chart: helm lint, helm template, a failing case per values.schema.json rule (helm built once from the Go module proxy)"
+scripts/helm-check.sh  # crates/quantfleet-operator/tests/chart.rs then installs the rendered chart on the control plane
 
 step "Kubernetes control plane for the control-plane tests (tests/controlplane: built once, started per run)"
 tests/controlplane/build.sh >/dev/null  # logs the cold build's time and peak memory
