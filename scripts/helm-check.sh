@@ -26,3 +26,16 @@ done
 [[ "$(ls "$chart"/crds | wc -l)" == "$(ls crds/*.yaml | wc -l)" ]] || { echo "$chart/crds and crds/ hold different files" >&2; exit 1; }
 
 python3 tests/helm/check_values.py "$helm" "$chart" tests/helm/invalid-values.json
+
+# The coverage check can fail: without its first case, the first rule must be reported as uncovered.
+trimmed="$(mktemp)"
+trap 'rm -f "$trimmed"' EXIT
+python3 -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))[1:], open(sys.argv[2], "w"))' \
+    tests/helm/invalid-values.json "$trimmed"
+if python3 tests/helm/check_values.py "$helm" "$chart" "$trimmed" --coverage-only 2>"$trimmed.err"; then
+    echo "check_values.py accepted a case list with a rule left out" >&2
+    exit 1
+fi
+grep -q "has no failing values case" "$trimmed.err" || { cat "$trimmed.err" >&2; exit 1; }
+rm -f "$trimmed.err"
+echo "values.schema.json coverage check: a rule without a case is reported"

@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, QuantizedModel};
-use quantfleet_operator::builders::Settings;
+use quantfleet_operator::builders::{FIELD_MANAGER, Settings};
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
@@ -563,6 +563,15 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         .partition(|(key, _)| !key.starts_with("QuantizedModel ") && !key.starts_with("PrecisionPolicy "));
     assert_eq!(foreign_spec_writers(&chart_snapshots, CHART_MANAGER), Vec::<String>::new());
     assert_eq!(foreign_spec_writers(&user_snapshots, USER_MANAGER), Vec::<String>::new());
+    // ...while the operator did write both user objects, through their status subresource only.
+    for (object, snap) in &user_snapshots {
+        let operator_entries: Vec<_> =
+            snap.managers.iter().filter(|(manager, ..)| manager == FIELD_MANAGER).map(|(_, _, sub, _)| sub).collect();
+        assert!(
+            !operator_entries.is_empty() && operator_entries.iter().all(|sub| *sub == "status"),
+            "{object}: the operator's entries are {operator_entries:?}"
+        );
+    }
     // A GitOps resync (the same manifests applied again) is a no-op: nothing changed what the chart declares.
     apply_all(&admin, &objects, false).await?;
     let resynced = snapshot(&admin, &objects).await?;
