@@ -112,3 +112,47 @@ fn crdgen_check_detects_drift() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("quantizedmodels.quantfleet.io.yaml differs"));
 }
+
+/// The operator arguments the Helm chart renders (scripts/helm-build.sh must have built helm: scripts/test.sh runs
+/// scripts/helm-check.sh first). A flag the binary does not know would crash-loop the pod in a real cluster, and
+/// the chart test's kwok pods never run the binary, so the rendered arguments are parsed here.
+fn chart_operator_args(set: &[&str]) -> Vec<String> {
+    let helm = Command::new("bash").arg(repo().join("scripts/helm-build.sh")).arg("--cached-only").output().unwrap();
+    assert!(
+        helm.status.success(),
+        "helm is not built: run scripts/helm-build.sh ({})",
+        String::from_utf8_lossy(&helm.stderr)
+    );
+    let mut cmd = Command::new(String::from_utf8(helm.stdout).unwrap().trim());
+    cmd.args(["template", "qf", "charts/quantfleet", "--namespace", "qf", "--kube-version", "1.33.0"]);
+    cmd.args(["--show-only", "templates/operator-deployment.yaml"]).current_dir(repo());
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let deployment: serde_json::Value = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .find(|v: &serde_json::Value| v["kind"] == "Deployment")
+        .expect("the operator Deployment");
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
+    args.iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn the_chart_renders_operator_arguments_the_binary_accepts() {
+    for set in [&[][..], &["operator.replicas=2", r"operator.accelerators={X=48Gi\,8.9}", "router.enabled=false"]] {
+        let args = chart_operator_args(set);
+        assert_eq!(args[0], "operator");
+        // No cluster is reachable: the command gets past argument parsing and fails connecting, never before.
+        let out = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+            .args(&args)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("connecting to the Kubernetes API"), "{args:?} with {set:?}: {stderr}");
+    }
+}
