@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, QuantizedModel};
-use quantfleet_operator::builders::{FIELD_MANAGER, Settings};
+use quantfleet_operator::builders::{FIELD_MANAGER, NODE_UID, Settings, TIER_LABEL};
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
@@ -583,6 +583,45 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         watched.len(),
         started.elapsed()
     );
+
+    // The NetworkPolicies select what they are meant to (no CNI enforces them here, so check their selectors):
+    // each component's policy selects its live pods, and the router's only egress besides DNS reaches the node
+    // pods the operator created, on their gRPC port.
+    let labels_match = |selector: &serde_json::Value, labels: &BTreeMap<String, String>| {
+        selector["matchLabels"]
+            .as_object()
+            .is_some_and(|want| want.iter().all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str()))
+    };
+    let live_pods = pods.list(&ListParams::default()).await.map_err(k("listing pods"))?.items;
+    let node_pods: Vec<&Pod> = live_pods.iter().filter(|p| p.labels().contains_key(TIER_LABEL)).collect();
+    assert!(!node_pods.is_empty(), "the operator created node pods");
+    for component in ["operator", "router"] {
+        let policy = rendered_object("NetworkPolicy", &format!("-{component}"));
+        let selected: Vec<_> =
+            live_pods.iter().filter(|p| labels_match(&policy["spec"]["podSelector"], p.labels())).collect();
+        assert_eq!(selected.len(), 2, "{component} NetworkPolicy selects {} pods", selected.len());
+        assert!(selected.iter().all(|p| p.labels()["app.kubernetes.io/name"] == format!("quantfleet-{component}")));
+    }
+    let router_policy = rendered_object("NetworkPolicy", "-router");
+    let egress = router_policy["spec"]["egress"].as_array().unwrap();
+    let to_nodes: Vec<_> =
+        egress.iter().filter(|rule| rule["ports"].as_array().unwrap().iter().all(|p| p["port"] != 53)).collect();
+    assert_eq!(to_nodes.len(), 1, "router egress besides DNS: {to_nodes:?}");
+    let grpc_port = node_pods[0].spec.as_ref().unwrap().containers[0]
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("grpc"))
+        .map(|p| p.container_port)
+        .unwrap();
+    assert_eq!(to_nodes[0]["ports"], serde_json::json!([{"port": grpc_port, "protocol": "TCP"}]));
+    for pod in &node_pods {
+        assert!(labels_match(&to_nodes[0]["to"][0]["podSelector"], pod.labels()), "{} not reachable", pod.name_any());
+    }
+    // Node pods run as the same non-root UID as the chart's containers (one image, one user).
+    let chart_uid =
+        typed::<Deployment>(rendered_object("Deployment", "-operator")).spec.unwrap().template.spec.unwrap();
+    assert_eq!(chart_uid.security_context.unwrap().run_as_user, Some(NODE_UID));
 
     let _ = stop.send(());
     operator.await.unwrap();
