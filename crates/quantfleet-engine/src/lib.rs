@@ -18,3 +18,4 @@ pub mod tokenizer;
 
 pub use engine::{Engine, FinishReason, GenerateRequest, GeneratedToken, Generation};
 pub use error::{EngineError, GgufError, Result};
+pub use model::{BatchEntry, Logits};

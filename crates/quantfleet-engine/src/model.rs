@@ -88,6 +88,12 @@ impl<B: Backend> Layer<B> {
     }
 }
 
+/// One sequence's part of a batched forward step: the tokens to append to `seq`.
+pub struct BatchEntry<'a> {
+    pub seq: &'a mut SeqKv,
+    pub tokens: &'a [u32],
+}
+
 /// Which positions' logits a forward call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -206,23 +212,57 @@ impl<B: Backend> Llama<B> {
         which: Logits,
         logits_out: &mut Vec<f32>,
     ) -> Result<()> {
+        self.forward_batch(ws, kv, &mut [BatchEntry { seq, tokens }], which, logits_out)
+    }
+
+    /// One step of continuous batching: appends each entry's tokens to its sequence in a single forward pass
+    /// (the sequences may be at different positions: some prefilling, others decoding one token). Logits are
+    /// written in entry order: with `Logits::Last` one row per entry (its last token), with `Logits::All` one
+    /// row per token. Every entry is checked (context, KV blocks) before any work, so on error no sequence
+    /// has advanced; blocks already reserved for an entry stay with it and are reused by its next step.
+    pub fn forward_batch(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &mut [BatchEntry<'_>],
+        which: Logits,
+        logits_out: &mut Vec<f32>,
+    ) -> Result<()> {
         let (c, be) = (&self.config, &self.backend);
-        let n = tokens.len();
-        if n == 0 {
-            return Err(EngineError::InvalidRequest("forward needs at least one token".into()));
-        }
-        let end = seq.len + n;
-        if end > c.context {
-            return Err(EngineError::ContextOverflow { requested: end, max: c.context });
+        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
+            return Err(EngineError::InvalidRequest("forward needs at least one token per sequence".into()));
         }
         if kv.layout != c.kv_layout(kv.layout.block_tokens) {
             return Err(EngineError::InvalidRequest("KV cache layout does not match the model".into()));
         }
-        kv.reserve(seq, end)?;
-        let spans = [SeqSpan { row0: 0, n_tokens: n, start_pos: seq.len, block_table: &seq.block_table }];
-        ws.rope.fill(seq.len..end, c.head_dim, c.rope_base);
+        for e in batch.iter() {
+            let end = e.seq.len + e.tokens.len();
+            if end > c.context {
+                return Err(EngineError::ContextOverflow { requested: end, max: c.context });
+            }
+        }
+        for e in batch.iter_mut() {
+            let end = e.seq.len + e.tokens.len();
+            kv.reserve(e.seq, end)?;
+        }
+        let tokens: Vec<u32> = batch.iter().flat_map(|e| e.tokens.iter().copied()).collect();
+        let n = tokens.len();
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut last_rows = Vec::with_capacity(batch.len());
+        let mut row0 = 0;
+        for e in batch.iter() {
+            spans.push(SeqSpan {
+                row0,
+                n_tokens: e.tokens.len(),
+                start_pos: e.seq.len,
+                block_table: &e.seq.block_table,
+            });
+            row0 += e.tokens.len();
+            last_rows.push(row0 - 1);
+        }
+        ws.rope.fill(batch.iter().flat_map(|e| e.seq.len..e.seq.len + e.tokens.len()), c.head_dim, c.rope_base);
 
-        be.embed(&self.tok_embd, tokens, &mut ws.x)?;
+        be.embed(&self.tok_embd, &tokens, &mut ws.x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             be.rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h)?;
             be.matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &ws.h, &mut [&mut ws.q, &mut ws.k, &mut ws.v])?;
@@ -239,12 +279,17 @@ impl<B: Backend> Llama<B> {
             be.matmul(&layer.down, &ws.act, &mut ws.proj)?;
             be.add_assign(&mut ws.x, &ws.proj)?;
         }
-        seq.len = end;
+        drop(spans);
+        for e in batch.iter_mut() {
+            e.seq.len += e.tokens.len();
+        }
 
         let final_in = match which {
             Logits::All => &ws.x,
+            // Decode steps (one token per sequence): every row is a last row.
+            Logits::Last if n == batch.len() => &ws.x,
             Logits::Last => {
-                be.gather_rows(&ws.x, &[n - 1], &mut ws.last)?;
+                be.gather_rows(&ws.x, &last_rows, &mut ws.last)?;
                 &ws.last
             }
         };
