@@ -110,7 +110,8 @@ fn continuous_batching_matches_one_by_one_greedy_generation() {
         sampler: Sampler,
     }
     let mut ws = e.model.new_workspace();
-    let (mut running, mut done): (Vec<Running>, Vec<Option<Vec<(u32, f32)>>>) = (vec![], vec![None; plan.len()]);
+    let mut running: Vec<Running> = vec![];
+    let mut done: Vec<Option<Vec<(u32, f32)>>> = vec![None; plan.len()];
     let mut logits = Vec::new();
     let mut max_batch = 0;
     for step in 0.. {

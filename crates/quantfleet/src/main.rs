@@ -21,6 +21,8 @@ enum Command {
     Operator(cmd::operator::Args),
     /// Download a checkpoint and verify its SHA-256 (the init container of https:// model sources).
     Fetch(cmd::fetch::Args),
+    /// Serve one model at one tier over gRPC (Generate, Score, ModelInfo, health) with Prometheus metrics.
+    Node(cmd::node::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Operator(args) => cmd::operator::run_operator(args),
         Command::Fetch(args) => cmd::fetch::run(args),
+        Command::Node(args) => cmd::node::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,458 @@
+//! The inference node as a real process on loopback with the real SmolLM2-135M model (QUANTFLEET_SMOLLM2_GGUF,
+//! exported by scripts/test.sh): streaming generation, scoring against the engine, argument errors, admission
+//! control, cancellation, deadlines, numerical-fault guard, health transitions, metrics, SIGTERM drain, and 64
+//! concurrent greedy streams equal to sequential runs.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use quantfleet_proto::v1::{self as pb, inference_client::InferenceClient};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+fn model_path() -> PathBuf {
+    let path = std::env::var_os("QUANTFLEET_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").expect("HOME");
+        PathBuf::from(home).join(".cache/quantfleet/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(path.is_file(), "SmolLM2 GGUF not found at {}: run scripts/fetch-model.sh", path.display());
+    path
+}
+
+struct Node {
+    child: Child,
+    grpc: String,
+    metrics: String,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Node {
+    fn start(extra: &[&str]) -> Node {
+        let dir = std::env::temp_dir().join(format!("qf-node-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ready = dir.join("ready.json");
+        let model = model_path();
+        let mut args: Vec<String> = ["node", "--model"].map(String::from).to_vec();
+        args.push(model.display().to_string());
+        for a in ["--tier", "native", "--weights", "int4", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+        {
+            args.push(a.into());
+        }
+        args.extend(["--ready-file".into(), ready.display().to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut node = Node { child, grpc: String::new(), metrics: String::new(), _dir: TempDir(dir) };
+        let t0 = Instant::now();
+        while !ready.exists() {
+            assert!(node.child.try_wait().unwrap().is_none(), "node exited before listening");
+            assert!(t0.elapsed() < Duration::from_secs(60), "node did not listen within 60 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+        node.grpc = format!("http://{}", v["grpc"].as_str().unwrap());
+        node.metrics = v["metrics"].as_str().unwrap().to_string();
+        node
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(self.grpc.clone()).unwrap().connect().await.unwrap()
+    }
+
+    async fn health(&self, ch: &Channel) -> ServingStatus {
+        let r = HealthClient::new(ch.clone())
+            .check(HealthCheckRequest { service: "quantfleet.inference.v1.Inference".into() })
+            .await
+            .unwrap();
+        r.into_inner().status()
+    }
+
+    /// Waits for SERVING, returning every distinct status seen on the way.
+    async fn wait_serving(&self, ch: &Channel) -> Vec<ServingStatus> {
+        let mut seen = vec![];
+        let t0 = Instant::now();
+        loop {
+            let s = self.health(ch).await;
+            if seen.last() != Some(&s) {
+                seen.push(s);
+            }
+            if s == ServingStatus::Serving {
+                return seen;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "not serving after 120 s: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    }
+
+    /// The value of the first sample whose line starts with `prefix` (name plus labels up to a point).
+    fn metric(&self, name: &str, label_filter: &str) -> f64 {
+        let text = self.scrape();
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label_filter) && !l.starts_with('#'))
+            .find(|l| l[name.len()..].starts_with('{'))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("metric {name} {label_filter} missing"))
+            .parse()
+            .unwrap()
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn text_prompt(t: &str) -> Option<pb::Prompt> {
+    Some(pb::Prompt { kind: Some(pb::prompt::Kind::Text(t.into())) })
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest { prompt: text_prompt(prompt), max_tokens, ..Default::default() }
+}
+
+/// Runs a Generate stream to its end: (tokens, text, summary) or the error status.
+async fn collect(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(Vec<pb::GeneratedToken>, String, pb::GenerateSummary), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let (mut tokens, mut text) = (vec![], String::new());
+    while let Some(msg) = stream.message().await? {
+        tokens.extend(msg.tokens);
+        text.push_str(&msg.text);
+        if let Some(s) = msg.summary {
+            assert!(stream.message().await?.is_none(), "the summary is the last message");
+            return Ok((tokens, text, s));
+        }
+    }
+    panic!("stream ended without a summary");
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn serves_generate_score_and_info_rejects_bad_arguments_and_drains_on_sigterm() {
+    let node = Node::start(&["--max-batch", "8"]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        let seen = node.wait_serving(&ch).await;
+        // Loading reports NOT_SERVING (when the probe was quick enough to see it), never SERVING before ready.
+        assert!(seen == [ServingStatus::NotServing, ServingStatus::Serving] || seen == [ServingStatus::Serving]);
+        let mut client = InferenceClient::new(ch.clone());
+
+        let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!((info.tier.as_str(), info.vocab_size, info.kv_block_tokens), ("native", 49152, 16));
+        assert!(!info.tier_applied && info.weights_loaded.contains("Q4_1"), "{}", info.weights_loaded);
+        assert!(info.backend.starts_with("cpu-"), "{}", info.backend);
+        assert_eq!(info.kv_capacity_tokens * info.kv_bytes_per_token, info.kv_cache_bytes);
+        let tier: serde_json::Value = serde_json::from_str(&info.tier_spec_json).unwrap();
+        assert_eq!(tier["weights"]["format"], "int4");
+
+        let gen_ok = r#"rpc="generate",outcome="ok""#;
+        let (ok_before, tokens_before) = (
+            node.metric("quantfleet_node_requests_total", gen_ok),
+            node.metric("quantfleet_node_generated_tokens_total", ""),
+        );
+
+        // Streaming greedy generation with logprobs.
+        let mut req = greedy("The capital of France is", 3);
+        req.logprobs = true;
+        req.top_logprobs = 3;
+        let (tokens, text, summary) = collect(&mut client, req).await.unwrap();
+        assert!(text.starts_with(" Paris"), "{text:?}");
+        assert_eq!(summary.finish_reason(), pb::FinishReason::Length);
+        assert_eq!((summary.completion_tokens, tokens.len()), (3, 3));
+        assert!(summary.time_to_first_token_micros > 0 && summary.total_micros >= summary.time_to_first_token_micros);
+        for t in &tokens {
+            assert_eq!(t.top_logprobs[0].id, t.id, "greedy picks the most likely token");
+            assert!(t.logprob < 0.0 && (t.top_logprobs[0].logprob - t.logprob).abs() < 1e-6);
+        }
+
+        // Score equals the engine's own teacher-forced log-probabilities for the same tokens.
+        let engine = quantfleet_engine::Engine::open_cpu(&model_path(), None).unwrap();
+        let prompt_ids = engine.tokenizer.encode("The capital of France is").unwrap();
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+        let mut kv = engine.new_kv_cache(16 << 20).unwrap();
+        let expected = engine.score(&mut kv, &prompt_ids, &ids).unwrap();
+        let scored = client
+            .score(pb::ScoreRequest {
+                prompt: Some(pb::Prompt {
+                    kind: Some(pb::prompt::Kind::Tokens(pb::TokenIds { ids: prompt_ids.clone() })),
+                }),
+                continuation: Some(pb::Continuation {
+                    kind: Some(pb::continuation::Kind::Tokens(pb::TokenIds { ids: ids.clone() })),
+                }),
+                top_logprobs: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(scored.prompt_tokens as usize, prompt_ids.len());
+        for ((s, e), t) in scored.tokens.iter().zip(&expected).zip(&tokens) {
+            assert!((s.logprob - e).abs() < 1e-5, "scored {} vs engine {e}", s.logprob);
+            assert!((s.logprob - t.logprob).abs() < 2e-3, "scored {} vs generated {}", s.logprob, t.logprob);
+            assert_eq!(s.top_logprobs.len(), 2);
+        }
+
+        // Stop strings end the stream before the match.
+        let mut req = greedy("1, 2, 3, 4,", 24);
+        req.stop = vec![" 7".into()];
+        let (_, text, summary) = collect(&mut client, req).await.unwrap();
+        assert_eq!(summary.finish_reason(), pb::FinishReason::StopString, "{text:?}");
+        assert_eq!((text.as_str(), summary.matched_stop.as_str()), (" 5, 6,", " 7"));
+
+        // Invalid arguments name the field.
+        let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+            (greedy("", 4), "prompt"),
+            (pb::GenerateRequest { prompt: None, ..greedy("x", 4) }, "prompt"),
+            (
+                pb::GenerateRequest {
+                    sampling: Some(pb::SamplingParams { temperature: -1.0, ..Default::default() }),
+                    ..greedy("hello", 4)
+                },
+                "sampling.temperature",
+            ),
+            (greedy("hello", 100_000), "max_tokens"),
+            (pb::GenerateRequest { tier: "fp8".into(), ..greedy("hello", 4) }, "tier"),
+            (
+                pb::GenerateRequest {
+                    prompt: Some(pb::Prompt {
+                        kind: Some(pb::prompt::Kind::Tokens(pb::TokenIds { ids: vec![1, 60_000] })),
+                    }),
+                    ..greedy("", 4)
+                },
+                "prompt.tokens",
+            ),
+        ];
+        for (req, field) in cases {
+            let err = collect(&mut client, req).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+            assert!(err.message().starts_with(field), "message {:?} should name {field}", err.message());
+        }
+        let bad_score = client
+            .score(pb::ScoreRequest { prompt: text_prompt("hi"), continuation: None, ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(bad_score.code(), tonic::Code::InvalidArgument);
+        assert!(bad_score.message().starts_with("continuation"), "{}", bad_score.message());
+
+        // Metrics moved.
+        assert_eq!(node.metric("quantfleet_node_requests_total", gen_ok), ok_before + 2.0);
+        assert!(node.metric("quantfleet_node_generated_tokens_total", "") >= tokens_before + 4.0);
+        assert!(node.metric("quantfleet_node_time_to_first_token_seconds_count", "") >= 2.0);
+        assert_eq!(node.metric("quantfleet_node_requests_total", r#"rpc="generate",outcome="invalid_argument""#), 6.0);
+        assert_eq!(node.metric("quantfleet_node_requests_total", r#"rpc="score",outcome="ok""#), 1.0);
+        assert_eq!(node.metric("quantfleet_node_kv_blocks_used", ""), 0.0);
+        assert!(node.scrape().contains(r#"tier="native""#));
+
+        // SIGTERM drains: health flips to NOT_SERVING, new work is refused, the in-flight stream finishes.
+        let mut long = greedy("Once upon a time", 160);
+        long.ignore_eos = true;
+        let mut stream = client.generate(long).await.unwrap().into_inner();
+        assert!(!stream.message().await.unwrap().unwrap().tokens.is_empty());
+        node.sigterm();
+        let t0 = Instant::now();
+        while node.health(&ch).await != ServingStatus::NotServing {
+            assert!(t0.elapsed() < Duration::from_secs(5), "health still SERVING after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = collect(&mut client, greedy("hello", 2)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        let mut last = None;
+        while let Some(msg) = stream.message().await.unwrap() {
+            last = msg.summary.or(last);
+        }
+        let last = last.expect("drained stream ends with its summary");
+        assert_eq!((last.finish_reason(), last.completion_tokens), (pb::FinishReason::Length, 160));
+    });
+    let mut node = node;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = node.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "node did not exit after draining");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn full_queue_cancellation_deadlines_and_numerical_faults() {
+    let node = Node::start(&[
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--fault-injection-marker",
+        "POISON",
+        "--fault-threshold",
+        "2",
+    ]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        node.wait_serving(&ch).await;
+        let mut client = InferenceClient::new(ch.clone());
+        let long = |p: &str| pb::GenerateRequest { ignore_eos: true, ..greedy(p, 400) };
+
+        // A runs, B waits in the one queue slot, C is refused with a retry hint.
+        let mut a = client.generate(long("Once upon a time")).await.unwrap().into_inner();
+        assert!(a.message().await.unwrap().is_some());
+        let mut b = client.generate(long("In a galaxy far away")).await.unwrap().into_inner();
+        let t0 = Instant::now();
+        while node.metric("quantfleet_node_queue_depth", "") < 1.0 {
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let c = collect(&mut client, greedy("hello", 2)).await.unwrap_err();
+        assert_eq!(c.code(), tonic::Code::ResourceExhausted, "{c:?}");
+        let retry: u64 = c.metadata().get("retry-after-ms").unwrap().to_str().unwrap().parse().unwrap();
+        assert!(retry > 0);
+        assert_eq!(
+            node.metric("quantfleet_node_requests_total", r#"rpc="generate",outcome="resource_exhausted""#),
+            1.0
+        );
+
+        // Cancelling A frees its slot and KV blocks: B starts streaming.
+        drop(a);
+        let first_b = tokio::time::timeout(Duration::from_secs(10), b.message()).await.expect("B admitted after A");
+        assert!(!first_b.unwrap().unwrap().tokens.is_empty());
+        drop(b);
+        let t0 = Instant::now();
+        while node.metric("quantfleet_node_kv_blocks_used", "") != 0.0
+            || node.metric("quantfleet_node_running_sequences", "") != 0.0
+        {
+            assert!(t0.elapsed() < Duration::from_secs(5), "cancelled sequences still hold KV blocks");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(node.metric("quantfleet_node_requests_total", r#"rpc="generate",outcome="cancelled""#), 2.0);
+
+        // A per-request timeout ends the stream with DEADLINE_EXCEEDED.
+        let err = collect(&mut client, pb::GenerateRequest { timeout_ms: 150, ..long("The weather today") })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+
+        // NaN logits fail the request with INTERNAL and are counted; the threshold flips health.
+        for _ in 0..2 {
+            let err = collect(&mut client, greedy("POISON please", 4)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+            assert!(err.message().contains("numerical fault"), "{}", err.message());
+        }
+        assert_eq!(node.metric("quantfleet_node_numerical_faults_total", ""), 2.0);
+        let t0 = Instant::now();
+        while node.health(&ch).await != ServingStatus::NotServing {
+            assert!(t0.elapsed() < Duration::from_secs(5), "health still SERVING after the fault threshold");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(node.metric("quantfleet_node_kv_blocks_used", ""), 0.0);
+    });
+}
+
+#[test]
+fn sixty_four_concurrent_greedy_streams_equal_sequential_runs() {
+    let node = Node::start(&["--max-batch", "32", "--max-queue", "64"]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        node.wait_serving(&ch).await;
+        let subjects = ["cats", "the sea", "Rust", "Paris", "a robot", "music", "winter", "math"];
+        let starts = [
+            "Tell me about",
+            "Write one line on",
+            "A fact about",
+            "My favourite thing about",
+            "Why",
+            "Describe",
+            "Once,",
+            "Consider",
+        ];
+        let prompts: Vec<String> = (0..64).map(|i| format!("{} {}", starts[i / 8], subjects[i % 8])).collect();
+        let req = |p: &str| pb::GenerateRequest { ignore_eos: true, ..greedy(p, 6) };
+        let mut client = InferenceClient::new(ch.clone());
+        let mut sequential = Vec::new();
+        for p in &prompts {
+            let (tokens, _, _) = collect(&mut client, req(p)).await.unwrap();
+            sequential.push(tokens.iter().map(|t| t.id).collect::<Vec<_>>());
+        }
+        let tasks: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (mut c, r) = (InferenceClient::new(ch.clone()), req(p));
+                tokio::spawn(async move { collect(&mut c, r).await })
+            })
+            .collect();
+        for (i, (t, want)) in tasks.into_iter().zip(&sequential).enumerate() {
+            let (tokens, _, summary) = t.await.unwrap().unwrap_or_else(|e| panic!("stream {i}: {e:?}"));
+            let got: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+            assert_eq!(&got, want, "stream {i} ({:?}) differs from its sequential run", prompts[i]);
+            assert_eq!(summary.completion_tokens, 6);
+        }
+        assert!(node.metric("quantfleet_node_engine_steps_total", "") > 0.0);
+    });
+}
+
+#[test]
+fn configuration_errors_name_the_field_before_loading() {
+    let dir = std::env::temp_dir().join(format!("qf-node-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("node.yaml");
+    std::fs::write(
+        &cfg,
+        "modelName: m\nsource:\n  uri: s3://bucket/model.gguf\narchitecture: {numLayers: 30, hiddenSize: 576, \
+         intermediateSize: 1536, numAttentionHeads: 9, numKeyValueHeads: 3, headDim: 64, vocabSize: 49152, \
+         maxPositionEmbeddings: 8192}\ntier:\n  name: fp8\n  weights: {format: fp8-e4m3}\nserving: {}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_quantfleet")).arg("node").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("source.uri"), "{err}");
+    let model = model_path();
+    let (code, err) =
+        run(&["--model", model.to_str().unwrap(), "--tier", "x", "--weights", "int4", "--max-batch", "0"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--max-batch"), "{err}");
+    let (code, err) = run(&["--model", model.to_str().unwrap(), "--tier", "x", "--weights", "int3"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--weights") && err.contains("int3"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
