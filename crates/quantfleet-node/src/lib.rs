@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use quantfleet_engine::cpu::CpuBackend;
-use quantfleet_engine::gguf::GgufFile;
+use quantfleet_engine::tier::LoadOptions;
 use quantfleet_engine::{Engine, backend::Backend};
 use quantfleet_proto::INFERENCE_SERVICE_NAME;
 use quantfleet_proto::v1 as pb;
@@ -62,30 +62,23 @@ fn check_architecture(
 /// Loads the model and builds everything the engine loop and ModelInfo need.
 fn load(s: &config::NodeSettings, metrics: &Arc<Metrics>) -> Result<(Arc<Engine<CpuBackend>>, EngineParts)> {
     let started = Instant::now();
-    let file = match &s.sha256 {
-        Some(h) => GgufFile::open_verified(&s.model_path, h),
-        None => GgufFile::open(&s.model_path),
-    }
-    .with_context(|| format!("loading {}", s.model_path.display()))?;
-    let file = Arc::new(file);
-    let engine = Engine::new(CpuBackend::new(), file.clone()).context("building the model")?;
+    let engine = Engine::open_cpu_tier(&s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
+        .with_context(|| format!("loading {} at tier {}", s.model_path.display(), s.tier.name))?;
+    let report = engine.tier.clone().context("the engine did not report the tier it loaded")?;
     let c = &engine.model.config;
     if let Some(a) = &s.architecture {
         check_architecture(a, c)?;
     }
     let context = s.max_context.unwrap_or(c.context).min(c.context);
     let kv = engine.new_kv_cache(s.kv_budget_bytes as usize).context("kvBudgetBytes")?;
-    let mut by_type: Vec<(&str, usize)> = Vec::new();
-    for t in file.tensors() {
-        match by_type.iter_mut().find(|(n, _)| *n == t.ggml_type.name()) {
+    let mut by_format: Vec<(&str, usize)> = Vec::new();
+    for (_, f) in &report.formats {
+        match by_format.iter_mut().find(|(n, _)| *n == f.as_str()) {
             Some((_, k)) => *k += 1,
-            None => by_type.push((t.ggml_type.name(), 1)),
+            None => by_format.push((f.as_str(), 1)),
         }
     }
-    let weights_loaded = format!(
-        "gguf-native: {}",
-        by_type.iter().map(|(n, k)| format!("{n} ({k} tensors)")).collect::<Vec<_>>().join(", ")
-    );
+    let weights_loaded = by_format.iter().map(|(n, k)| format!("{n} ({k} matrices)")).collect::<Vec<_>>().join(", ");
     let backend = engine.model.backend.name();
     let block_tokens = kv.layout.block_tokens;
     let eos = engine.tokenizer.stop_ids();
@@ -94,13 +87,13 @@ fn load(s: &config::NodeSettings, metrics: &Arc<Metrics>) -> Result<(Arc<Engine<
         tier: s.tier.name.clone(),
         tier_spec_json: serde_json::to_string(&s.tier).unwrap_or_default(),
         weights_loaded,
-        tier_applied: false,
-        weight_bytes: file.tensors().iter().map(|t| t.len).sum(),
+        tier_applied: true,
+        weight_bytes: report.weight_bytes,
         kv_cache_bytes: (kv.total_blocks() * kv.block_bytes()) as u64,
         kv_bytes_per_token: (kv.block_bytes() / block_tokens) as u64,
         kv_capacity_tokens: (kv.total_blocks() * block_tokens) as u64,
         kv_block_tokens: block_tokens as u32,
-        kv_cache_dtype: "f32".into(),
+        kv_cache_dtype: engine.kv_dtype.name().into(),
         max_context_tokens: context as u32,
         backend: backend.clone(),
         vocab_size: c.vocab as u32,
@@ -116,8 +109,10 @@ fn load(s: &config::NodeSettings, metrics: &Arc<Metrics>) -> Result<(Arc<Engine<
         weights = %info.weights_loaded,
         kv_capacity_tokens = info.kv_capacity_tokens,
         max_context = context,
+        kv_cache_dtype = %info.kv_cache_dtype,
+        quantize_seconds = report.quantize_seconds,
         seconds = started.elapsed().as_secs_f64(),
-        "model loaded; the tier's weight quantization is not applied yet: serving the checkpoint's native weights"
+        "model loaded at its tier"
     );
     log_accelerator(&backend);
     let engine = Arc::new(engine);

@@ -42,8 +42,7 @@ impl Node {
         let model = model_path();
         let mut args: Vec<String> = ["node", "--model"].map(String::from).to_vec();
         args.push(model.display().to_string());
-        for a in ["--tier", "native", "--weights", "int4", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-        {
+        for a in ["--tier", "bf16", "--weights", "bf16", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"] {
             args.push(a.into());
         }
         args.extend(["--ready-file".into(), ready.display().to_string()]);
@@ -176,12 +175,12 @@ fn serves_generate_score_and_info_rejects_bad_arguments_and_drains_on_sigterm() 
         let mut client = InferenceClient::new(ch.clone());
 
         let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
-        assert_eq!((info.tier.as_str(), info.vocab_size, info.kv_block_tokens), ("native", 49152, 16));
-        assert!(!info.tier_applied && info.weights_loaded.contains("Q4_1"), "{}", info.weights_loaded);
+        assert_eq!((info.tier.as_str(), info.vocab_size, info.kv_block_tokens), ("bf16", 49152, 16));
+        assert!(info.tier_applied && info.weights_loaded.to_lowercase().contains("bf16"), "{}", info.weights_loaded);
         assert!(info.backend.starts_with("cpu-"), "{}", info.backend);
         assert_eq!(info.kv_capacity_tokens * info.kv_bytes_per_token, info.kv_cache_bytes);
         let tier: serde_json::Value = serde_json::from_str(&info.tier_spec_json).unwrap();
-        assert_eq!(tier["weights"]["format"], "int4");
+        assert_eq!(tier["weights"]["format"], "bf16");
 
         let gen_ok = r#"rpc="generate",outcome="ok""#;
         let (ok_before, tokens_before) = (
@@ -204,7 +203,8 @@ fn serves_generate_score_and_info_rejects_bad_arguments_and_drains_on_sigterm() 
         }
 
         // Score equals the engine's own teacher-forced log-probabilities for the same tokens.
-        let engine = quantfleet_engine::Engine::open_cpu(&model_path(), None).unwrap();
+        let spec: quantfleet_api::model::TierSpec = serde_json::from_str(&info.tier_spec_json).unwrap();
+        let engine = quantfleet_engine::Engine::open_cpu_tier(&model_path(), None, &spec, &Default::default()).unwrap();
         let prompt_ids = engine.tokenizer.encode("The capital of France is").unwrap();
         let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
         let mut kv = engine.new_kv_cache(16 << 20).unwrap();
@@ -279,7 +279,7 @@ fn serves_generate_score_and_info_rejects_bad_arguments_and_drains_on_sigterm() 
         assert_eq!(node.metric("quantfleet_node_requests_total", r#"rpc="generate",outcome="invalid_argument""#), 6.0);
         assert_eq!(node.metric("quantfleet_node_requests_total", r#"rpc="score",outcome="ok""#), 1.0);
         assert_eq!(node.metric("quantfleet_node_kv_blocks_used", ""), 0.0);
-        assert!(node.scrape().contains(r#"tier="native""#));
+        assert!(node.scrape().contains(r#"tier="bf16""#));
 
         // SIGTERM drains: health flips to NOT_SERVING, new work is refused, the in-flight stream finishes.
         let mut long = greedy("Once upon a time", 160);
