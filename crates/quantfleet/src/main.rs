@@ -23,6 +23,8 @@ enum Command {
     Fetch(cmd::fetch::Args),
     /// Serve one model at one tier over gRPC (Generate, Score, ModelInfo, health) with Prometheus metrics.
     Node(cmd::node::Args),
+    /// Print the quality table of the precision tiers on the CPU engine (perplexity, KLD, top-1, memory).
+    Eval(cmd::eval::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +42,7 @@ fn main() -> std::process::ExitCode {
         Command::Operator(args) => cmd::operator::run_operator(args),
         Command::Fetch(args) => cmd::fetch::run(args),
         Command::Node(args) => cmd::node::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,5 @@
 pub mod crdgen;
+pub mod eval;
 pub mod fetch;
 pub mod node;
 pub mod operator;
