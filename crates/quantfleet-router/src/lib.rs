@@ -13,6 +13,7 @@ pub mod classify;
 pub mod compare;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod metrics;
 pub mod openai;
 pub mod pool;

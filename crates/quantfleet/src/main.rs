@@ -25,6 +25,10 @@ enum Command {
     Node(cmd::node::Args),
     /// Print the quality table of the precision tiers on the CPU engine (perplexity, KLD, top-1, memory).
     Eval(cmd::eval::Args),
+    /// Serve the OpenAI-compatible router over a static configuration (policy and node endpoints).
+    Router(cmd::router::Args),
+    /// Run the local fleet: fetch the bundled model, start a node per sample tier and the router.
+    Up(cmd::up::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +47,8 @@ fn main() -> std::process::ExitCode {
         Command::Fetch(args) => cmd::fetch::run(args),
         Command::Node(args) => cmd::node::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Router(args) => cmd::router::run(args),
+        Command::Up(args) => cmd::up::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,3 +4,5 @@ pub mod fetch;
 pub mod node;
 pub mod operator;
 pub mod plan;
+pub mod router;
+pub mod up;
