@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 export QUANTFLEET_CACHE="${QUANTFLEET_CACHE:-$HOME/.cache/quantfleet}"
 mkdir -p "$QUANTFLEET_CACHE"
+# CI builds once: incremental artifacts would only double the target dir (they filled a CI disk once).
+[[ -n "${CI:-}" ]] && export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step() { printf '\n==> %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 step "formatting and lints"
