@@ -561,7 +561,14 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
     let (chart_snapshots, user_snapshots): (BTreeMap<_, _>, BTreeMap<_, _>) = after
         .into_iter()
         .partition(|(key, _)| !key.starts_with("QuantizedModel ") && !key.starts_with("PrecisionPolicy "));
-    assert_eq!(foreign_spec_writers(&chart_snapshots, CHART_MANAGER), Vec::<String>::new());
+    // The CRDs are cluster-scoped and shared with every other test on this control plane, which installs the
+    // same files from crds/ (equal to the chart's, checked by scripts/helm-check.sh) under the testsupport
+    // field manager: that co-owner depends on test order and is not drift.
+    let foreign: Vec<String> = foreign_spec_writers(&chart_snapshots, CHART_MANAGER)
+        .into_iter()
+        .filter(|w| !(w.starts_with("CustomResourceDefinition ") && w.contains(": quantfleet-testsupport (Apply) ")))
+        .collect();
+    assert_eq!(foreign, Vec::<String>::new());
     assert_eq!(foreign_spec_writers(&user_snapshots, USER_MANAGER), Vec::<String>::new());
     // ...while the operator did write both user objects, through their status subresource only.
     for (object, snap) in &user_snapshots {
