@@ -13,6 +13,14 @@ pub const NODE_CONFIG_DIR: &str = "/etc/quantfleet";
 pub const NODE_GRPC_PORT: u16 = 50051;
 /// HTTP port of the node's Prometheus metrics.
 pub const NODE_METRICS_PORT: u16 = 9090;
+/// Name of the gRPC port on node containers and tier Services (and so in their EndpointSlices).
+pub const NODE_GRPC_PORT_NAME: &str = "grpc";
+/// `app.kubernetes.io/name` of every tier object (Deployment, pods, Service and the Service's EndpointSlices).
+pub const NODE_APP_NAME: &str = "quantfleet-node";
+/// Label naming the QuantizedModel an object belongs to (copied onto EndpointSlices from the tier Service).
+pub const MODEL_LABEL: &str = "quantfleet.io/model";
+/// Label naming the tier an object serves (copied onto EndpointSlices from the tier Service).
+pub const TIER_LABEL: &str = "quantfleet.io/tier";
 
 /// What one node process serves.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

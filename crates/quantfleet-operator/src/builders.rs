@@ -19,10 +19,8 @@ use std::collections::BTreeMap;
 
 /// The field manager every server-side apply of the operator uses.
 pub const FIELD_MANAGER: &str = "quantfleet-operator";
-/// Label naming the QuantizedModel an object belongs to.
-pub const MODEL_LABEL: &str = "quantfleet.io/model";
-/// Label naming the tier an object serves.
-pub const TIER_LABEL: &str = "quantfleet.io/tier";
+/// Labels naming the QuantizedModel and the tier an object serves (the router selects EndpointSlices by them).
+pub use quantfleet_api::node::{MODEL_LABEL, TIER_LABEL};
 /// Pod-template annotation with a hash of the node configuration: a changed tier spec rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "quantfleet.io/config-hash";
 /// GPU extended resource and product label (NVIDIA device plugin and GPU feature discovery).
@@ -67,7 +65,7 @@ pub fn tier_object_name(model: &str, tier: &str) -> String {
 /// Labels of a tier's objects; the first three also select its pods.
 pub fn tier_labels(model: &str, tier: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "quantfleet-node".to_owned()),
+        ("app.kubernetes.io/name".to_owned(), quantfleet_api::node::NODE_APP_NAME.to_owned()),
         (MODEL_LABEL.to_owned(), model.to_owned()),
         (TIER_LABEL.to_owned(), tier.to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), FIELD_MANAGER.to_owned()),
@@ -245,7 +243,7 @@ pub fn build_tier(
         args: Some(vec!["node".into(), "--config".into(), format!("{NODE_CONFIG_DIR}/{NODE_CONFIG_KEY}")]),
         ports: Some(vec![
             ContainerPort {
-                name: Some("grpc".into()),
+                name: Some(quantfleet_api::node::NODE_GRPC_PORT_NAME.into()),
                 container_port: i32::from(NODE_GRPC_PORT),
                 ..ContainerPort::default()
             },
@@ -349,9 +347,9 @@ pub fn build_tier(
             selector: Some(selector_labels(model_name, &tier.name)),
             ports: Some(vec![
                 ServicePort {
-                    name: Some("grpc".into()),
+                    name: Some(quantfleet_api::node::NODE_GRPC_PORT_NAME.into()),
                     port: i32::from(NODE_GRPC_PORT),
-                    target_port: Some(IntOrString::String("grpc".into())),
+                    target_port: Some(IntOrString::String(quantfleet_api::node::NODE_GRPC_PORT_NAME.into())),
                     app_protocol: Some("grpc".into()),
                     ..ServicePort::default()
                 },

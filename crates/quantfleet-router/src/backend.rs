@@ -157,4 +157,7 @@ pub trait NodeClient: Send + Sync + 'static {
 
     /// Whether the endpoint reports SERVING.
     fn healthy(&self, endpoint: &Endpoint) -> BoxFuture<'static, bool>;
+
+    /// The endpoint left the pool: release what is kept for it (requests still running on it are unaffected).
+    fn forget(&self, _endpoint: &Endpoint) {}
 }

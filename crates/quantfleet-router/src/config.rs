@@ -113,6 +113,8 @@ pub struct RouterConfig {
     pub policy: Option<PrecisionPolicy>,
     #[serde(default)]
     pub policy_file: Option<PathBuf>,
+    /// Node endpoints per tier (the static source; the Kubernetes source fills them from EndpointSlices).
+    #[serde(default)]
     pub endpoints: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
@@ -217,6 +219,55 @@ impl RouterConfig {
         config.check()
     }
 
+    /// The settings file of the Kubernetes source (`quantfleet router --kubernetes [--config FILE]`): listen
+    /// address, limits, shadow and health settings, tokenizer. The policy and the endpoints come from the API
+    /// server, so the file must not give them. Without a file: the defaults.
+    pub fn load_settings(path: Option<&Path>) -> Result<RouterConfig, ConfigError> {
+        let config: RouterConfig = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+                serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse(path.display().to_string(), e))?
+            }
+            None => serde_yaml::from_str("{}").map_err(|e| ConfigError::Parse("the default settings".into(), e))?,
+        };
+        Self::load_settings_from(config)
+    }
+
+    /// Checks settings given as a value (see [`RouterConfig::load_settings`]).
+    pub fn load_settings_from(config: RouterConfig) -> Result<RouterConfig, ConfigError> {
+        for (field, set) in [
+            ("policy", config.policy.is_some()),
+            ("policyFile", config.policy_file.is_some()),
+            ("endpoints", !config.endpoints.is_empty()),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    "comes from the Kubernetes API with --kubernetes (the PrecisionPolicy and its EndpointSlices); remove it",
+                ));
+            }
+        }
+        config.check_settings()?;
+        Ok(config)
+    }
+
+    /// Checks the settings every source shares: limits, shadow, listen address.
+    fn check_settings(&self) -> Result<(), ConfigError> {
+        if self.limits.default_max_tokens == 0 || self.limits.default_max_tokens > self.limits.max_tokens {
+            return Err(invalid("limits.defaultMaxTokens", "must be between 1 and limits.maxTokens"));
+        }
+        if self.shadow.top_k == 0 || self.shadow.top_k > 64 {
+            return Err(invalid("shadow.topK", "must be between 1 and 64"));
+        }
+        if self.shadow.max_in_flight == 0 {
+            return Err(invalid("shadow.maxInFlight", "must be at least 1"));
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("listen", format!("{:?} is not an address:port", self.listen)));
+        }
+        Ok(())
+    }
+
     /// Checks the configuration: a policy, an endpoint list for every tier the policy names, sane limits.
     pub fn check(self) -> Result<Loaded, ConfigError> {
         let policy = self.policy.clone().ok_or_else(|| invalid("policy", "a policy (or policyFile) is required"))?;
@@ -243,18 +294,7 @@ impl RouterConfig {
                 }
             }
         }
-        if self.limits.default_max_tokens == 0 || self.limits.default_max_tokens > self.limits.max_tokens {
-            return Err(invalid("limits.defaultMaxTokens", "must be between 1 and limits.maxTokens"));
-        }
-        if self.shadow.top_k == 0 || self.shadow.top_k > 64 {
-            return Err(invalid("shadow.topK", "must be between 1 and 64"));
-        }
-        if self.shadow.max_in_flight == 0 {
-            return Err(invalid("shadow.maxInFlight", "must be at least 1"));
-        }
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("listen", format!("{:?} is not an address:port", self.listen)));
-        }
+        self.check_settings()?;
         Ok(Loaded { config: self, policy, table })
     }
 
@@ -322,5 +362,29 @@ mod tests {
         c.shadow.top_k = 0;
         assert!(c.check().unwrap_err().to_string().starts_with("shadow.topK"));
         assert!(serde_yaml::from_str::<RouterConfig>("endpoints: {}\nbogus: 1").is_err(), "unknown fields are refused");
+    }
+
+    #[test]
+    fn the_kubernetes_settings_file_refuses_what_the_api_provides() {
+        let defaults = RouterConfig::load_settings(None).unwrap();
+        assert_eq!((defaults.listen.as_str(), defaults.shadow.top_k), ("127.0.0.1:8080", 8));
+        let dir = std::env::temp_dir().join(format!("qf-router-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, body: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, body).unwrap();
+            path
+        };
+        let ok = file("ok.yaml", "listen: 0.0.0.0:9000\nlimits: {maxTokens: 512, defaultMaxTokens: 64}\n");
+        let settings = RouterConfig::load_settings(Some(&ok)).unwrap();
+        assert_eq!((settings.listen.as_str(), settings.limits.max_tokens), ("0.0.0.0:9000", 512));
+        let with_endpoints = file("eps.yaml", "endpoints: {fp8: ['10.0.0.1:50051']}\n");
+        let err = RouterConfig::load_settings(Some(&with_endpoints)).unwrap_err().to_string();
+        assert!(err.starts_with("endpoints: comes from the Kubernetes API"), "{err}");
+        let with_policy = file("policy.yaml", "policyFile: p.yaml\n");
+        assert!(RouterConfig::load_settings(Some(&with_policy)).unwrap_err().to_string().starts_with("policyFile:"));
+        let bad = file("bad.yaml", "shadow: {topK: 0}\n");
+        assert!(RouterConfig::load_settings(Some(&bad)).unwrap_err().to_string().starts_with("shadow.topK"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -102,6 +102,12 @@ fn with_request_id<T>(message: T, request_id: &str, timeout: Duration) -> tonic:
 }
 
 impl NodeClient for GrpcClient {
+    /// Drops the pooled channel: requests running on it keep their own handle to the connection, which closes
+    /// when the last of them ends.
+    fn forget(&self, endpoint: &Endpoint) {
+        self.channels.lock().expect("channels lock").remove(endpoint);
+    }
+
     fn generate(
         &self,
         endpoint: &Endpoint,

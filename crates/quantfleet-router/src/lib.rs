@@ -6,6 +6,9 @@
 //! operator reads the comparison sums from `GET /v1/canary/stats`.
 //!
 //! The node API is behind [`backend::NodeClient`]; [`grpc`] implements it over the nodes' gRPC service.
+//! The policy and the node endpoints come from a static file ([`config`]) or, in a cluster, from the API
+//! server ([`kubernetes`]: the PrecisionPolicy and the EndpointSlices of its model's tier Services), applied
+//! live.
 
 pub mod backend;
 pub mod canary;
@@ -14,6 +17,7 @@ pub mod compare;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod kubernetes;
 pub mod metrics;
 pub mod openai;
 pub mod pool;

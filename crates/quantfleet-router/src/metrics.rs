@@ -125,6 +125,8 @@ pub struct Metrics {
     pub shadow_failed: Family,
     pub shadow_first_divergence: Histogram,
     pub canary_sums: Family,
+    pub source_updates: Family,
+    pub source_problems: Family,
 }
 
 impl Default for Metrics {
@@ -214,6 +216,18 @@ impl Default for Metrics {
                 "counter",
                 &["policy", "task_class", "candidate", "quantity"],
             ),
+            source_updates: Family::new(
+                "quantfleet_router_source_updates_total",
+                "Changes applied live from the Kubernetes source, by kind (policy, endpoints).",
+                "counter",
+                &["kind"],
+            ),
+            source_problems: Family::new(
+                "quantfleet_router_source_problems_total",
+                "Objects of the Kubernetes source that were ignored or missing, and watch errors, by object kind and reason.",
+                "counter",
+                &["object", "reason"],
+            ),
         }
     }
 }
@@ -233,6 +247,8 @@ impl Metrics {
             &self.shadow_dropped,
             &self.shadow_failed,
             &self.canary_sums,
+            &self.source_updates,
+            &self.source_problems,
         ] {
             f.render(&mut out);
         }

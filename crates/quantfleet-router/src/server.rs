@@ -89,7 +89,7 @@ pub struct Router {
     client: Arc<dyn NodeClient>,
     table: RwLock<Arc<RoutingTable>>,
     pool: Pool,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub stats: CanaryStats,
     limits: Limits,
     max_body_bytes: usize,
@@ -153,12 +153,22 @@ impl Collected {
 
 impl Router {
     pub fn new(loaded: &Loaded, client: Arc<dyn NodeClient>, counter: Option<TokenCounter>) -> Arc<Self> {
+        Self::with_metrics(loaded, client, counter, Arc::default())
+    }
+
+    /// A router exporting into `metrics` (shared with what ran before it, e.g. the Kubernetes source).
+    pub fn with_metrics(
+        loaded: &Loaded,
+        client: Arc<dyn NodeClient>,
+        counter: Option<TokenCounter>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let c = &loaded.config;
         Arc::new(Router {
             client,
             table: RwLock::new(Arc::new(loaded.table.clone())),
             pool: Pool::new(&c.endpoints),
-            metrics: Metrics::default(),
+            metrics,
             stats: CanaryStats::default(),
             limits: Limits {
                 default_max_tokens: c.limits.default_max_tokens,
@@ -187,6 +197,16 @@ impl Router {
         *self.table.write().expect("table lock") = Arc::new(RoutingTable::from_policy(policy));
     }
 
+    /// Replaces the node endpoints of every tier (an EndpointSlice change). Requests running on a removed
+    /// endpoint finish there; new requests only see the new set.
+    pub fn set_endpoints(&self, endpoints: &BTreeMap<String, Vec<String>>) -> crate::pool::PoolChange {
+        let change = self.pool.set(endpoints);
+        for endpoint in &change.removed {
+            self.client.forget(endpoint);
+        }
+        change
+    }
+
     /// The HTTP application.
     pub fn app(self: &Arc<Self>) -> AxumRouter {
         AxumRouter::new()
@@ -205,7 +225,7 @@ impl Router {
     /// Checks every endpoint's health every `interval`, forever (spawn it).
     pub async fn health_loop(self: Arc<Self>, interval: Duration) {
         loop {
-            let checks = self.pool.all().map(|e| {
+            let checks = self.pool.all().into_iter().map(|e| {
                 let client = self.client.clone();
                 let e = e.clone();
                 async move {
@@ -561,8 +581,14 @@ async fn handle(
         && !router.pool.has_tier(tier)
     {
         router.metrics.requests.inc(&[api, "none", "none", "invalid"]);
-        let known: Vec<&str> =
-            router.pool.all().map(|e| e.tier.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let known: Vec<String> = router
+            .pool
+            .all()
+            .iter()
+            .map(|e| e.tier.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         return ApiError::invalid(
             Some(TIER_HEADER.to_owned()),
             format!("unknown tier {tier:?}; the router serves {known:?}"),

@@ -388,3 +388,37 @@ async fn requests_spread_by_outstanding_count() {
     assert_eq!(per.iter().filter(|e| *e == "f:1").count(), 2, "{per:?}");
     assert_eq!(per.iter().filter(|e| *e == "f:2").count(), 2, "{per:?}");
 }
+
+#[tokio::test]
+async fn endpoint_changes_apply_live_and_running_requests_finish_where_they_started() {
+    let mut node = FakeNode::new(&[("b:1", serve()), ("f:1", serve()), ("f:2", serve()), ("f:3", serve())]);
+    node.token_delay = Duration::from_millis(60);
+    let node = Arc::new(node);
+    let r = router(node.clone(), None, |_| {});
+    let code = "```python\nprint(1)\n```";
+    let running = {
+        let r = r.clone();
+        tokio::spawn(async move { chat(&r, code, json!({}), &[]).await })
+    };
+    // The request is on f:1 or f:2 when both leave and f:3 arrives (an EndpointSlice update).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let started_on = node.calls("generate")[0].endpoint.clone();
+    let mut endpoints = BTreeMap::new();
+    for (tier, eps) in [("bf16", vec!["b:1"]), ("fp8", vec!["f:3"]), ("fp8-kv8", vec![]), ("int4-awq", vec![])] {
+        endpoints.insert(tier.to_owned(), eps.into_iter().map(str::to_owned).collect());
+    }
+    let change = r.set_endpoints(&endpoints);
+    assert_eq!(change.added, ["fp8/f:3"]);
+    assert_eq!(change.removed.len(), 4, "f:1, f:2, k:1 and i:1 left: {change:?}");
+    let reply = running.await.unwrap();
+    assert_eq!((reply.status, reply.header("x-quantfleet-tier")), (StatusCode::OK, "fp8"), "{}", reply.body);
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 4, "the running request finished on {started_on}");
+    for _ in 0..3 {
+        let reply = chat(&r, code, json!({}), &[]).await;
+        assert_eq!(reply.header("x-quantfleet-tier"), "fp8");
+        assert_eq!(node.calls("generate").last().unwrap().endpoint, "f:3", "new requests use the new endpoint");
+    }
+    // A tier left without endpoints falls back: chat routes to int4-awq, then fp8.
+    let reply = chat(&r, "Tell me about Paris.", json!({}), &[]).await;
+    assert_eq!((reply.header("x-quantfleet-tier"), reply.header("x-quantfleet-route")), ("fp8", "fallback"));
+}

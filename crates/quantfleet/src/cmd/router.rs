@@ -1,26 +1,45 @@
-//! `quantfleet router --config FILE`: the OpenAI-compatible front door over a static configuration (policy
-//! and node endpoints; see quantfleet_router::config). Serves until SIGINT or SIGTERM.
+//! `quantfleet router`: the OpenAI-compatible front door. Its policy and node endpoints come from a static
+//! configuration (`--config FILE`, see quantfleet_router::config) or, in a cluster, from the Kubernetes API
+//! (`--kubernetes --policy NAME`: the PrecisionPolicy and the EndpointSlices of its model's tier Services,
+//! followed live; see quantfleet_router::kubernetes). Serves until SIGINT or SIGTERM.
 
 use anyhow::{Context as _, Result};
+use quantfleet_router::metrics::Metrics;
 use quantfleet_router::server::TokenCounter;
-use quantfleet_router::{Loaded, Router, RouterConfig};
+use quantfleet_router::{Loaded, Router, RouterConfig, kubernetes};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Router configuration (YAML): the PrecisionPolicy (inline or policyFile), endpoints per tier, limits.
-    #[arg(long)]
-    config: PathBuf,
+    /// With --kubernetes: only the settings (listen, limits, shadow, tokenizer); optional.
+    #[arg(long, required_unless_present = "kubernetes")]
+    config: Option<PathBuf>,
     /// Listen address, overriding the configuration's `listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Take the policy and the node endpoints from the Kubernetes API (the kubeconfig, or the pod's service
+    /// account): the PrecisionPolicy --policy and the EndpointSlices of its model's tier Services, followed live.
+    #[arg(long, requires = "policy")]
+    kubernetes: bool,
+    /// Name of the PrecisionPolicy to serve (with --kubernetes).
+    #[arg(long, requires = "kubernetes")]
+    policy: Option<String>,
+    /// Namespace of the PrecisionPolicy and its model (with --kubernetes; default: the kubeconfig's namespace,
+    /// or the pod's own).
+    #[arg(long, requires = "kubernetes")]
+    namespace: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let mut loaded = RouterConfig::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
+    if args.kubernetes {
+        return run_kubernetes(args);
+    }
+    let config = args.config.expect("clap requires --config without --kubernetes");
+    let mut loaded = RouterConfig::load(&config).with_context(|| format!("loading {}", config.display()))?;
     if let Some(listen) = args.listen {
         loaded.config.listen = listen;
         loaded = loaded.config.check()?;
@@ -35,6 +54,60 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let _ = router;
         tokio::select! {
             r = server => r.context("the HTTP server failed")??,
+            sig = shutdown_signal() => eprintln!("{sig}: shutting down"),
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--kubernetes`: listens at once (answering 503 until the policy is known, so the pod is not ready), builds
+/// the router from the first complete view of the policy and its EndpointSlices, then applies every change
+/// live.
+fn run_kubernetes(args: Args) -> Result<ExitCode> {
+    let policy = args.policy.expect("clap requires --policy with --kubernetes");
+    let mut settings = match &args.config {
+        Some(path) => RouterConfig::load_settings(Some(path)).with_context(|| format!("loading {}", path.display()))?,
+        None => RouterConfig::load_settings(None)?,
+    };
+    if let Some(listen) = args.listen {
+        settings.listen = listen;
+        settings = RouterConfig::load_settings_from(settings)?;
+    }
+    let counter = settings.tokenizer.as_deref().map(token_counter).transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
+        let namespace = args.namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+        let what = format!("PrecisionPolicy {namespace}/{policy}");
+        let listener = tokio::net::TcpListener::bind(&settings.listen)
+            .await
+            .with_context(|| format!("binding {}", settings.listen))?;
+        eprintln!("router listening on http://{}/v1 (policy and endpoints from {what})", listener.local_addr()?);
+        let metrics = Arc::new(Metrics::default());
+        let slot = Arc::new(OnceLock::new());
+        let app = kubernetes::app_when_ready(slot.clone(), metrics.clone(), what.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut snapshots = kubernetes::watch(client, &namespace, &policy, metrics.clone());
+        let serve = async {
+            let first =
+                kubernetes::first_snapshot(&mut snapshots, &what).await.context("the Kubernetes source stopped")?;
+            let mut config = settings.clone();
+            config.policy = Some(first.policy.clone());
+            config.endpoints = first.endpoints.clone();
+            let loaded = config.check().with_context(|| format!("applying {what}"))?;
+            let client =
+                Arc::new(quantfleet_router::grpc::GrpcClient::new(Duration::from_secs(2), Duration::from_secs(600)));
+            let router = Router::with_metrics(&loaded, client, counter, metrics);
+            tokio::spawn(router.clone().health_loop(loaded.config.health_interval()));
+            let _ = slot.set(router.app());
+            tracing::info!(endpoints = ?first.endpoints, "serving {what}");
+            kubernetes::follow(router, snapshots, first).await;
+            anyhow::bail!("the Kubernetes source stopped")
+        };
+        tokio::select! {
+            r = server => r.context("the HTTP server failed")??,
+            r = serve => r?,
             sig = shutdown_signal() => eprintln!("{sig}: shutting down"),
         }
         anyhow::Ok(())
