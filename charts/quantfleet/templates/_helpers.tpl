@@ -10,6 +10,11 @@
 {{- define "quantfleet.operatorName" -}}{{ include "quantfleet.fullname" . }}-operator{{- end -}}
 {{- define "quantfleet.routerName" -}}{{ include "quantfleet.fullname" . }}-router{{- end -}}
 
+{{/* The namespace of the router's PrecisionPolicy and its model's tier Services (default: the release's). */}}
+{{- define "quantfleet.routerPolicyNamespace" -}}
+{{- default .Release.Namespace .Values.router.policy.namespace -}}
+{{- end -}}
+
 {{- define "quantfleet.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}

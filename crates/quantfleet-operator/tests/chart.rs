@@ -2,25 +2,25 @@
 //! built by scripts/helm-build.sh), then server-side apply of the rendered manifests, first as a dry run, then for
 //! real. Checks that the operator and router pods are scheduled onto the (kwok) nodes; that no container can run as
 //! root or write its root filesystem; that the rendered operator ServiceAccount has exactly the permissions of
-//! deploy/rbac/operator-clusterrole.yaml (the rules, and the effective rights the API server reports), and that
-//! the operator really works under it; and that nothing drifts: once converged, with the operator running, no
-//! chart-owned or user-owned object changes, nobody but its owner holds its spec fields, and re-applying the same
-//! manifests (a GitOps resync) writes nothing.
+//! deploy/rbac/operator-clusterrole.yaml and the router's exactly those of deploy/rbac/router-role.yaml (the
+//! rules, and the effective rights the API server reports), and that both really work under them; and that
+//! nothing drifts: once converged, with the operator running, no chart-owned or user-owned object changes, nobody
+//! but its owner holds its spec fields, and re-applying the same manifests (a GitOps resync) writes nothing.
 //!
-//! The chart's pods are kwok fakes (no container runs here), so the operator runs in this process, acting as the
-//! chart's ServiceAccount. The router is not exercised (its pods are fakes too, and it needs no API access).
+//! The chart's pods are kwok fakes (no container runs here), so the operator and the router's Kubernetes source
+//! run in this process, each acting as its chart ServiceAccount.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{SelfSubjectRulesReview, SelfSubjectRulesReviewSpec};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DynamicObject, GroupVersionKind, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::discovery::{Scope, pinned_kind};
 use kube::{Client, ResourceExt};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, QuantizedModel};
-use quantfleet_operator::builders::{FIELD_MANAGER, NODE_UID, Settings, TIER_LABEL};
+use quantfleet_operator::builders::{FIELD_MANAGER, MODEL_LABEL, NODE_UID, Settings, TIER_LABEL};
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
@@ -348,14 +348,28 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
     assert_eq!(grants(&rendered.rules.clone().unwrap_or_default()), want, "chart vs deploy/rbac");
     let bindings: Vec<_> =
         objects.iter().filter(|o| matches!(kind(o), "ClusterRoleBinding" | "RoleBinding" | "Role")).collect();
-    assert_eq!(bindings.len(), 1, "only the operator's ClusterRoleBinding: {bindings:?}");
-    let binding: ClusterRoleBinding = typed(bindings[0]);
+    assert_eq!(bindings.len(), 3, "the operator's ClusterRoleBinding, the router's Role and RoleBinding: {bindings:?}");
+    let binding: ClusterRoleBinding = typed(rendered_object("ClusterRoleBinding", "-operator"));
     assert_eq!(binding.role_ref.name, rendered.metadata.name.clone().unwrap());
     let subjects = binding.subjects.unwrap_or_default();
     assert_eq!(subjects.len(), 1);
     assert_eq!(
         (subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
         (operator_sa.as_str(), Some(ns.as_str()))
+    );
+    // The router's Role is deploy/rbac's (same policy name: the chart's default is the sample's), bound only to
+    // the router's ServiceAccount, in the policy's namespace (the release's by default).
+    let router_reference: Role = serde_yaml::from_str(&repo_file("deploy/rbac/router-role.yaml")).unwrap();
+    let router_role: Role = typed(rendered_object("Role", "-router"));
+    let router_want = grants(&router_reference.rules.clone().unwrap_or_default());
+    assert_eq!(grants(&router_role.rules.clone().unwrap_or_default()), router_want, "chart vs deploy/rbac (router)");
+    let router_binding: RoleBinding = typed(rendered_object("RoleBinding", "-router"));
+    assert_eq!(router_binding.role_ref.name, router_role.metadata.name.clone().unwrap());
+    assert_eq!(router_binding.role_ref.kind, "Role");
+    let subjects = router_binding.subjects.unwrap_or_default();
+    assert_eq!(
+        subjects.iter().map(|s| (s.name.as_str(), s.namespace.as_deref())).collect::<Vec<_>>(),
+        [(router_sa.as_str(), Some(ns.as_str()))]
     );
 
     // Server-side dry run first: the API server validates and defaults everything, and nothing is created.
@@ -404,7 +418,8 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
 
     // Effective rights: the chart's operator ServiceAccount may do exactly what a ServiceAccount bound to
     // deploy/rbac's ClusterRole may do (in its own namespace and in another), and the router's ServiceAccount
-    // exactly what an unbound one may (nothing beyond what every authenticated user has).
+    // exactly what one bound to deploy/rbac's router Role may (in the policy's namespace; elsewhere nothing
+    // beyond what every authenticated user has).
     let reference_name = format!("{ns}-reference");
     let mut reference_role = reference.clone();
     reference_role.metadata = ObjectMeta { name: Some(reference_name.clone()), ..ObjectMeta::default() };
@@ -413,7 +428,7 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         .await
         .map_err(k("applying the reference role"))?;
     let service_accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), &ns);
-    for sa in ["reference", "unbound"] {
+    for sa in ["reference", "router-reference", "unbound"] {
         let sa = ServiceAccount {
             metadata: ObjectMeta { name: Some(sa.into()), ..ObjectMeta::default() },
             ..ServiceAccount::default()
@@ -438,7 +453,46 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         .patch(&reference_name, &PatchParams::apply(CHART_MANAGER).force(), &Patch::Apply(&reference_binding))
         .await
         .map_err(k("binding the reference role"))?;
+    let mut router_reference_role = router_reference.clone();
+    router_reference_role.metadata = ObjectMeta { name: Some("router-reference".into()), ..ObjectMeta::default() };
+    Api::<Role>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &router_reference_role)
+        .await
+        .map_err(k("creating the router reference Role"))?;
+    let router_reference_binding = RoleBinding {
+        metadata: ObjectMeta { name: Some("router-reference".into()), ..ObjectMeta::default() },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "router-reference".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "router-reference".into(),
+            namespace: Some(ns.clone()),
+            ..Subject::default()
+        }]),
+    };
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &router_reference_binding)
+        .await
+        .map_err(k("binding the router reference Role"))?;
     let sa_user = |sa: &str| format!("system:serviceaccount:{ns}:{sa}");
+    let router_reference_rights =
+        until("the router reference binding to take effect", Duration::from_secs(10), || async {
+            let rights = effective_rights(&sa_user("router-reference"), &ns).await?;
+            Ok(if rights.is_superset(&router_want) {
+                Probe::Done(rights)
+            } else {
+                Probe::Pending(format!("{rights:?}"))
+            })
+        })
+        .await?;
+    assert_eq!(
+        effective_rights(&sa_user(&router_sa), &ns).await?,
+        router_reference_rights,
+        "router ServiceAccount vs deploy/rbac, in the policy's namespace"
+    );
     for review_ns in [ns.as_str(), "default"] {
         let reference_rights = until("the reference binding to take effect", Duration::from_secs(10), || async {
             let rights = effective_rights(&sa_user("reference"), review_ns).await?;
@@ -448,8 +502,11 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         let operator_rights = effective_rights(&sa_user(&operator_sa), review_ns).await?;
         assert_eq!(operator_rights, reference_rights, "operator ServiceAccount vs deploy/rbac, in {review_ns}");
         let baseline = effective_rights(&sa_user("unbound"), review_ns).await?;
-        assert_eq!(effective_rights(&sa_user(&router_sa), review_ns).await?, baseline, "router rights");
+        if review_ns != ns {
+            assert_eq!(effective_rights(&sa_user(&router_sa), review_ns).await?, baseline, "router rights elsewhere");
+        }
         assert!(!baseline.is_superset(&want), "the baseline must not already include the operator's rights");
+        assert!(!baseline.is_superset(&router_want), "the baseline must not already include the router's rights");
     }
 
     // The operator, acting as the chart's ServiceAccount (its rights are enough), reconciles a user's model and
@@ -509,6 +566,39 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
     .await?;
     let errors = metrics.count("quantizedmodel", "kube_api") + metrics.count("precisionpolicy", "kube_api");
     assert_eq!(errors, 0, "API errors under the chart's ServiceAccount: {}", metrics.render());
+
+    // The router's Kubernetes source, acting as the chart's router ServiceAccount, sees the policy with the
+    // operator's status and the EndpointSlices the EndpointSlice controller made for the operator's tier Services:
+    // every tier, on the gRPC port, with the (kwok) pods' addresses.
+    let mut config = control_plane()?.config().await?;
+    config.auth_info.impersonate = Some(sa_user(&router_sa));
+    let router_client = Client::try_from(config).map_err(k("building the router's client"))?;
+    let router_metrics = Arc::new(quantfleet_router::metrics::Metrics::default());
+    let snapshots =
+        quantfleet_router::kubernetes::watch(router_client, &ns, &policy.name_any(), router_metrics.clone());
+    let services = Api::<Service>::namespaced(admin.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{MODEL_LABEL}={model_name}")))
+        .await
+        .map_err(k("listing the tier Services"))?;
+    let tiers: Vec<String> = services.items.iter().filter_map(|s| s.labels().get(TIER_LABEL).cloned()).collect();
+    assert!(!tiers.is_empty(), "the operator created tier Services");
+    let seen = until("the router source to see every tier's node endpoints", Duration::from_secs(60), || async {
+        let snapshot = snapshots.borrow().clone();
+        Ok(match snapshot {
+            Some(s) if tiers.iter().all(|t| s.endpoints.get(t).is_some_and(|e| !e.is_empty())) => Probe::Done(s),
+            other => Probe::Pending(format!("{:?}; {}", other.map(|s| s.endpoints.clone()), router_metrics.render())),
+        })
+    })
+    .await?;
+    let grpc_suffix = format!(":{}", quantfleet_api::node::NODE_GRPC_PORT);
+    assert!(seen.endpoints.values().flatten().all(|e| e.ends_with(&grpc_suffix)), "{:?}", seen.endpoints);
+    assert_eq!(
+        seen.policy.status.as_ref().and_then(|s| s.canary.as_ref()).map(|c| c.phase),
+        Some(CanaryPhase::Shadowing)
+    );
+    assert!(!router_metrics.render().contains("reason=\"watch_error\""), "{}", router_metrics.render());
+    println!("chart: the router source (as the chart's router ServiceAccount) sees {:?}", seen.endpoints);
+    drop(snapshots);
 
     // No drift. The watched set: every chart object and the user's two objects.
     let user_objects = [
@@ -611,9 +701,15 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
     }
     let router_policy = rendered_object("NetworkPolicy", "-router");
     let egress = router_policy["spec"]["egress"].as_array().unwrap();
-    let to_nodes: Vec<_> =
-        egress.iter().filter(|rule| rule["ports"].as_array().unwrap().iter().all(|p| p["port"] != 53)).collect();
-    assert_eq!(to_nodes.len(), 1, "router egress besides DNS: {to_nodes:?}");
+    let api_ports: Vec<serde_json::Value> =
+        [443, 6443].iter().map(|p| serde_json::json!({"port": p, "protocol": "TCP"})).collect();
+    let to_nodes: Vec<_> = egress
+        .iter()
+        .filter(|rule| rule["ports"].as_array().unwrap().iter().all(|p| p["port"] != 53))
+        .filter(|rule| rule["ports"].as_array().unwrap() != &api_ports)
+        .collect();
+    assert_eq!(egress.len(), 3, "router egress: the API server, the nodes, DNS: {egress:?}");
+    assert_eq!(to_nodes.len(), 1, "router egress besides DNS and the API server: {to_nodes:?}");
     let grpc_port = node_pods[0].spec.as_ref().unwrap().containers[0]
         .ports
         .iter()

@@ -113,10 +113,10 @@ fn crdgen_check_detects_drift() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("quantizedmodels.quantfleet.io.yaml differs"));
 }
 
-/// The operator arguments the Helm chart renders (scripts/helm-build.sh must have built helm: scripts/test.sh runs
+/// The objects of one chart template (scripts/helm-build.sh must have built helm: scripts/test.sh runs
 /// scripts/helm-check.sh first). A flag the binary does not know would crash-loop the pod in a real cluster, and
-/// the chart test's kwok pods never run the binary, so the rendered arguments are parsed here.
-fn chart_operator_args(set: &[&str]) -> Vec<String> {
+/// the chart test's kwok pods never run the binary, so the rendered arguments are run here.
+fn chart_template(template: &str, set: &[&str]) -> Vec<serde_json::Value> {
     let helm = Command::new("bash").arg(repo().join("scripts/helm-build.sh")).arg("--cached-only").output().unwrap();
     assert!(
         helm.status.success(),
@@ -125,19 +125,41 @@ fn chart_operator_args(set: &[&str]) -> Vec<String> {
     );
     let mut cmd = Command::new(String::from_utf8(helm.stdout).unwrap().trim());
     cmd.args(["template", "qf", "charts/quantfleet", "--namespace", "qf", "--kube-version", "1.33.0"]);
-    cmd.args(["--show-only", "templates/operator-deployment.yaml"]).current_dir(repo());
+    cmd.args(["--show-only", template]).current_dir(repo());
     for s in set {
         cmd.args(["--set", s]);
     }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    let deployment: serde_json::Value = serde_yaml::Deserializer::from_str(&text)
+    serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .find(|v: &serde_json::Value| v["kind"] == "Deployment")
-        .expect("the operator Deployment");
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+fn container_args(objects: &[serde_json::Value]) -> Vec<String> {
+    let deployment = objects.iter().find(|v| v["kind"] == "Deployment").expect("a Deployment");
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
     args.iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+}
+
+fn chart_operator_args(set: &[&str]) -> Vec<String> {
+    container_args(&chart_template("templates/operator-deployment.yaml", set))
+}
+
+/// Runs the binary as a pod would, without a cluster: it must get past argument parsing (and reading its
+/// files) and fail connecting, never before.
+fn fails_only_connecting(args: &[String], context: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+        .args(args)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?} with {context}: {stderr}");
+    assert!(stderr.contains("connecting to the Kubernetes API"), "{args:?} with {context}: {stderr}");
 }
 
 #[test]
@@ -145,14 +167,42 @@ fn the_chart_renders_operator_arguments_the_binary_accepts() {
     for set in [&[][..], &["operator.replicas=2", r"operator.accelerators={X=48Gi\,8.9}", "router.enabled=false"]] {
         let args = chart_operator_args(set);
         assert_eq!(args[0], "operator");
-        // No cluster is reachable: the command gets past argument parsing and fails connecting, never before.
-        let out = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
-            .args(&args)
-            .env("KUBECONFIG", "/nonexistent/kubeconfig")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("connecting to the Kubernetes API"), "{args:?} with {set:?}: {stderr}");
+        fails_only_connecting(&args, &format!("{set:?}"));
     }
+}
+
+#[test]
+fn the_chart_renders_router_arguments_and_settings_the_binary_accepts() {
+    let sets: [&[&str]; 2] = [
+        &[],
+        &["router.policy.name=chat-policy", "router.policy.namespace=models", "router.config.limits.maxTokens=2048"],
+    ];
+    for set in sets {
+        let objects = chart_template("templates/router.yaml", set);
+        let mut args = container_args(&objects);
+        assert_eq!(&args[..2], ["router", "--kubernetes"], "the chart's router uses the Kubernetes source");
+        let want_ns = if set.is_empty() { "qf" } else { "models" };
+        assert!(args.contains(&format!("--namespace={want_ns}")), "{args:?}");
+        // The settings file is the rendered ConfigMap's, at the path the Deployment mounts it.
+        let config_map = objects.iter().find(|v| v["kind"] == "ConfigMap").expect("the router ConfigMap");
+        let settings = temp_file("router.yaml", config_map["data"]["router.yaml"].as_str().unwrap());
+        let config = args.iter_mut().find(|a| a.starts_with("--config=")).expect("a --config argument");
+        assert_eq!(config.as_str(), "--config=/etc/quantfleet/router/router.yaml");
+        *config = format!("--config={}", settings.display());
+        fails_only_connecting(&args, &format!("{set:?}"));
+        // The Role names exactly the policy the arguments do, in the same namespace.
+        let role = objects.iter().find(|v| v["kind"] == "Role").expect("the router Role");
+        let policy = args.iter().find_map(|a| a.strip_prefix("--policy=")).unwrap();
+        assert_eq!(role["metadata"]["namespace"], want_ns);
+        assert_eq!(role["rules"][0]["resourceNames"], serde_json::json!([policy]));
+    }
+    // The same binary refuses settings that would shadow the API's objects, before connecting.
+    let bad = temp_file("router-bad.yaml", "listen: 0.0.0.0:8080\nendpoints: {fp8: ['10.0.0.1:50051']}\n");
+    let out = quantfleet(&["router", "--kubernetes", "--policy", "p", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("endpoints: comes from the Kubernetes API"), "{out:?}");
+    // --policy is required with --kubernetes, --config without it.
+    assert_eq!(quantfleet(&["router", "--kubernetes"]).status.code(), Some(2));
+    let out = quantfleet(&["router"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"), "{out:?}");
 }
