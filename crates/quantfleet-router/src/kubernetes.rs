@@ -11,7 +11,8 @@
 //!   its endpoints that are ready (or whose readiness is unknown, as the API defines) are used on the port
 //!   named `grpc`.
 //!
-//! Updates replace the routing table and the endpoint set atomically; requests already running keep the
+//! Updates replace the routing table and the endpoint set atomically (a status write that changes no route, such
+//! as new canary evidence, changes nothing); requests already running keep the
 //! table and the endpoint they started with. Objects that cannot be used (a slice without a tier label or a
 //! gRPC port, a policy that is missing or deleted) and watch errors are logged and counted in
 //! `quantfleet_router_source_problems_total`; they never stop the router. A deleted policy leaves the last
@@ -28,8 +29,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
-use quantfleet_api::PrecisionPolicy;
 use quantfleet_api::node::{MODEL_LABEL, NODE_APP_NAME, NODE_GRPC_PORT_NAME, TIER_LABEL};
+use quantfleet_api::{EffectiveRoute, PrecisionPolicy, TaskClass};
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
@@ -343,6 +344,12 @@ fn route_summary(table: &RoutingTable) -> String {
         .join(", ")
 }
 
+/// What of a policy the router applies: its spec (classifier, default tier) and the routes it derives. Status
+/// writes that change neither (canary evidence, conditions) are not re-applied.
+fn routing_of(policy: &PrecisionPolicy) -> (&quantfleet_api::PrecisionPolicySpec, BTreeMap<TaskClass, EffectiveRoute>) {
+    (&policy.spec, RoutingTable::from_policy(policy).routes)
+}
+
 /// Applies every new snapshot to `router` (endpoints first, so a tier the new policy routes to is known
 /// before traffic goes there). `applied` is the snapshot the router was built from. Runs until the source
 /// stops.
@@ -355,7 +362,7 @@ pub async fn follow(router: Arc<Router>, mut rx: watch::Receiver<Option<Arc<Snap
             router.metrics.source_updates.inc(&["endpoints"]);
             tracing::info!(added = ?change.added, removed = ?change.removed, "node endpoints updated");
         }
-        if next.policy != applied.policy {
+        if routing_of(&next.policy) != routing_of(&applied.policy) {
             router.set_policy(&next.policy);
             router.metrics.source_updates.inc(&["policy"]);
             tracing::info!(
@@ -472,6 +479,29 @@ mod tests {
         assert_eq!(map["fp8"], ["10.0.0.1:1", "10.0.0.9:1"]);
         assert_eq!(map.keys().collect::<Vec<_>>(), ["bf16", "fp8", "fp8-kv8", "int4-awq"]);
         assert!(map["bf16"].is_empty());
+    }
+
+    #[test]
+    fn only_route_changes_are_reapplied() {
+        let p = policy();
+        let mut evidence_only = p.clone();
+        evidence_only.status = Some(PrecisionPolicyStatus { observed_generation: Some(3), ..Default::default() });
+        evidence_only.metadata.resource_version = Some("42".into());
+        assert_eq!(routing_of(&p), routing_of(&evidence_only));
+        let mut stepped = p.clone();
+        stepped.status = Some(PrecisionPolicyStatus {
+            canary: Some(CanaryStatus {
+                phase: CanaryPhase::Stepping,
+                candidate_tier: "int4-awq".into(),
+                live_percent: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_ne!(routing_of(&p), routing_of(&stepped));
+        let mut respec = p.clone();
+        respec.spec.default_tier = "fp8".into();
+        assert_ne!(routing_of(&p), routing_of(&respec));
     }
 
     #[test]
