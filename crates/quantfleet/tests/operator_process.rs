@@ -292,10 +292,17 @@ impl Reply {
 }
 
 /// Sends one HTTP/1.1 request (`Connection: close`) and returns the stream after the response head.
-async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (tokio::net::TcpStream, u16, String, Vec<u8>) {
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (tokio::net::TcpStream, u16, String, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -315,7 +322,7 @@ async fn send(addr: SocketAddr, method: &str, path: &str, body: &str) -> (tokio:
 }
 
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Reply {
-    let (mut stream, status, head, mut rest) = send(addr, method, path, body).await;
+    let (mut stream, status, head, mut rest) = send(addr, method, path, &[], body).await;
     stream.read_to_end(&mut rest).await.unwrap();
     Reply { status, head, body: String::from_utf8_lossy(&rest).into_owned() }
 }
@@ -496,7 +503,7 @@ async fn the_router_follows_its_policy_and_endpoint_slices_live() -> Result<(), 
     // new requests go to fp8-b, the running one finishes on fp8-a.
     let before = fp8_a_calls.load(Ordering::Relaxed);
     let (mut stream, status, _, mut streamed) =
-        send(addr, "POST", "/v1/chat/completions", &chat_body(CODE, 20, true)).await;
+        send(addr, "POST", "/v1/chat/completions", &[], &chat_body(CODE, 20, true)).await;
     assert_eq!(status, 200);
     assert_eq!(fp8_a_calls.load(Ordering::Relaxed), before + 1, "the stream started on fp8-a");
     put(slice("smollm2-135m-fp8-a", Some("fp8"), fp8_a, false)).await?;
@@ -578,12 +585,33 @@ async fn the_router_follows_its_policy_and_endpoint_slices_live() -> Result<(), 
     .await?;
     until("code still routed to int4-awq", Duration::from_secs(5), || routed(CODE, "int4-awq", "int4-a", "route"))
         .await?;
+    // SIGTERM (a rolling update): the router stops accepting connections, but a stream in flight finishes.
+    let (mut stream, status, _, mut streamed) =
+        send(addr, "POST", "/v1/chat/completions", &[("x-quantfleet-tier", "fp8")], &chat_body(CODE, 20, true)).await;
+    assert_eq!(status, 200);
     let watch_errors =
         metric(addr, "quantfleet_router_source_problems_total{object=\"precisionpolicy\",reason=\"watch_error\"}")
             .await
             + metric(addr, "quantfleet_router_source_problems_total{object=\"endpointslice\",reason=\"watch_error\"}")
                 .await;
     assert_eq!(watch_errors, 0.0, "the Role's rights are enough for the router's watches:\n{}", log());
+    // SAFETY: kill(2) on the router child's pid.
+    assert_eq!(unsafe { libc::kill(router.child.id() as i32, libc::SIGTERM) }, 0);
+    stream.read_to_end(&mut streamed).await.unwrap();
+    let streamed = String::from_utf8_lossy(&streamed);
+    assert!(streamed.contains("data: [DONE]"), "the stream in flight was cut by SIGTERM: {streamed}\n{}", log());
+    assert_eq!(streamed.matches("fp8-a ").count(), 20, "{streamed}");
+    let mut router = router;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = router.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the router did not exit after draining:\n{}", router.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(exited.success(), "{exited}\n{}", router.log());
+    assert!(router.log().contains("SIGTERM: draining the requests in flight"), "{}", router.log());
 
     drop(router);
     let _ = std::fs::remove_file(&kubeconfig);

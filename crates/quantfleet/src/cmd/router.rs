@@ -32,6 +32,10 @@ pub struct Args {
     /// or the pod's own).
     #[arg(long, requires = "kubernetes")]
     namespace: Option<String>,
+    /// On SIGTERM/SIGINT, stop accepting connections and give requests in flight this long to finish (keep it
+    /// below the pod's terminationGracePeriodSeconds).
+    #[arg(long, default_value = "25", value_name = "SECONDS")]
+    drain_seconds: u64,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -50,15 +54,49 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .await
             .with_context(|| format!("binding {}", loaded.config.listen))?;
         eprintln!("router listening on http://{}/v1", listener.local_addr()?);
-        let (router, server) = start(&loaded, listener)?;
-        let _ = router;
-        tokio::select! {
-            r = server => r.context("the HTTP server failed")??,
-            sig = shutdown_signal() => eprintln!("{sig}: shutting down"),
-        }
-        anyhow::Ok(())
+        let counter = loaded.config.tokenizer.as_deref().map(token_counter).transpose()?;
+        let router = Router::new(&loaded, grpc_client(), counter);
+        tokio::spawn(router.clone().health_loop(loaded.config.health_interval()));
+        serve_draining(listener, router.app(), std::future::pending(), Duration::from_secs(args.drain_seconds)).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn grpc_client() -> Arc<quantfleet_router::grpc::GrpcClient> {
+    Arc::new(quantfleet_router::grpc::GrpcClient::new(Duration::from_secs(2), Duration::from_secs(600)))
+}
+
+/// Serves `app` until SIGINT/SIGTERM (or until `other` fails), then stops accepting connections and lets the
+/// requests in flight finish, streams included, for up to `drain`: a rolling update of the router's pods
+/// loses no request.
+async fn serve_draining(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    other: impl std::future::Future<Output = Result<()>>,
+    drain: Duration,
+) -> Result<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tokio::select! {
+        r = &mut server => r.context("the HTTP server failed")?.context("the HTTP server failed")?,
+        r = other => r?,
+        sig = shutdown_signal() => {
+            eprintln!("{sig}: draining the requests in flight (up to {drain:?})");
+            let _ = stop.send(());
+            match tokio::time::timeout(drain, server).await {
+                Ok(r) => r.context("the HTTP server failed")?.context("the HTTP server failed")?,
+                Err(_) => eprintln!("requests still in flight after {drain:?}: stopping anyway"),
+            }
+            eprintln!("router stopped");
+        }
+    }
+    Ok(())
 }
 
 /// `--kubernetes`: listens at once (answering 503 until the policy is known, so the pod is not ready), builds
@@ -87,7 +125,6 @@ fn run_kubernetes(args: Args) -> Result<ExitCode> {
         let metrics = Arc::new(Metrics::default());
         let slot = Arc::new(OnceLock::new());
         let app = kubernetes::app_when_ready(slot.clone(), metrics.clone(), what.clone());
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let mut snapshots = kubernetes::watch(client, &namespace, &policy, metrics.clone());
         let serve = async {
             let first =
@@ -96,21 +133,14 @@ fn run_kubernetes(args: Args) -> Result<ExitCode> {
             config.policy = Some(first.policy.clone());
             config.endpoints = first.endpoints.clone();
             let loaded = config.check().with_context(|| format!("applying {what}"))?;
-            let client =
-                Arc::new(quantfleet_router::grpc::GrpcClient::new(Duration::from_secs(2), Duration::from_secs(600)));
-            let router = Router::with_metrics(&loaded, client, counter, metrics);
+            let router = Router::with_metrics(&loaded, grpc_client(), counter, metrics);
             tokio::spawn(router.clone().health_loop(loaded.config.health_interval()));
             let _ = slot.set(router.app());
             tracing::info!(endpoints = ?first.endpoints, "serving {what}");
             kubernetes::follow(router, snapshots, first).await;
             anyhow::bail!("the Kubernetes source stopped")
         };
-        tokio::select! {
-            r = server => r.context("the HTTP server failed")??,
-            r = serve => r?,
-            sig = shutdown_signal() => eprintln!("{sig}: shutting down"),
-        }
-        anyhow::Ok(())
+        serve_draining(listener, app, serve, Duration::from_secs(args.drain_seconds)).await
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -131,8 +161,7 @@ pub fn start(
     listener: tokio::net::TcpListener,
 ) -> Result<(Arc<Router>, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let counter = loaded.config.tokenizer.as_deref().map(token_counter).transpose()?;
-    let client = Arc::new(quantfleet_router::grpc::GrpcClient::new(Duration::from_secs(2), Duration::from_secs(600)));
-    let router = Router::new(loaded, client, counter);
+    let router = Router::new(loaded, grpc_client(), counter);
     tokio::spawn(router.clone().health_loop(loaded.config.health_interval()));
     let app = router.app();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
