@@ -263,3 +263,234 @@ fn tile_kmajor<const NT: usize>(wt: &[f32], x: &[f32], k: usize) -> [[f32; 32]; 
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Tier (packed) weights: see `packed_kernels.rs` for the layouts. INT4 activations arrive de-interleaved per
+// 32 elements (16 even, then 16 odd), so the low nibbles of 16 bytes meet one vector and the high nibbles the
+// next.
+
+/// 16 bytes of INT4 nibbles as two vectors of 16 f32 nibble values (low nibbles, high nibbles): one widening
+/// to 32-bit lanes, then a mask and a shift (a byte's high nibble is its 32-bit lane shifted right by 4).
+#[inline(always)]
+fn nibbles_avx512(p: *const u8) -> (__m512, __m512) {
+    // SAFETY: callers pass a pointer with 16 readable bytes; the feature is enabled by every caller.
+    unsafe {
+        let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
+        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        (lo, hi)
+    }
+}
+
+/// INT4 row · de-interleaved x (`cols = xd.len()`, a multiple of 32; groups of `group` columns, the last one
+/// possibly shorter): per group, four independent partial sums of nibble x activation (two 32-element chunks
+/// per step, so FMAs do not wait on each other), scaled once per group; the zero point through the group's
+/// activation sum, as in the portable kernel: sum_g s_g * (sum n x - z_g * sum x).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn dot_int4_avx512(
+    row: &[u8],
+    xd: &[f32],
+    gsum: &[f32],
+    scales: &[half::f16],
+    zeros: Option<&[u8]>,
+    group: usize,
+) -> f32 {
+    let cols = xd.len();
+    assert!(
+        cols.is_multiple_of(32)
+            && row.len() * 2 >= cols
+            && scales.len() == cols.div_ceil(group)
+            && gsum.len() >= scales.len()
+            && zeros.is_none_or(|z| z.len() == scales.len()),
+        "dot_int4 shapes"
+    );
+    let (rp, xp) = (row.as_ptr(), xd.as_ptr());
+    let mut acc = _mm512_setzero_ps();
+    let mut zero_part = 0.0f32;
+    for (g, s16) in scales.iter().enumerate() {
+        let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
+        let (mut s0, mut s1, mut s2, mut s3) =
+            (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut c = c0;
+        // SAFETY: c + 64 <= c1 <= cols: bytes c/2 .. c/2 + 32 lie in the row, floats c .. c + 64 in xd.
+        unsafe {
+            while c + 64 <= c1 {
+                let (lo0, hi0) = nibbles_avx512(rp.add(c / 2));
+                let (lo1, hi1) = nibbles_avx512(rp.add(c / 2 + 16));
+                s0 = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), s0);
+                s1 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), s1);
+                s2 = _mm512_fmadd_ps(lo1, _mm512_loadu_ps(xp.add(c + 32)), s2);
+                s3 = _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xp.add(c + 48)), s3);
+                c += 64;
+            }
+            if c < c1 {
+                // A last 32-column chunk (group 32, or a short final group).
+                let (lo0, hi0) = nibbles_avx512(rp.add(c / 2));
+                s0 = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), s0);
+                s1 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), s1);
+            }
+        }
+        let scale = f16_bits_to_f32(s16.to_bits());
+        let s = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(scale), s, acc);
+        let z = zeros.map_or(8.0, |z| z[g] as f32);
+        zero_part += scale * z * gsum[g];
+    }
+    _mm512_reduce_add_ps(acc) - zero_part
+}
+
+/// Which packed format [`rows_multi_avx512`] decodes, with the per-row data it needs.
+#[derive(Clone, Copy)]
+pub(crate) enum PackedKind<'a> {
+    Bf16,
+    /// FP8 E4M3: `row_scales` per row.
+    Fp8(&'a [f32]),
+    /// INT8: `row_scales` per row.
+    Int8(&'a [f32]),
+    /// INT4: scales per (row, group), zero points per (row, group) when asymmetric.
+    Int4 {
+        scales: &'a [half::f16],
+        zeros: Option<&'a [u8]>,
+        group: usize,
+    },
+}
+
+/// 2^120: an E4M3 code placed in f32 bits as `sign << 31 | (code & 0x7f) << 20` is its value times 2^-120
+/// (subnormal codes land on f32 subnormals with the same mantissa), so one multiply re-biases every code.
+const E4M3_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
+
+/// Bytes per weight of the 8/16-bit packed formats.
+#[inline(always)]
+fn byte_width(kind: PackedKind<'_>) -> usize {
+    if matches!(kind, PackedKind::Bf16) { 2 } else { 1 }
+}
+
+/// 16 weights of a BF16, FP8 or INT8 row starting at column `c`, as f32 (FP8 and INT8 without their row
+/// scale). BF16: widened to 32 bits and shifted into the high half. FP8 E4M3: the code in bits 24..31, an
+/// arithmetic shift puts the magnitude at bits 20..26 with copies of the sign above, a mask keeps the sign
+/// and the magnitude, and a multiply by 2^120 re-biases the exponent (subnormal codes included). INT8:
+/// sign-extended and converted.
+///
+/// # Safety
+/// The row behind `rp` holds at least `c + 16` weights; the caller has AVX-512F/BW.
+#[inline(always)]
+unsafe fn decode16(kind: PackedKind<'_>, rp: *const u8, c: usize) -> __m512 {
+    // SAFETY: as documented above.
+    unsafe {
+        match kind {
+            PackedKind::Bf16 => {
+                let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(rp.add(2 * c) as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
+            }
+            PackedKind::Fp8(_) => {
+                let q = _mm_loadu_si128(rp.add(c) as *const __m128i);
+                let v = _mm512_srai_epi32(_mm512_slli_epi32(_mm512_cvtepu8_epi32(q), 24), 4);
+                let bits = _mm512_and_si512(v, _mm512_set1_epi32(0x87f0_0000u32 as i32));
+                // Re-bias before the products: unscaled values would make subnormal products.
+                _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(E4M3_REBIAS))
+            }
+            PackedKind::Int8(_) => {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(rp.add(c) as *const __m128i)))
+            }
+            PackedKind::Int4 { .. } => unreachable!("INT4 rows are decoded by nibbles_avx512"),
+        }
+    }
+}
+
+/// One BF16, FP8 or INT8 row · x (`cols = x.len()`, a multiple of 16), before the row scale: four
+/// independent accumulators over 64 columns per step, so consecutive FMAs do not wait on each other.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn dot_packed_avx512(kind: PackedKind<'_>, row: &[u8], x: &[f32]) -> f32 {
+    let cols = x.len();
+    assert!(cols.is_multiple_of(16) && row.len() >= cols * byte_width(kind), "dot_packed shapes");
+    assert!(!matches!(kind, PackedKind::Int4 { .. }), "dot_packed: INT4 has its own kernel");
+    let (rp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut c = 0;
+    // SAFETY: every decode and load below covers columns c .. c + 16 <= cols (asserted above).
+    unsafe {
+        while c + 64 <= cols {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let cc = c + 16 * j;
+                *a = _mm512_fmadd_ps(decode16(kind, rp, cc), _mm512_loadu_ps(xp.add(cc)), *a);
+            }
+            c += 64;
+        }
+        while c < cols {
+            acc[0] = _mm512_fmadd_ps(decode16(kind, rp, c), _mm512_loadu_ps(xp.add(c)), acc[0]);
+            c += 16;
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+}
+
+/// Several tokens (`NT`, up to 8) against rows `r0 .. r0 + nr` of a packed matrix: each group of 16 weights
+/// is decoded to f32 once and multiplied into the `NT` accumulators (one per token), so the weights are read
+/// and decoded once for the whole batch, not once per token. `x` holds `NT` rows of `cols` activations (INT4:
+/// de-interleaved per 32). `out.write(t, r, ..)` receives row `r0 + r` of token `t` (`out.row0` = `r0`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn rows_multi_avx512<const NT: usize>(
+    kind: PackedKind<'_>,
+    data: &[u8],
+    cols: usize,
+    r0: usize,
+    nr: usize,
+    x: &[f32],
+    out: OutPtr,
+) {
+    assert!(cols.is_multiple_of(32), "rows_multi needs cols % 32 == 0");
+    let row_bytes = match kind {
+        PackedKind::Int4 { .. } => cols / 2,
+        _ => cols * byte_width(kind),
+    };
+    assert!(NT <= 8 && x.len() >= NT * cols && data.len() >= (r0 + nr) * row_bytes, "rows_multi shapes");
+    let xp = x.as_ptr();
+    for r in 0..nr {
+        let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+        let rp = row.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); NT];
+        // One 16-weight vector `w` at column `c` into every token's accumulator.
+        macro_rules! fma_all {
+            ($w:expr, $c:expr) => {{
+                let w = $w;
+                for (t, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: t < NT and c + 16 <= cols, so the load lies in x (asserted above).
+                    *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(xp.add(t * cols + $c)) }, *a);
+                }
+            }};
+        }
+        let mut post_scale = 1.0f32;
+        match kind {
+            PackedKind::Bf16 | PackedKind::Fp8(_) | PackedKind::Int8(_) => {
+                assert!(row.len() >= cols * byte_width(kind));
+                if let PackedKind::Fp8(s) | PackedKind::Int8(s) = kind {
+                    post_scale = s[r0 + r];
+                }
+                for c in (0..cols).step_by(16) {
+                    // SAFETY: c + 16 <= cols, so the 16 weights lie in the row (asserted above).
+                    fma_all!(unsafe { decode16(kind, rp, c) }, c);
+                }
+            }
+            PackedKind::Int4 { scales, zeros, group } => {
+                assert!(row.len() * 2 >= cols);
+                let gpr = cols.div_ceil(group);
+                for g in 0..gpr {
+                    let i = (r0 + r) * gpr + g;
+                    let s = f16_bits_to_f32(scales[i].to_bits());
+                    let z = zeros.map_or(8.0, |z| z[i] as f32);
+                    let (sv, zs) = (_mm512_set1_ps(s), _mm512_set1_ps(-z * s));
+                    let c1 = ((g + 1) * group).min(cols);
+                    for c in (g * group..c1).step_by(32) {
+                        // (n - z) * s as n * s + (-z s); 16 bytes at c / 2 lie in the row (c + 32 <= cols).
+                        let (lo, hi) = nibbles_avx512(rp.wrapping_add(c / 2));
+                        fma_all!(_mm512_fmadd_ps(lo, sv, zs), c);
+                        fma_all!(_mm512_fmadd_ps(hi, sv, zs), c + 16);
+                    }
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            out.write(t, r, _mm512_reduce_add_ps(*a) * post_scale);
+        }
+    }
+}
