@@ -57,11 +57,6 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* The router's in-cluster URL of its canary stats, which the operator reads. */}}
-{{- define "quantfleet.routerStatsUrl" -}}
-http://{{ include "quantfleet.routerName" . }}.{{ .Release.Namespace }}.svc:{{ .Values.router.service.port }}/v1/canary/stats
-{{- end -}}
-
 {{/* NetworkPolicy egress rule for DNS (kube-system), to resolve Service names. */}}
 {{- define "quantfleet.dnsEgress" -}}
 - to:

@@ -45,6 +45,19 @@ impl ComparisonSums {
         }
     }
 
+    /// Both sets of sums together (e.g. the same counters of two router replicas).
+    pub fn plus(&self, other: &ComparisonSums) -> ComparisonSums {
+        ComparisonSums {
+            samples: self.samples + other.samples,
+            kl_divergence_sum: self.kl_divergence_sum + other.kl_divergence_sum,
+            top1_agreement_sum: self.top1_agreement_sum + other.top1_agreement_sum,
+            log_perplexity_ratio_sum: self.log_perplexity_ratio_sum + other.log_perplexity_ratio_sum,
+            structured_samples: self.structured_samples + other.structured_samples,
+            structured_invalid: self.structured_invalid + other.structured_invalid,
+            latency_ratio_sum: self.latency_ratio_sum + other.latency_ratio_sum,
+        }
+    }
+
     fn mean(&self, sum: f64) -> Option<f64> {
         (self.samples > 0).then(|| sum / self.samples as f64)
     }
@@ -125,6 +138,15 @@ mod tests {
     fn a_router_restart_counts_everything_as_new() {
         let window = sums(50, 1.0).since(&sums(100, 1.0));
         assert_eq!(window.samples, 50);
+    }
+
+    #[test]
+    fn sums_add_field_by_field() {
+        let both = sums(100, 1.0).plus(&sums(50, 2.0));
+        assert_eq!((both.samples, both.structured_samples, both.structured_invalid), (150, 75, 15));
+        assert!((both.kl_divergence_sum - 3.0).abs() < 1e-12);
+        assert!((both.top1_agreement().unwrap() - 0.9).abs() < 1e-12);
+        assert_eq!(both.since(&sums(100, 1.0)).samples, 50);
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! Every phase and step measures a fresh window: the counters at its start are kept in status
 //! (`evidence[].windowStart`), so an operator restart resumes the same window and never repeats a step.
 //! Changing `spec.canary.candidateTier` starts a new canary from Pending.
+//!
+//! Incomplete evidence (a router replica could not be read: [`Observation::evidence_problem`]) never starts a
+//! window or passes one: the canary holds where it is and says why in `status.canary.message` (and once in a
+//! `CanaryEvidenceIncomplete` Warning Event). A gate that fails on the samples that were read still acts (rolling
+//! back or pausing is the safe direction).
 
 use quantfleet_api::policy::{CanarySpec, PrecisionPolicySpec, QualityGate};
 use quantfleet_api::stats::ComparisonSums;
@@ -29,7 +34,12 @@ pub mod reason {
     pub const PAUSED: &str = "CanaryPaused";
     pub const PROMOTED: &str = "CanaryPromoted";
     pub const ROLLED_BACK: &str = "CanaryRolledBack";
+    /// Not a phase change: the canary holds because a router replica could not be read.
+    pub const EVIDENCE_INCOMPLETE: &str = "CanaryEvidenceIncomplete";
 }
+
+/// How a canary held by incomplete evidence says so in its message.
+pub const HOLDING_PREFIX: &str = "holding: canary evidence is incomplete";
 
 /// What the operator observes this reconcile.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +52,8 @@ pub struct Observation {
     pub abort_requested: bool,
     /// RFC 3339 time of this reconcile, recorded when a phase starts.
     pub now: String,
+    /// Why `stats` may be missing samples (a router replica could not be read); None when every replica was.
+    pub evidence_problem: Option<String>,
 }
 
 /// A phase change, for an Event and the logs.
@@ -181,7 +193,17 @@ pub fn advance(
         return Some((st, Some(Transition { reason: reason::ROLLED_BACK, message: msg })));
     }
 
+    // Holding on incomplete evidence: a message, and an Event only when the hold starts.
+    let hold = |st: &mut CanaryStatus, why: &str| {
+        let first = !st.message.as_deref().is_some_and(|m| m.starts_with(HOLDING_PREFIX));
+        let msg = format!("{HOLDING_PREFIX} ({why}); not advancing until every router replica is read");
+        st.message = Some(msg.clone());
+        first.then_some(Transition { reason: reason::EVIDENCE_INCOMPLETE, message: msg })
+    };
     let transition = match st.phase {
+        CanaryPhase::Pending if obs.candidate_ready && obs.evidence_problem.is_some() => {
+            hold(&mut st, obs.evidence_problem.as_deref().unwrap_or_default())
+        }
         CanaryPhase::Pending => {
             if obs.candidate_ready {
                 enter(&mut st, canary, obs, CanaryPhase::Shadowing, None);
@@ -198,7 +220,12 @@ pub fn advance(
             }
         }
         CanaryPhase::Shadowing | CanaryPhase::Stepping => {
-            let (all_pass, failure) = measure(canary, &mut st, obs);
+            let (all_pass, failure) = if obs.evidence_problem.is_some() && obs.stats.is_empty() {
+                // Nothing read at all: keep the evidence in status as it was.
+                (false, None)
+            } else {
+                measure(canary, &mut st, obs)
+            };
             if let Some(failure) = failure {
                 let (phase, reason, live) = match canary.on_failure {
                     FailureAction::Rollback => (CanaryPhase::RolledBack, reason::ROLLED_BACK, 0),
@@ -211,6 +238,8 @@ pub fn advance(
                 let msg = format!("gate failed for {failure}");
                 st.message = Some(msg.clone());
                 Some(Transition { reason, message: msg })
+            } else if let Some(why) = &obs.evidence_problem {
+                hold(&mut st, why)
             } else if !obs.candidate_ready {
                 st.message =
                     Some(format!("tier {candidate} has no serving replica; holding at {}% live", st.live_percent));

@@ -5,7 +5,7 @@
 use crate::builders::{FIELD_MANAGER, MODEL_LABEL, Settings, TIER_LABEL, build_tier};
 use crate::canary::{self, ABORT_ANNOTATION, Observation, PROMOTE_ANNOTATION};
 use crate::routes::effective_routes;
-use crate::stats_source::HttpStats;
+use crate::stats_source::RouterStats;
 use crate::status::{DeploymentObservation, model_status};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -59,8 +59,8 @@ pub struct Context {
     pub settings: Settings,
     pub accelerators: AcceleratorTable,
     pub recorder: Recorder,
-    /// The router's stats endpoint; None when no router is configured (canaries then wait for samples).
-    pub stats: Option<HttpStats>,
+    /// The router replicas' canary stats; None when no router is configured (canaries then wait for samples).
+    pub stats: Option<RouterStats>,
     /// Reconcile outcome counters by (controller, outcome or error category).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -213,6 +213,7 @@ pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -
                 promote_requested: annotation_set(&policy, PROMOTE_ANNOTATION),
                 abort_requested: annotation_set(&policy, ABORT_ANNOTATION),
                 now: Timestamp::now().to_string(),
+                evidence_problem: None,
             };
             if let Some(canary) = &policy.spec.canary {
                 obs.candidate_ready = model
@@ -221,16 +222,12 @@ pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -
                     .and_then(|s| s.tiers.iter().find(|t| t.name == canary.candidate_tier))
                     .is_some_and(|t| t.ready_replicas > 0);
                 if let Some(source) = &ctx.stats {
-                    match source.fetch().await {
-                        Ok(report) => {
-                            if let Some(p) = report.policies.iter().find(|p| {
-                                p.namespace == ns && p.policy == name && p.candidate_tier == canary.candidate_tier
-                            }) {
-                                obs.stats = p.classes.iter().map(|c| (c.task_class, c.sums)).collect();
-                            }
-                        }
-                        Err(err) => tracing::warn!(policy = %name, %err, "router stats unavailable; the canary waits"),
+                    let evidence = source.read().await;
+                    if let Some(problem) = &evidence.problem {
+                        tracing::warn!(policy = %name, %problem, "router stats incomplete; the canary holds");
                     }
+                    obs.stats = evidence.classes(&ns, &name, &canary.candidate_tier);
+                    obs.evidence_problem = evidence.problem;
                 }
             }
             match canary::advance(&policy.spec, previous.canary.as_ref(), &obs) {
@@ -277,11 +274,17 @@ pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -
     }
     if let Some(t) = transition {
         let event = Event {
-            type_: if t.reason == canary::reason::ROLLED_BACK { EventType::Warning } else { EventType::Normal },
+            type_: if matches!(t.reason, canary::reason::ROLLED_BACK | canary::reason::EVIDENCE_INCOMPLETE) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: t.reason.into(),
             note: Some(match status.canary.as_ref().and_then(|c| c.recommended_spec_change.clone()) {
-                Some(change) => format!("{}. Commit to Git: {change}", t.message),
-                None => t.message.clone(),
+                Some(change) if t.reason != canary::reason::EVIDENCE_INCOMPLETE => {
+                    format!("{}. Commit to Git: {change}", t.message)
+                }
+                _ => t.message.clone(),
             }),
             action: "AdvanceCanary".into(),
             secondary: None,

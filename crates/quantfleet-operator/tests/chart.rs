@@ -521,6 +521,27 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         .and_then(|args| args.iter().filter_map(|a| a.as_str()?.strip_prefix("--lease-name=")).next())
         .expect("the operator Deployment names its Lease")
         .to_owned();
+    // The operator reads every router replica's stats through the router Service's EndpointSlices: the chart
+    // names that Service, and its ServiceAccount may list them (kwok's router pods answer nothing, so the read is
+    // incomplete, but not for lack of rights).
+    let router_service = objects
+        .iter()
+        .find(|o| kind(o) == "Deployment" && name(o) == operator_deployment)
+        .and_then(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].as_array())
+        .and_then(|args| args.iter().filter_map(|a| a.as_str()?.strip_prefix("--router-service=")).next())
+        .expect("the operator Deployment names the router Service")
+        .to_owned();
+    assert_eq!(router_service, format!("{ns}/{}", name(rendered_object("Service", "-router"))));
+    let stats = quantfleet_operator::stats_source::RouterStats::service(
+        client.clone(),
+        &router_service,
+        "http",
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let evidence = stats.read().await;
+    let problem = evidence.problem.unwrap_or_default();
+    assert!(!problem.contains("listing the EndpointSlices"), "the operator could not list router endpoints: {problem}");
     let elector = LeaderElector::new(Api::namespaced(client.clone(), &ns), &lease_name, "chart-test", QUIET_PERIOD);
     assert!(elector.try_acquire_or_renew().await.map_err(k("taking the chart's leader Lease as the operator"))?);
     let metrics = Arc::new(Metrics::default());

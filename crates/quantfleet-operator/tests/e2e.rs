@@ -2,14 +2,18 @@
 //! GPU nodes; see tests/controlplane). One test drives every scenario in order because the controllers watch
 //! all namespaces: two operators in one cluster would fight over the same status.
 //!
-//! Canary evidence comes from a recorded stats feed served on loopback in the router's wire format (no node
-//! pod can run under kwok, so no real router can be fed here).
+//! Canary evidence comes from recorded stats feeds in the router's wire format (no node pod can run under
+//! kwok, so no real router can be fed here): two router replicas, each with its own counters, served on this
+//! host's address and named in the EndpointSlices of a router Service, as the EndpointSlice controller would for
+//! `router.replicas: 2`. The operator discovers both, sums them (a replica's restart counted as new samples) and
+//! holds the canary while one of them cannot be read.
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
@@ -18,10 +22,12 @@ use quantfleet_api::{CanaryPhase, PrecisionPolicy, QuantizedModel, TaskClass};
 use quantfleet_operator::builders::{MODEL_LABEL, Settings};
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::metrics::Metrics;
-use quantfleet_operator::stats_source::HttpStats;
+use quantfleet_operator::stats_source::RouterStats;
 use quantfleet_testsupport::crds::{install_crds, repo_crds_dir};
 use quantfleet_testsupport::wait::{Probe, until};
 use quantfleet_testsupport::{Error, TestEnv};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,15 +38,17 @@ fn sample<T: serde::de::DeserializeOwned>(file: &str) -> T {
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The recorded router feed: a report the test rewrites as the "router" measures more pairs.
+/// The recorded feed of one router replica: a report the test rewrites as the "router" measures more pairs,
+/// and a switch that makes it answer 503 (an unreadable replica).
 #[derive(Clone, Default)]
-struct Feed(Arc<Mutex<CanaryStatsReport>>);
+struct Feed(Arc<Mutex<CanaryStatsReport>>, Arc<AtomicBool>);
 
 impl Feed {
-    /// Serves the feed at http://127.0.0.1:PORT/v1/canary/stats and returns that URL.
-    async fn serve(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1/canary/stats", listener.local_addr().unwrap());
+    /// Serves the feed at http://ADDR/v1/canary/stats on this host's address and returns ADDR.
+    async fn serve(&self) -> SocketAddr {
+        let ip = quantfleet_testsupport::net::host_ipv4().expect("this test needs a non-loopback IPv4 address");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let feed = self.clone();
         tokio::spawn(async move {
             loop {
@@ -48,8 +56,14 @@ impl Feed {
                 let feed = feed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_req| {
-                        let body = serde_json::to_vec(&*feed.0.lock().unwrap()).unwrap();
-                        async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
+                        let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                        if feed.1.load(Ordering::SeqCst) {
+                            *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        } else {
+                            *response.body_mut() =
+                                Full::new(Bytes::from(serde_json::to_vec(&*feed.0.lock().unwrap()).unwrap()));
+                        }
+                        async move { Ok::<_, std::convert::Infallible>(response) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -57,7 +71,11 @@ impl Feed {
                 });
             }
         });
-        url
+        addr
+    }
+
+    fn fail(&self, failing: bool) {
+        self.1.store(failing, Ordering::SeqCst);
     }
 
     /// Sets one class's cumulative counters: `n` pairs, each with mean KL `kl` and top-1 agreement `top1`.
@@ -83,14 +101,73 @@ impl Feed {
     }
 }
 
-/// Starts the controllers in this process; the returned sender stops them.
-fn start_operator(client: &Client, stats_url: &str) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+const ROUTER_SERVICE: &str = "quantfleet-router";
+
+/// The router Service and one EndpointSlice per replica (each replica listens on its own port, so each has its
+/// own slice), as the EndpointSlice controller writes them for a selector Service.
+async fn router_service(client: &Client, ns: &str, replicas: &[(&str, SocketAddr)]) -> Result<(), Error> {
+    let service = Service {
+        metadata: ObjectMeta { name: Some(ROUTER_SERVICE.into()), ..ObjectMeta::default() },
+        spec: Some(ServiceSpec {
+            ports: Some(vec![ServicePort { name: Some("http".into()), port: 8080, ..ServicePort::default() }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &service)
+        .await
+        .map_err(kerr("creating the router Service"))?;
+    for (pod, addr) in replicas {
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{ROUTER_SERVICE}-{pod}")),
+                labels: Some(
+                    [
+                        ("kubernetes.io/service-name".to_owned(), ROUTER_SERVICE.to_owned()),
+                        ("endpointslice.kubernetes.io/managed-by".to_owned(), "quantfleet-e2e".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(i32::from(addr.port())),
+                ..EndpointPort::default()
+            }]),
+            endpoints: vec![Endpoint {
+                addresses: vec![addr.ip().to_string()],
+                conditions: Some(EndpointConditions { ready: Some(true), ..EndpointConditions::default() }),
+                target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: Some(format!("{ROUTER_SERVICE}-{pod}")),
+                    namespace: Some(ns.into()),
+                    uid: Some(format!("uid-{pod}")),
+                    ..Default::default()
+                }),
+                ..Endpoint::default()
+            }],
+        };
+        Api::<EndpointSlice>::namespaced(client.clone(), ns)
+            .create(&PostParams::default(), &slice)
+            .await
+            .map_err(kerr("creating a router EndpointSlice"))?;
+    }
+    Ok(())
+}
+
+/// Starts the controllers in this process, reading every replica of the router Service in `ns`; the returned
+/// sender stops them.
+fn start_operator(client: &Client, ns: &str) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let service = format!("{ns}/{ROUTER_SERVICE}");
     let ctx = Arc::new(Context {
         recorder: kube::runtime::events::Recorder::new(client.clone(), reporter(Some("e2e".into()))),
         client: client.clone(),
         settings: Settings { node_image: "registry.invalid/quantfleet:e2e".into() },
         accelerators: AcceleratorTable::builtin(),
-        stats: Some(HttpStats::new(stats_url, Duration::from_secs(2)).unwrap()),
+        stats: Some(RouterStats::service(client.clone(), &service, "http", Duration::from_secs(2)).unwrap()),
         metrics: Arc::new(Metrics::default()),
     });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -149,9 +226,10 @@ async fn operator_end_to_end() -> Result<(), Error> {
     let client = env.client.clone();
     let ns = env.namespace().to_owned();
     install_crds(&client, &repo_crds_dir()).await?;
-    let feed = Feed::default();
-    let url = feed.serve().await;
-    let (stop, handle) = start_operator(&client, &url);
+    let (feed, feed_b) = (Feed::default(), Feed::default());
+    let (addr_a, addr_b) = (feed.serve().await, feed_b.serve().await);
+    router_service(&client, &ns, &[("a", addr_a), ("b", addr_b)]).await?;
+    let (stop, handle) = start_operator(&client, &ns);
 
     let models: Api<QuantizedModel> = Api::namespaced(client.clone(), &ns);
     let policies: Api<PrecisionPolicy> = Api::namespaced(client.clone(), &ns);
@@ -226,27 +304,61 @@ async fn operator_end_to_end() -> Result<(), Error> {
     assert_eq!(before, resource_versions(&client, &ns, "smollm2-135m").await, "the operator wrote in steady state");
 
     // 4. A canary on good evidence steps through 10% and 50% and is promoted; the operator is killed and
-    //    restarted mid-canary and resumes without repeating a step.
+    //    restarted mid-canary and resumes without repeating a step. The evidence is the sum of both replicas:
+    //    neither alone has the 200 samples the gate needs.
     let pp: PrecisionPolicy = sample("smollm2-135m.precisionpolicy.yaml");
     policies.create(&PostParams::default(), &pp).await.map_err(kerr("creating the sample policy"))?;
     wait_canary(&policies, "smollm2-135m", CanaryPhase::Shadowing, None).await?;
-    feed.set(&ns, "smollm2-135m", "int4-awq", TaskClass::Code, 250, 0.01, 0.97);
-    wait_canary(&policies, "smollm2-135m", CanaryPhase::Stepping, Some(0)).await?;
-    feed.set(&ns, "smollm2-135m", "int4-awq", TaskClass::Code, 500, 0.01, 0.97);
+    let set = |f: &Feed, n: i64| f.set(&ns, "smollm2-135m", "int4-awq", TaskClass::Code, n, 0.01, 0.97);
+    set(&feed, 150);
+    set(&feed_b, 100);
+    let step0 = wait_canary(&policies, "smollm2-135m", CanaryPhase::Stepping, Some(0)).await?;
+    assert_eq!(step0.status.unwrap().canary.unwrap().evidence[0].window_start.samples, 250, "the sum of a and b");
+    set(&feed, 300);
+    set(&feed_b, 200);
     let stepping = wait_canary(&policies, "smollm2-135m", CanaryPhase::Stepping, Some(1)).await?;
 
     let _ = stop.send(());
     handle.await.unwrap();
-    let (stop, handle) = start_operator(&client, &url);
+    let (stop, handle) = start_operator(&client, &ns);
     // The restarted operator sees the same counters: the step-1 window is still empty, so it must stay put.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let resumed = policies.get("smollm2-135m").await.map_err(kerr("reading the policy"))?;
     let (a, b) = (stepping.status.unwrap().canary.unwrap(), resumed.status.unwrap().canary.unwrap());
     assert_eq!((b.phase, b.step, b.live_percent), (CanaryPhase::Stepping, Some(1), 50));
     assert_eq!(a.evidence[0].window_start, b.evidence[0].window_start, "the restart must resume the same window");
+    assert_eq!(b.evidence[0].window_start.samples, 500);
 
-    feed.set(&ns, "smollm2-135m", "int4-awq", TaskClass::Code, 750, 0.01, 0.97);
+    // Replica b cannot be read: a alone has enough new samples (300), but the canary must hold and say so.
+    feed_b.fail(true);
+    set(&feed, 600);
+    let held = until("the canary to hold on incomplete evidence", CONVERGE, || async {
+        let pp = policies.get("smollm2-135m").await.map_err(kerr("reading the policy"))?;
+        let canary = pp.status.and_then(|s| s.canary).unwrap();
+        Ok(match &canary.message {
+            Some(m) if m.starts_with("holding: canary evidence is incomplete") => Probe::Done(canary),
+            other => Probe::Pending(format!("{:?} {:?} {other:?}", canary.phase, canary.step)),
+        })
+    })
+    .await?;
+    assert_eq!((held.phase, held.step, held.live_percent), (CanaryPhase::Stepping, Some(1), 50));
+    let message = held.message.unwrap();
+    assert!(message.contains("read 1 of 2 router replicas") && message.contains("HTTP 503"), "{message}");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let still = policies.get("smollm2-135m").await.unwrap().status.unwrap().canary.unwrap();
+    assert_eq!((still.phase, still.step), (CanaryPhase::Stepping, Some(1)), "no step on partial evidence");
+    let events = Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await.unwrap();
+    let incomplete: Vec<&Event> =
+        events.iter().filter(|e| e.reason.as_deref() == Some("CanaryEvidenceIncomplete")).collect();
+    assert_eq!(incomplete.len(), 1, "one Warning Event for the hold");
+    assert_eq!(incomplete[0].type_.as_deref(), Some("Warning"));
+
+    // b is back, restarted: its counters went down from 200 to 100, all of them new. Window: 300 + 100 >= 250.
+    set(&feed_b, 100);
+    feed_b.fail(false);
     let promoted = wait_canary(&policies, "smollm2-135m", CanaryPhase::Promoted, None).await?;
+    let final_code = promoted.status.as_ref().unwrap().canary.as_ref().unwrap().evidence[0].clone();
+    assert_eq!(final_code.samples, 400, "a's 300 new pairs and restarted b's 100: {final_code:?}");
     let routes = promoted.status.unwrap().effective_routes;
     let code = routes.iter().find(|r| r.task_class == TaskClass::Code).unwrap();
     assert_eq!((code.tier.as_str(), code.fallbacks.clone()), ("int4-awq", vec!["fp8".to_owned(), "bf16".to_owned()]));

@@ -11,6 +11,7 @@ use quantfleet_operator::builders::Settings;
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
+use quantfleet_operator::stats_source::RouterStats;
 use quantfleet_testsupport::crds::{install_crds, repo_crds_dir};
 use quantfleet_testsupport::wait::{Probe, until};
 use quantfleet_testsupport::{Error, TestEnv, control_plane};
@@ -77,6 +78,14 @@ async fn the_operator_runs_with_exactly_its_cluster_role() -> Result<(), Error> 
     );
     assert!(elector.try_acquire_or_renew().await.map_err(k("acquiring the lease as the SA"))?);
     assert!(elector.try_acquire_or_renew().await.map_err(k("renewing the lease as the SA"))?);
+
+    // Reading every router replica lists the router Service's EndpointSlices (none here: no replica found, but
+    // not a listing error).
+    let stats =
+        RouterStats::service(client.clone(), &format!("{ns}/quantfleet-router"), "http", Duration::from_secs(1))
+            .expect("a valid Service name");
+    let problem = stats.read().await.problem.unwrap_or_default();
+    assert!(problem.starts_with("read 0 of 0 router replicas; no ready router endpoint"), "{problem}");
 
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context {

@@ -16,6 +16,7 @@ pub mod controlplane;
 pub mod crds;
 mod error;
 pub mod namespace;
+pub mod net;
 pub mod wait;
 
 pub use controlplane::{ControlPlane, KUBECONFIG_ENV, control_plane};

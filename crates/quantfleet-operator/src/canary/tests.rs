@@ -74,6 +74,7 @@ fn obs(code: ComparisonSums, math: ComparisonSums) -> Observation {
         promote_requested: false,
         abort_requested: false,
         now: "2026-11-23T12:00:00Z".into(),
+        evidence_problem: None,
     }
 }
 
@@ -306,4 +307,111 @@ fn gates_fall_back_to_the_default_then_the_builtin() {
     assert_eq!(gate_for(&c, MATH).min_samples, 50);
     c.gates.clear();
     assert_eq!(gate_for(&c, MATH), builtin_gate());
+}
+
+/// Incomplete evidence (a router replica unreadable): no window starts or passes; a failure still acts; the hold
+/// is announced once and lifts when every replica is read again.
+#[test]
+fn incomplete_evidence_never_advances_a_canary() {
+    let s = spec();
+    let why = Some("read 1 of 2 router replicas; router replica b: router stats answered HTTP 503".to_owned());
+    let with_problem = |mut o: Observation| {
+        o.evidence_problem = why.clone();
+        o
+    };
+    // (name, phase/step to start from, counters of the window on top of the start, expected phase/step, Event)
+    type Case = (&'static str, CanaryPhase, Option<i32>, i64, f64, CanaryPhase, Option<i32>, Option<&'static str>);
+    let cases: [Case; 5] = [
+        (
+            "pending does not start shadowing",
+            CanaryPhase::Pending,
+            None,
+            0,
+            0.01,
+            CanaryPhase::Pending,
+            None,
+            Some(reason::EVIDENCE_INCOMPLETE),
+        ),
+        (
+            "shadowing with enough passing samples holds",
+            CanaryPhase::Shadowing,
+            None,
+            500,
+            0.01,
+            CanaryPhase::Shadowing,
+            None,
+            Some(reason::EVIDENCE_INCOMPLETE),
+        ),
+        (
+            "a step with enough passing samples holds",
+            CanaryPhase::Stepping,
+            Some(0),
+            500,
+            0.01,
+            CanaryPhase::Stepping,
+            Some(0),
+            Some(reason::EVIDENCE_INCOMPLETE),
+        ),
+        (
+            "the last step does not promote",
+            CanaryPhase::Stepping,
+            Some(1),
+            500,
+            0.01,
+            CanaryPhase::Stepping,
+            Some(1),
+            Some(reason::EVIDENCE_INCOMPLETE),
+        ),
+        (
+            "a failing gate still rolls back",
+            CanaryPhase::Stepping,
+            Some(0),
+            500,
+            0.3,
+            CanaryPhase::RolledBack,
+            Some(0),
+            Some(reason::ROLLED_BACK),
+        ),
+    ];
+    for (name, phase, step, n, kl, want_phase, want_step, want_event) in cases {
+        let (start, base) = if phase == CanaryPhase::Pending {
+            let mut o = obs(sums(0, 0.01), sums(0, 0.01));
+            o.candidate_ready = false;
+            (run(&s, None, &o).0, 0)
+        } else {
+            drive_to(&s, phase, step)
+        };
+        let o = with_problem(obs(sums(base + n, kl), sums(base + n, kl)));
+        let (st, t) = run(&s, Some(&start), &o);
+        assert_eq!((st.phase, st.step), (want_phase, want_step), "{name}");
+        assert_eq!(t.as_ref().map(|t| t.reason), want_event, "{name}");
+        if want_event == Some(reason::EVIDENCE_INCOMPLETE) {
+            let msg = st.message.clone().unwrap();
+            assert!(msg.starts_with(HOLDING_PREFIX) && msg.contains("HTTP 503"), "{name}: {msg}");
+            assert_eq!(st.live_percent, start.live_percent, "{name}: live traffic unchanged");
+            // Held again: no second Event; the same counters with every replica read advance it.
+            let (again, t) = run(&s, Some(&st), &o);
+            assert_eq!((again.phase, again.step, t), (want_phase, want_step, None), "{name}");
+            let mut complete = o.clone();
+            complete.evidence_problem = None;
+            let (moved, t) = run(&s, Some(&again), &complete);
+            assert!(t.is_some() && (moved.phase, moved.step) != (want_phase, want_step), "{name}: {moved:?}");
+        }
+    }
+}
+
+#[test]
+fn nothing_read_keeps_the_evidence_in_status() {
+    let s = spec();
+    let (st, base) = drive_to(&s, CanaryPhase::Stepping, Some(0));
+    let (st, _) = run(&s, Some(&st), &obs(sums(base + 40, 0.01), sums(base + 40, 0.01)));
+    let before: Vec<i64> = st.evidence.iter().map(|e| e.samples).collect();
+    let o = Observation {
+        stats: BTreeMap::new(),
+        evidence_problem: Some("no router".into()),
+        ..obs(sums(0, 0.0), sums(0, 0.0))
+    };
+    let (held, _) = run(&s, Some(&st), &o);
+    assert_eq!(held.evidence.iter().map(|e| e.samples).collect::<Vec<_>>(), before);
+    assert_eq!(held.phase, CanaryPhase::Stepping);
 }

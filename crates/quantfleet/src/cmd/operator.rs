@@ -7,7 +7,7 @@ use quantfleet_operator::builders::Settings;
 use quantfleet_operator::controller::{Context, reporter, run};
 use quantfleet_operator::lease::LeaderElector;
 use quantfleet_operator::metrics::Metrics;
-use quantfleet_operator::stats_source::HttpStats;
+use quantfleet_operator::stats_source::RouterStats;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,16 @@ pub struct Args {
     /// Image with the `quantfleet` binary that node pods run.
     #[arg(long, env = "QUANTFLEET_NODE_IMAGE")]
     node_image: String,
-    /// The router's canary stats endpoint, e.g. http://quantfleet-router.quantfleet-system:8080/v1/canary/stats.
-    /// Without it canaries wait in Shadowing for samples.
+    /// The router Service, as NAMESPACE/NAME: the operator reads the canary stats of every router replica (the
+    /// endpoints of the Service's EndpointSlices) and sums them. Without it or --router-stats-url canaries wait
+    /// in Shadowing for samples.
+    #[arg(long, env = "QUANTFLEET_ROUTER_SERVICE", conflicts_with = "router_stats_url")]
+    router_service: Option<String>,
+    /// The name of the router Service's HTTP port (the EndpointSlices' port of that name is read).
+    #[arg(long, default_value = "http")]
+    router_service_port: String,
+    /// One router's canary stats URL, e.g. http://127.0.0.1:8080/v1/canary/stats, for local use with a single
+    /// router (with several replicas behind one URL the evidence would mix their counters: use --router-service).
     #[arg(long, env = "QUANTFLEET_ROUTER_STATS_URL")]
     router_stats_url: Option<String>,
     /// Extra accelerator for the fit planner, as NAME=MEMORY,COMPUTE_CAPABILITY. Repeatable.
@@ -52,9 +60,12 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
         for entry in &args.accelerators {
             accelerators.insert(AcceleratorTable::parse_entry(entry).map_err(anyhow::Error::msg)?);
         }
-        let stats = match &args.router_stats_url {
-            Some(url) => Some(HttpStats::new(url, Duration::from_secs(5))?),
-            None => None,
+        let stats = match (&args.router_service, &args.router_stats_url) {
+            (Some(service), _) => {
+                Some(RouterStats::service(client.clone(), service, &args.router_service_port, Duration::from_secs(5))?)
+            }
+            (None, Some(url)) => Some(RouterStats::url(url, Duration::from_secs(5))?),
+            (None, None) => None,
         };
         let identity = args.instance.clone().unwrap_or_else(|| format!("quantfleet-operator-{}", std::process::id()));
         let elector = args.leader_elect.then(|| {
