@@ -39,7 +39,7 @@ pub mod reason {
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const ALL_REPLICAS_SERVING: &str = "AllReplicasServing";
     pub const REPLICAS_UNAVAILABLE: &str = "ReplicasUnavailable";
-    pub const PRECISION_MATCHES: &str = "PrecisionMatches";
+    pub const ALL_TIERS_VERIFIED: &str = "AllTiersVerified";
     pub const PRECISION_MISMATCH: &str = "PrecisionMismatch";
     pub const AWAITING_NODES: &str = "AwaitingNodes";
     pub const MODEL_NOT_FOUND: &str = "ModelNotFound";

@@ -101,11 +101,39 @@ pub struct PolicyComparison {
     pub classes: Vec<ClassComparison>,
 }
 
+/// What one inference node endpoint reported about itself (its ModelInfo), as the router saw it. The operator
+/// compares `tier_spec` with the tier the QuantizedModel declares (the QuantizationVerified condition).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    /// The namespace of the router's policy, where the model's tier Services are.
+    pub namespace: String,
+    /// The model the node says it serves (the QuantizedModel's name).
+    pub model: String,
+    /// The tier the router routes this endpoint as (from its EndpointSlice or the static endpoint list).
+    pub tier: String,
+    /// The endpoint, `host:port`.
+    pub endpoint: String,
+    /// The TierSpec the node was configured with (ModelInfo `tier_spec_json`; null if that was not JSON).
+    pub tier_spec: serde_json::Value,
+    /// The compute backend, e.g. "cpu-avx2", "cuda".
+    pub backend: String,
+    /// The weight formats in memory, e.g. "int4-g128-asym (211 matrices)".
+    #[serde(default)]
+    pub weights_loaded: String,
+    /// Whether the tier's formats were applied at load (false: the checkpoint's native weights).
+    #[serde(default)]
+    pub tier_applied: bool,
+}
+
 /// The router's whole report.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatsReport {
     pub policies: Vec<PolicyComparison>,
+    /// Every node endpoint whose ModelInfo the router has read (absent from older routers' reports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeReport>,
 }
 
 #[cfg(test)]
@@ -165,10 +193,26 @@ mod tests {
                 candidate_tier: "int4".into(),
                 classes: vec![ClassComparison { task_class: TaskClass::Code, sums: sums(10, 0.5), dropped: 2 }],
             }],
+            nodes: vec![NodeReport {
+                namespace: "ns".into(),
+                model: "m".into(),
+                tier: "int4".into(),
+                endpoint: "10.0.0.1:50051".into(),
+                tier_spec: serde_json::json!({"name": "int4", "weights": {"format": "int4"}}),
+                backend: "cuda".into(),
+                weights_loaded: "int4-g128-asym (211 matrices)".into(),
+                tier_applied: true,
+            }],
         };
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["policies"][0]["classes"][0]["taskClass"], "code");
         assert_eq!(json["policies"][0]["classes"][0]["samples"], 10);
+        assert_eq!(json["nodes"][0]["tierSpec"]["weights"]["format"], "int4");
+        assert_eq!(json["nodes"][0]["tierApplied"], true);
         assert_eq!(serde_json::from_value::<CanaryStatsReport>(json).unwrap(), report);
+        // A report from a router without node reports still reads, and an empty list is not written.
+        let old: CanaryStatsReport = serde_json::from_str(r#"{"policies":[]}"#).unwrap();
+        assert!(old.nodes.is_empty());
+        assert_eq!(serde_json::to_string(&old).unwrap(), r#"{"policies":[]}"#);
     }
 }

@@ -68,6 +68,10 @@ pub struct Context {
 /// How often a settled object is re-checked, and how often a running canary polls the router.
 const RESYNC: Duration = Duration::from_secs(300);
 const CANARY_POLL: Duration = Duration::from_secs(10);
+/// How often a model with serving tiers whose precision is not verified (or mismatched) is re-checked.
+const VERIFY_POLL: Duration = Duration::from_secs(20);
+/// How old a router read may be for the QuantizedModel status (node ModelInfo changes only with the pods).
+const NODES_MAX_AGE: Duration = Duration::from_secs(5);
 
 fn now() -> Time {
     Time(Timestamp::now())
@@ -161,11 +165,28 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> R
     prune(&services, &name, &keep).await?;
     prune(&config_maps, &name, &keep).await?;
 
-    let status = model_status(&model, &plan, &observed, model.status.as_ref(), &now());
+    // The nodes' ModelInfo, as the router replicas report it (one read shared by every model for a while).
+    let nodes = match &ctx.stats {
+        Some(source) => {
+            let evidence = source.recent(NODES_MAX_AGE).await;
+            (evidence.replicas_read > 0).then_some(evidence.nodes)
+        }
+        None => None,
+    };
+    let status = model_status(&model, &plan, &observed, nodes.as_deref(), model.status.as_ref(), &now());
     if model.status.as_ref() != Some(&status) {
         apply_status(&Api::<QuantizedModel>::namespaced(ctx.client.clone(), &ns), &name, &status).await?;
     }
-    Ok(Action::requeue(RESYNC))
+    // Serving tiers whose precision is not verified yet while the router answers: it reads a new node's
+    // ModelInfo within its health interval, so look again soon rather than at the next resync.
+    let awaiting = nodes.is_some()
+        && observed.values().any(|o| o.ready > 0)
+        && quantfleet_api::conditions::find(
+            &status.conditions,
+            quantfleet_api::conditions::model::QUANTIZATION_VERIFIED,
+        )
+        .is_some_and(|c| c.status != quantfleet_api::conditions::status::TRUE);
+    Ok(Action::requeue(if awaiting { VERIFY_POLL } else { RESYNC }))
 }
 
 fn policy_condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 use quantfleet_api::TaskClass;
-use quantfleet_api::stats::{CanaryStatsReport, ComparisonSums};
+use quantfleet_api::stats::{CanaryStatsReport, ComparisonSums, NodeReport};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -162,6 +162,9 @@ pub struct Evidence {
     /// Why the read is incomplete (a replica unreadable, no replica found, discovery failed); None when every
     /// replica was read.
     pub problem: Option<String>,
+    /// The nodes' ModelInfo as the replicas read this time report it, one entry per (namespace, tier,
+    /// endpoint) (every replica reads every node).
+    pub nodes: Vec<NodeReport>,
 }
 
 impl Evidence {
@@ -246,6 +249,8 @@ pub struct RouterStats {
     timeout: Duration,
     /// Held for the whole read, so reads apply their snapshots in order.
     aggregate: tokio::sync::Mutex<Aggregate>,
+    /// The last read and when it finished, for [`RouterStats::recent`].
+    last: std::sync::Mutex<Option<(Instant, Evidence)>>,
 }
 
 impl RouterStats {
@@ -255,6 +260,7 @@ impl RouterStats {
             client: Client::builder(TokioExecutor::new()).build_http(),
             timeout,
             aggregate: tokio::sync::Mutex::new(Aggregate::default()),
+            last: std::sync::Mutex::new(None),
         }
     }
 
@@ -321,11 +327,19 @@ impl RouterStats {
         .await;
         let now = Instant::now();
         let mut replicas_read = 0;
+        let mut nodes: Vec<NodeReport> = Vec::new();
         for (target, report) in targets.iter().zip(reports) {
             match report {
                 Ok(report) => {
                     aggregate.observe(&target.id, &report, now);
                     replicas_read += 1;
+                    for node in report.nodes {
+                        if !nodes.iter().any(|n| {
+                            (&n.namespace, &n.tier, &n.endpoint) == (&node.namespace, &node.tier, &node.endpoint)
+                        }) {
+                            nodes.push(node);
+                        }
+                    }
                 }
                 Err(err) => problems.push(format!("router replica {}: {err}", target.name)),
             }
@@ -333,7 +347,22 @@ impl RouterStats {
         aggregate.forget_older_than(now, FORGET_AFTER);
         let problem = (!problems.is_empty())
             .then(|| format!("read {replicas_read} of {} router replicas; {}", targets.len(), problems.join("; ")));
-        Evidence { totals: aggregate.totals().clone(), replicas_read, replicas: targets.len(), problem }
+        nodes.sort_by(|a, b| (&a.namespace, &a.tier, &a.endpoint).cmp(&(&b.namespace, &b.tier, &b.endpoint)));
+        let evidence =
+            Evidence { totals: aggregate.totals().clone(), replicas_read, replicas: targets.len(), problem, nodes };
+        *self.last.lock().expect("last read lock") = Some((Instant::now(), evidence.clone()));
+        evidence
+    }
+
+    /// The last read if it is younger than `max_age`, else a new one (for readers that need no fresh counters,
+    /// such as the QuantizedModel status: many models share one read).
+    pub async fn recent(&self, max_age: Duration) -> Evidence {
+        if let Some((at, evidence)) = self.last.lock().expect("last read lock").as_ref()
+            && at.elapsed() < max_age
+        {
+            return evidence.clone();
+        }
+        self.read().await
     }
 }
 
@@ -368,6 +397,7 @@ mod tests {
                 candidate_tier: "int4".into(),
                 classes,
             }],
+            nodes: Vec::new(),
         }
     }
 

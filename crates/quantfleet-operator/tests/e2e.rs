@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
-use quantfleet_api::stats::{CanaryStatsReport, ClassComparison, ComparisonSums, PolicyComparison};
+use quantfleet_api::stats::{CanaryStatsReport, ClassComparison, ComparisonSums, NodeReport, PolicyComparison};
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, QuantizedModel, TaskClass};
 use quantfleet_operator::builders::{MODEL_LABEL, Settings};
 use quantfleet_operator::controller::{Context, reporter, run};
@@ -72,6 +72,33 @@ impl Feed {
             }
         });
         addr
+    }
+
+    /// Sets the nodes' ModelInfo this replica reports: every tier of `model` serving its declared spec (as the
+    /// operator configures nodes: replicas 1), except `wrong` tiers, which serve int8 weights.
+    fn set_nodes(&self, ns: &str, model: &QuantizedModel, wrong: &[&str]) {
+        self.0.lock().unwrap().nodes = model
+            .spec
+            .tiers
+            .iter()
+            .map(|t| {
+                let mut spec =
+                    serde_json::to_value(quantfleet_api::model::TierSpec { replicas: 1, ..t.clone() }).unwrap();
+                if wrong.contains(&t.name.as_str()) {
+                    spec["weights"] = serde_json::json!({"format": "int8"});
+                }
+                NodeReport {
+                    namespace: ns.into(),
+                    model: model.metadata.name.clone().unwrap(),
+                    tier: t.name.clone(),
+                    endpoint: format!("10.1.0.{}:50051", t.name.len()),
+                    tier_spec: spec,
+                    backend: "cpu-avx2".into(),
+                    weights_loaded: "recorded".into(),
+                    tier_applied: true,
+                }
+            })
+            .collect();
     }
 
     fn fail(&self, failing: bool) {
@@ -263,6 +290,33 @@ async fn operator_end_to_end() -> Result<(), Error> {
     for pod in &pods {
         assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some("gpu-l4-0"), "scheduled onto the L4 node");
     }
+    // QuantizationVerified from the nodes' ModelInfo in the router report: one tier serving int8 instead of its
+    // declared int4 is a mismatch naming it; once every tier reports its declared spec, verified.
+    feed.set_nodes(&ns, &qm, &["int4-awq"]);
+    let mismatch = until("QuantizationVerified=False", CONVERGE, || async {
+        let qm = models.get("smollm2-135m").await.map_err(kerr("reading the model"))?;
+        let c = qm.status.and_then(|s| find(&s.conditions, "QuantizationVerified").cloned());
+        Ok(match c {
+            Some(c) if c.status == "False" => Probe::Done(c),
+            other => Probe::Pending(format!("{other:?}")),
+        })
+    })
+    .await?;
+    assert_eq!(mismatch.reason, "PrecisionMismatch");
+    assert!(
+        mismatch.message.starts_with("tier int4-awq at ") && mismatch.message.contains(r#"served {"format":"int8""#),
+        "{}",
+        mismatch.message
+    );
+    feed.set_nodes(&ns, &qm, &[]);
+    until("QuantizationVerified=True", CONVERGE, || async {
+        Ok(match condition_of(&models, "smollm2-135m", "QuantizationVerified").await? {
+            Some((s, r)) if s == "True" => Probe::Done(r),
+            other => Probe::Pending(format!("{other:?}")),
+        })
+    })
+    .await
+    .map(|reason| assert_eq!(reason, "AllTiersVerified"))?;
     let status = models.get("smollm2-135m").await.map_err(kerr("reading the model"))?.status.unwrap();
     assert_eq!(condition_of(&models, "smollm2-135m", "FitsAccelerator").await?.unwrap().0, "True");
     assert!(

@@ -1,5 +1,5 @@
 //! What the router needs from an inference node, independent of the wire: a streaming `generate`, a
-//! teacher-forced `score` and a health probe. The gRPC client implements it for real nodes; unit tests use a
+//! teacher-forced `score`, a health probe and the node's own description (ModelInfo). The gRPC client implements it for real nodes; unit tests use a
 //! scripted fake. Keeping the trait small keeps routing, retries and shadow comparison testable without
 //! processes.
 
@@ -124,6 +124,19 @@ impl NodeError {
     }
 }
 
+/// What a node reports about itself (its ModelInfo): the model and tier it serves, the tier as it was
+/// configured (the TierSpec as JSON), the weight formats in memory and the compute backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub model: String,
+    pub tier: String,
+    pub tier_spec_json: String,
+    pub weights_loaded: String,
+    pub backend: String,
+    /// Whether the tier's formats were applied at load (false: the checkpoint's native weights).
+    pub tier_applied: bool,
+}
+
 /// A node endpoint's address, `host:port`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint(pub String);
@@ -157,6 +170,9 @@ pub trait NodeClient: Send + Sync + 'static {
 
     /// Whether the endpoint reports SERVING.
     fn healthy(&self, endpoint: &Endpoint) -> BoxFuture<'static, bool>;
+
+    /// What the endpoint reports about the model and precision it serves.
+    fn model_info(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<NodeInfo, NodeError>>;
 
     /// The endpoint left the pool: release what is kept for it (requests still running on it are unaffected).
     fn forget(&self, _endpoint: &Endpoint) {}

@@ -102,6 +102,7 @@ impl CanaryStats {
                     }
                 })
                 .collect(),
+            nodes: Vec::new(),
         }
     }
 }

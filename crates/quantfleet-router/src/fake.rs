@@ -31,6 +31,9 @@ pub struct Call {
 
 pub struct FakeNode {
     behaviours: Mutex<HashMap<String, Behaviour>>,
+    /// What an endpoint reports in ModelInfo; without an entry a serving endpoint reports itself as model
+    /// "fake", tier = its endpoint label, a bf16 tier spec of that name and backend "fake".
+    infos: Mutex<HashMap<String, NodeInfo>>,
     pub calls: Mutex<Vec<Call>>,
     /// Delay per generated token.
     pub token_delay: Duration,
@@ -40,12 +43,17 @@ impl FakeNode {
     pub fn new(behaviours: &[(&str, Behaviour)]) -> Self {
         FakeNode {
             behaviours: Mutex::new(behaviours.iter().map(|(e, b)| ((*e).to_owned(), b.clone())).collect()),
+            infos: Mutex::new(HashMap::new()),
             calls: Mutex::new(Vec::new()),
             token_delay: Duration::ZERO,
         }
     }
     pub fn set(&self, endpoint: &str, b: Behaviour) {
         self.behaviours.lock().unwrap().insert(endpoint.to_owned(), b);
+    }
+    /// Sets what `endpoint` reports in ModelInfo.
+    pub fn set_info(&self, endpoint: &str, info: NodeInfo) {
+        self.infos.lock().unwrap().insert(endpoint.to_owned(), info);
     }
     fn behaviour(&self, endpoint: &str) -> Behaviour {
         self.behaviours.lock().unwrap().get(endpoint).cloned().unwrap_or(Behaviour::Unavailable)
@@ -163,6 +171,25 @@ impl NodeClient for FakeNode {
                 result.top.push(full[..(top_k as usize).min(5)].to_vec());
             }
             Ok(result)
+        })
+    }
+
+    fn model_info(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<NodeInfo, NodeError>> {
+        self.calls.lock().unwrap().push(Call { endpoint: endpoint.0.clone(), kind: "model_info", params: None });
+        let behaviour = self.behaviour(&endpoint.0);
+        let info = self.infos.lock().unwrap().get(&endpoint.0).cloned().unwrap_or_else(|| NodeInfo {
+            model: "fake".into(),
+            tier: endpoint.0.clone(),
+            tier_spec_json: format!(r#"{{"name":"{}","weights":{{"format":"bf16"}}}}"#, endpoint.0),
+            weights_loaded: "bf16 (1 matrices)".into(),
+            backend: "fake".into(),
+            tier_applied: true,
+        });
+        Box::pin(async move {
+            match behaviour {
+                Behaviour::Unavailable => Err(NodeError::Unavailable("connection refused".into())),
+                _ => Ok(info),
+            }
         })
     }
 

@@ -170,6 +170,25 @@ impl NodeClient for GrpcClient {
         })
     }
 
+    fn model_info(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<NodeInfo, NodeError>> {
+        let channel = self.channel(endpoint);
+        let timeout = self.connect_timeout.max(Duration::from_secs(2));
+        Box::pin(async move {
+            let mut client = InferenceClient::new(channel?);
+            let mut req = tonic::Request::new(pb::ModelInfoRequest {});
+            req.set_timeout(timeout);
+            let info = client.model_info(req).await.map_err(node_error)?.into_inner();
+            Ok(NodeInfo {
+                model: info.model,
+                tier: info.tier,
+                tier_spec_json: info.tier_spec_json,
+                weights_loaded: info.weights_loaded,
+                backend: info.backend,
+                tier_applied: info.tier_applied,
+            })
+        })
+    }
+
     fn healthy(&self, endpoint: &Endpoint) -> BoxFuture<'static, bool> {
         let channel = self.channel(endpoint);
         Box::pin(async move {

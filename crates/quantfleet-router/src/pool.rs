@@ -6,10 +6,10 @@
 //! endpoint that stays keeps its state (health, outstanding count), and a removed one is only unlisted, so the
 //! requests it still serves finish on it and their leases release it as usual.
 
-use crate::backend::Endpoint;
+use crate::backend::{Endpoint, NodeInfo};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Debug)]
 pub struct EndpointState {
@@ -17,6 +17,8 @@ pub struct EndpointState {
     pub tier: String,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
+    /// What the node reported in ModelInfo since it last became healthy (None: not read yet).
+    info: Mutex<Option<NodeInfo>>,
 }
 
 impl EndpointState {
@@ -28,6 +30,13 @@ impl EndpointState {
     }
     pub fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
+    }
+    pub fn info(&self) -> Option<NodeInfo> {
+        self.info.lock().expect("info lock").clone()
+    }
+    /// Records (or, with None, forgets) what the node reported in ModelInfo.
+    pub fn set_info(&self, info: Option<NodeInfo>) {
+        *self.info.lock().expect("info lock") = info;
     }
 }
 
@@ -79,6 +88,7 @@ fn build(endpoints: &BTreeMap<String, Vec<String>>, previous: &Tiers) -> Tiers {
                             tier: tier.clone(),
                             outstanding: AtomicUsize::new(0),
                             healthy: AtomicBool::new(true),
+                            info: Mutex::new(None),
                         })
                     })
                 })

@@ -20,6 +20,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use quantfleet_api::stats::NodeReport;
 use quantfleet_api::{EffectiveRoute, PrecisionPolicy, TaskClass};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -222,23 +223,60 @@ impl Router {
             .with_state(self.clone())
     }
 
-    /// Checks every endpoint's health every `interval`, forever (spawn it).
+    /// Checks every endpoint's health every `interval`, forever (spawn it); see [`Router::check_endpoints`].
     pub async fn health_loop(self: Arc<Self>, interval: Duration) {
         loop {
-            let checks = self.pool.all().into_iter().map(|e| {
-                let client = self.client.clone();
-                let e = e.clone();
-                async move {
-                    let ok =
-                        tokio::time::timeout(interval.max(Duration::from_millis(500)), client.healthy(&e.endpoint))
-                            .await
-                            .unwrap_or(false);
-                    e.set_healthy(ok);
-                }
-            });
-            futures::future::join_all(checks).await;
+            self.check_endpoints(interval.max(Duration::from_millis(500))).await;
             tokio::time::sleep(interval).await;
         }
+    }
+
+    /// One round of health checks, each within `limit`. A healthy endpoint whose ModelInfo has not been read is
+    /// asked for it (once: a new endpoint, or one that was unhealthy and may have restarted with another
+    /// configuration); an unhealthy one forgets it.
+    pub async fn check_endpoints(&self, limit: Duration) {
+        let checks = self.pool.all().into_iter().map(|e| {
+            let client = self.client.clone();
+            async move {
+                let ok = tokio::time::timeout(limit, client.healthy(&e.endpoint)).await.unwrap_or(false);
+                e.set_healthy(ok);
+                if !ok {
+                    e.set_info(None);
+                } else if e.info().is_none() {
+                    match tokio::time::timeout(limit, client.model_info(&e.endpoint)).await {
+                        Ok(Ok(info)) => e.set_info(Some(info)),
+                        Ok(Err(err)) => tracing::warn!(endpoint = %e.endpoint, %err, "ModelInfo failed"),
+                        Err(_) => tracing::warn!(endpoint = %e.endpoint, "ModelInfo timed out"),
+                    }
+                }
+            }
+        });
+        futures::future::join_all(checks).await;
+    }
+
+    /// What every listed endpoint reported in ModelInfo, by tier and endpoint.
+    pub fn node_reports(&self) -> Vec<NodeReport> {
+        let namespace = self.table().namespace.clone();
+        let mut nodes: Vec<NodeReport> = self
+            .pool
+            .all()
+            .into_iter()
+            .filter_map(|e| {
+                let info = e.info()?;
+                Some(NodeReport {
+                    namespace: namespace.clone(),
+                    model: info.model,
+                    tier: e.tier.clone(),
+                    endpoint: e.endpoint.0.clone(),
+                    tier_spec: serde_json::from_str(&info.tier_spec_json).unwrap_or(serde_json::Value::Null),
+                    backend: info.backend,
+                    weights_loaded: info.weights_loaded,
+                    tier_applied: info.tier_applied,
+                })
+            })
+            .collect();
+        nodes.sort_by(|a, b| (&a.tier, &a.endpoint).cmp(&(&b.tier, &b.endpoint)));
+        nodes
     }
 
     /// Waits until no shadow comparison is running.
@@ -494,7 +532,9 @@ async fn models(State(r): State<Arc<Router>>) -> Response {
 
 async fn canary_stats(State(r): State<Arc<Router>>) -> Response {
     let table = r.table();
-    axum::Json(r.stats.report(&table.namespace, &table.policy_name)).into_response()
+    let mut report = r.stats.report(&table.namespace, &table.policy_name);
+    report.nodes = r.node_reports();
+    axum::Json(report).into_response()
 }
 
 async fn health(State(r): State<Arc<Router>>) -> Response {

@@ -422,3 +422,59 @@ async fn endpoint_changes_apply_live_and_running_requests_finish_where_they_star
     let reply = chat(&r, "Tell me about Paris.", json!({}), &[]).await;
     assert_eq!((reply.header("x-quantfleet-tier"), reply.header("x-quantfleet-route")), ("fp8", "fallback"));
 }
+
+#[tokio::test]
+async fn the_stats_report_what_each_node_said_in_model_info() {
+    let node = all_serving();
+    node.set_info(
+        "i:1",
+        crate::backend::NodeInfo {
+            model: "smollm2-135m".into(),
+            tier: "int4-awq".into(),
+            tier_spec_json: r#"{"name":"int4-awq","weights":{"format":"int4","method":"awq","groupSize":128}}"#.into(),
+            weights_loaded: "int4-g128-asym (211 matrices)".into(),
+            backend: "cpu-avx2".into(),
+            tier_applied: true,
+        },
+    );
+    let r = router(node.clone(), None, |_| {});
+    let nodes =
+        |reply: Reply| serde_json::from_value::<quantfleet_api::stats::CanaryStatsReport>(reply.json()).unwrap();
+    // Not read yet: no node in the report.
+    assert!(nodes(call(&r, "GET", "/v1/canary/stats", &[], Body::empty()).await).nodes.is_empty());
+
+    r.check_endpoints(Duration::from_secs(1)).await;
+    let report = nodes(call(&r, "GET", "/v1/canary/stats", &[], Body::empty()).await);
+    let listed: Vec<(&str, &str)> = report.nodes.iter().map(|n| (n.tier.as_str(), n.endpoint.as_str())).collect();
+    assert_eq!(listed, [("bf16", "b:1"), ("fp8", "f:1"), ("fp8", "f:2"), ("fp8-kv8", "k:1"), ("int4-awq", "i:1")]);
+    let int4 = &report.nodes[4];
+    assert_eq!(
+        (int4.namespace.as_str(), int4.model.as_str(), int4.backend.as_str()),
+        ("default", "smollm2-135m", "cpu-avx2")
+    );
+    assert_eq!(int4.tier_spec["weights"]["method"], "awq");
+    assert!(int4.tier_applied && int4.weights_loaded.starts_with("int4-g128"));
+
+    // Read once per endpoint: a second round asks nobody again.
+    r.check_endpoints(Duration::from_secs(1)).await;
+    assert_eq!(node.calls("model_info").len(), 5);
+    // An endpoint that goes down is dropped from the report and read again when it is back (it may have
+    // restarted with another configuration).
+    node.set("k:1", Behaviour::Unavailable);
+    r.check_endpoints(Duration::from_secs(1)).await;
+    let report = nodes(call(&r, "GET", "/v1/canary/stats", &[], Body::empty()).await);
+    assert!(report.nodes.iter().all(|n| n.endpoint != "k:1") && report.nodes.len() == 4);
+    node.set("k:1", serve());
+    r.check_endpoints(Duration::from_secs(1)).await;
+    assert_eq!(
+        node.calls("model_info").iter().filter(|c| c.endpoint == "k:1").count(),
+        2,
+        "read, and again after coming back"
+    );
+    // A replaced endpoint set: the new endpoint is read, the removed one is gone.
+    r.set_endpoints(&[("bf16".to_owned(), vec!["b:2".to_owned()])].into());
+    node.set("b:2", serve());
+    r.check_endpoints(Duration::from_secs(1)).await;
+    let report = nodes(call(&r, "GET", "/v1/canary/stats", &[], Body::empty()).await);
+    assert_eq!(report.nodes.iter().map(|n| n.endpoint.as_str()).collect::<Vec<_>>(), ["b:2"]);
+}

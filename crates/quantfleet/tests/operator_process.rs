@@ -182,6 +182,9 @@ mod fake_node {
             Ok(Response::new(pb::ModelInfoResponse {
                 model: "smollm2-135m".into(),
                 tier: self.label.clone(),
+                tier_spec_json: format!(r#"{{"name":"{}","weights":{{"format":"bf16"}}}}"#, self.label),
+                backend: "fake-grpc".into(),
+                tier_applied: true,
                 ..Default::default()
             }))
         }
@@ -498,6 +501,31 @@ async fn the_router_follows_its_policy_and_endpoint_slices_live() -> Result<(), 
     // An endpoint added: chat's own tier gets one and is used.
     put(slice("smollm2-135m-int4-awq", Some("int4-awq"), int4, true)).await?;
     until("chat routed to int4-a", Duration::from_secs(30), || routed(CHAT, "int4-awq", "int4-a", "route")).await?;
+    // The router read every endpoint's ModelInfo over gRPC and publishes it in the stats the operator reads.
+    until("the nodes' ModelInfo in the canary stats", Duration::from_secs(30), || async {
+        let stats = http(addr, "GET", "/v1/canary/stats", "").await;
+        let report: quantfleet_api::stats::CanaryStatsReport =
+            serde_json::from_str(&stats.body).unwrap_or_else(|e| panic!("{e}: {}", stats.body));
+        let seen: Vec<(String, String, String, String)> = report
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.namespace.clone(),
+                    n.tier.clone(),
+                    n.tier_spec["name"].as_str().unwrap_or("").into(),
+                    n.backend.clone(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String, String, String)> =
+            [("bf16", "bf16-a"), ("fp8", "fp8-a"), ("int4-awq", "int4-a")]
+                .iter()
+                .map(|(tier, label)| (ns.clone(), tier.to_string(), label.to_string(), "fake-grpc".to_owned()))
+                .collect();
+        Ok(if seen == want { Probe::Done(()) } else { Probe::Pending(format!("{seen:?}")) })
+    })
+    .await?;
 
     // A long streaming request runs on fp8-a while fp8-a becomes not ready (terminating) and fp8-b arrives:
     // new requests go to fp8-b, the running one finishes on fp8-a.
