@@ -11,11 +11,11 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use quantfleet_api::conditions::{Condition, Time, policy as pcond, reason, set_condition};
 use quantfleet_api::plan::{AcceleratorTable, plan_model};
@@ -92,13 +92,21 @@ pub fn is_subset(desired: &serde_json::Value, existing: &serde_json::Value) -> b
 }
 
 /// Server-side applies `object` under the operator's field manager (forcing ownership of its fields), unless
-/// the live object already carries every desired field: a steady state then costs one read and no write.
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, Error>
+/// the live object already carries every desired field: a steady state then costs one read and no write. The
+/// live object comes from `cache` when given (a watch of the operator's objects: no request), else from a GET.
+async fn apply<K>(api: &Api<K>, cache: Option<&Store<K>>, object: &K) -> Result<K, Error>
 where
-    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
 {
     let name = object.meta().name.clone().ok_or(Error::Metadata("metadata.name"))?;
-    if let Some(live) = api.get_opt(&name).await?
+    let live = match cache {
+        Some(cache) => {
+            let ns = object.meta().namespace.clone().ok_or(Error::Metadata("metadata.namespace"))?;
+            cache.get(&ObjectRef::new(&name).within(&ns)).map(|k| (*k).clone())
+        }
+        None => api.get_opt(&name).await?,
+    };
+    if let Some(live) = live
         && is_subset(&serde_json::to_value(object)?, &serde_json::to_value(&live)?)
     {
         return Ok(live);
@@ -120,23 +128,67 @@ where
     Ok(())
 }
 
-/// Deletes the tier objects of `model` whose tier is no longer in its spec.
-async fn prune<K>(api: &Api<K>, model: &str, keep: &[String]) -> Result<(), Error>
+/// Deletes the tier objects of `model` (in `ns`) whose tier is no longer in its spec, as the watch cache of the
+/// operator's objects lists them (one that is already gone is fine).
+async fn prune<K>(api: &Api<K>, cache: &Store<K>, ns: &str, model: &str, keep: &[String]) -> Result<(), Error>
 where
-    K: Resource + Clone + DeserializeOwned + Debug,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    for object in api.list(&ListParams::default().labels(&format!("{MODEL_LABEL}={model}"))).await? {
-        let tier = object.labels().get(TIER_LABEL).cloned().unwrap_or_default();
+    for object in cache.state() {
+        let labels = object.labels();
+        if object.namespace().as_deref() != Some(ns) || labels.get(MODEL_LABEL).map(String::as_str) != Some(model) {
+            continue;
+        }
+        let tier = labels.get(TIER_LABEL).cloned().unwrap_or_default();
         if !keep.contains(&tier) {
-            api.delete(&object.name_any(), &DeleteParams::background()).await?;
+            match api.delete(&object.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())
 }
 
+/// Watch caches of the objects the operator owns (label MODEL_LABEL), read instead of the API server.
+#[derive(Clone)]
+pub struct OwnedCaches {
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    config_maps: Store<ConfigMap>,
+}
+
+/// A reflector for one kind of owned object, running until the returned handle is aborted.
+fn cache<K>(client: &Client) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
+            .default_backoff(),
+    );
+    let task = tokio::spawn(stream.for_each(|event| {
+        if let Err(err) = event {
+            tracing::warn!(%err, "watching the operator's objects");
+        }
+        std::future::ready(())
+    }));
+    (store, task)
+}
+
+/// What the QuantizedModel reconciler shares.
+pub struct ModelContext {
+    pub ctx: Arc<Context>,
+    pub owned: OwnedCaches,
+}
+
 /// QuantizedModel -> per fitting tier a ConfigMap, Deployment and Service; status from the plan and the
 /// Deployments. A tier that does not fit is not applied (an already running one keeps its previous config).
-pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile_model(model: Arc<QuantizedModel>, shared: Arc<ModelContext>) -> Result<Action, Error> {
+    let (ctx, owned) = (&shared.ctx, &shared.owned);
     let _timer = ctx.metrics.time("quantizedmodel");
     if model.metadata.deletion_timestamp.is_some() {
         // Being deleted (foreground deletion waits for the children): re-applying them would resurrect them.
@@ -155,15 +207,16 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> R
             continue;
         }
         let objects = build_tier(&model, tier, tier_plan, &ctx.settings)?;
-        apply(&config_maps, &objects.config_map).await?;
-        apply(&services, &objects.service).await?;
-        let deployment = apply(&deployments, &objects.deployment).await?;
+        apply(&config_maps, Some(&owned.config_maps), &objects.config_map).await?;
+        apply(&services, Some(&owned.services), &objects.service).await?;
+        // The Deployment is read from the API server: its status (readiness) may be newer than the cache.
+        let deployment = apply(&deployments, None, &objects.deployment).await?;
         observed.insert(tier.name.clone(), DeploymentObservation::of(&deployment));
     }
     let keep: Vec<String> = model.spec.tiers.iter().map(|t| t.name.clone()).collect();
-    prune(&deployments, &name, &keep).await?;
-    prune(&services, &name, &keep).await?;
-    prune(&config_maps, &name, &keep).await?;
+    prune(&deployments, &owned.deployments, &ns, &name, &keep).await?;
+    prune(&services, &owned.services, &ns, &name, &keep).await?;
+    prune(&config_maps, &owned.config_maps, &ns, &name, &keep).await?;
 
     // The nodes' ModelInfo, as the router replicas report it (one read shared by every model for a while).
     let nodes = match &ctx.stats {
@@ -320,7 +373,7 @@ pub async fn reconcile_policy(policy: Arc<PrecisionPolicy>, ctx: Arc<Context>) -
     Ok(Action::requeue(if running { CANARY_POLL } else { RESYNC }))
 }
 
-fn error_policy<K>(_object: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy<K, C>(_object: Arc<K>, error: &Error, _ctx: Arc<C>) -> Action {
     tracing::warn!(category = error.category(), %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }
@@ -337,12 +390,21 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let (deployments, deployments_task) = cache::<Deployment>(&client);
+    let (services, services_task) = cache::<Service>(&client);
+    let (config_maps, config_maps_task) = cache::<ConfigMap>(&client);
+    for ready in
+        [deployments.wait_until_ready().await, services.wait_until_ready().await, config_maps.wait_until_ready().await]
+    {
+        ready.expect("the cache writers run until aborted");
+    }
+    let shared = Arc::new(ModelContext { ctx: ctx.clone(), owned: OwnedCaches { deployments, services, config_maps } });
     let models = Controller::new(Api::<QuantizedModel>::all(client.clone()), watcher::Config::default())
         .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
         .owns(Api::<Service>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
         .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
         .graceful_shutdown_on(stop(rx.clone()))
-        .run(reconcile_model, error_policy, ctx.clone())
+        .run(reconcile_model, error_policy, shared)
         .for_each(|result| {
             let ctx = ctx.clone();
             async move { ctx.metrics.record("quantizedmodel", &result) }
@@ -370,6 +432,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             async move { ctx.metrics.record("precisionpolicy", &result) }
         });
     futures::join!(models, policies);
+    deployments_task.abort();
+    services_task.abort();
+    config_maps_task.abort();
 }
 
 /// The Event reporter identity.
