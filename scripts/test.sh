@@ -23,6 +23,7 @@ step "CUDA kernels: NVRTC compile check, sm_80/sm_89/sm_90 (the CPU-emulated ker
 scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
+QUANTFLEET_OPENAI_PYTHON="$(scripts/openai-venv.sh)" && export QUANTFLEET_OPENAI_PYTHON  # the official openai client for the router test
 
 step "Helm chart: helm lint, helm template, a failing case per values.schema.json rule (helm built once from the Go module proxy)"
 scripts/helm-check.sh  # crates/quantfleet-operator/tests/chart.rs then installs the rendered chart on the control plane
