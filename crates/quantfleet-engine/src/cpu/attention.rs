@@ -1,6 +1,6 @@
-//! CPU attention over the paged KV cache. One task per (token row, query head): scores against every cached
-//! position up to the row's own (causal), softmax, weighted sum of values. Grouped-query attention maps query
-//! head h to KV head h / (n_heads / n_kv_heads).
+//! CPU attention over the paged KV cache. One task per (sequence, KV head, tile of up to 16 rows): each query
+//! of the tile scores every cached position up to its row's own (causal), softmax, weighted sum of values.
+//! Grouped-query attention maps query head h to KV head h / (n_heads / n_kv_heads).
 
 use std::cell::RefCell;
 
@@ -128,11 +128,6 @@ thread_local! {
     static KV_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Where row `row` of the batch sits: its span's block table and its absolute position.
-fn locate<'a>(spans: &'a [SeqSpan<'a>], row: usize) -> Option<(&'a SeqSpan<'a>, usize)> {
-    spans.iter().find(|s| row >= s.row0 && row < s.row0 + s.n_tokens).map(|s| (s, s.start_pos + row - s.row0))
-}
-
 /// Copies K and V rows (`[n, n_kv * hd]`) into their slots, converting to the cache's dtype.
 pub(crate) fn kv_write(
     storage: &mut KvStore,
@@ -162,6 +157,11 @@ pub(crate) fn kv_write(
     }
 }
 
+/// Query rows attended together by one task: the keys and values of their KV head are fetched (decoded, for
+/// a quantized cache) once per block for all of them and for every query head of the group, instead of once
+/// per (row, head). A 2k-token prefill decoded each block ~2k x (heads per KV head) times before.
+const ROW_TILE: usize = 16;
+
 /// `out[row, h*hd..]` = attention of query head h of `row` over its sequence's positions `0..=pos`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
@@ -174,132 +174,202 @@ pub(crate) fn attention(
     spans: &[SeqSpan],
     out: &mut [f32],
 ) {
-    let hd = layout.head_dim;
-    out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-        let (row, h) = (task / n_heads, task % n_heads);
-        let Some((span, pos)) = locate(spans, row) else { return };
-        let kv_head = h / (n_heads / layout.n_kv_heads);
-        let qv = &q[task * hd..(task + 1) * hd];
-        SCORES.with_borrow_mut(|scores| {
-            let job = Job { storage, layout, layer, kv_head, block_table: span.block_table, pos, q: qv };
-            match level {
+    let (hd, group) = (layout.head_dim, n_heads / layout.n_kv_heads);
+    let width = n_heads * hd;
+    // One task per (span, KV head, tile of rows).
+    let tasks: Vec<(&SeqSpan, usize, usize)> = spans
+        .iter()
+        .flat_map(|s| {
+            (0..layout.n_kv_heads)
+                .flat_map(move |kv_head| (0..s.n_tokens).step_by(ROW_TILE).map(move |r| (s, kv_head, r)))
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(span, kv_head, r0)| {
+            let rows = ROW_TILE.min(span.n_tokens - r0);
+            let mut o = vec![0.0; rows * group * hd];
+            let tile = Tile {
+                storage,
+                layout,
+                layer,
+                kv_head,
+                block_table: span.block_table,
+                first_pos: span.start_pos + r0,
+                rows,
+                group,
+                q,
+                q_row0: span.row0 + r0,
+                q_width: width,
+            };
+            SCORES.with_borrow_mut(|scores| match level {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: non-portable levels exist only where the CPU supports them (SimdLevel::detect).
-                SimdLevel::Avx512 => unsafe { attend_avx512(&job, scores, o) },
+                SimdLevel::Avx512 => unsafe { attend_avx512(&tile, scores, &mut o) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                SimdLevel::Avx2Fma => unsafe { attend_avx2(&job, scores, o) },
-                _ => attend(&job, scores, o),
-            }
-        });
-    });
+                SimdLevel::Avx2Fma => unsafe { attend_avx2(&tile, scores, &mut o) },
+                _ => attend(&tile, scores, &mut o),
+            });
+            o
+        })
+        .collect();
+    for (&(span, kv_head, r0), o) in tasks.iter().zip(&results) {
+        for (i, head_out) in o.chunks_exact(hd).enumerate() {
+            let (row, h) = (span.row0 + r0 + i / group, kv_head * group + i % group);
+            out[row * width + h * hd..][..hd].copy_from_slice(head_out);
+        }
+    }
 }
 
-/// One (row, query head) of attention.
-struct Job<'a> {
+/// Consecutive query rows of one sequence and the query heads of one KV head: query `i` of the tile is row
+/// `q_row0 + i / group` (at position `first_pos + i / group`), head `kv_head * group + i % group`.
+struct Tile<'a> {
     storage: &'a KvStore,
     layout: &'a KvLayout,
     layer: usize,
     kv_head: usize,
     block_table: &'a [u32],
-    pos: usize,
+    first_pos: usize,
+    rows: usize,
+    group: usize,
     q: &'a [f32],
+    q_row0: usize,
+    q_width: usize,
+}
+
+impl Tile<'_> {
+    fn queries(&self) -> usize {
+        self.rows * self.group
+    }
+    /// Positions query `i` attends to (causal: up to and including its own).
+    fn len(&self, i: usize) -> usize {
+        self.first_pos + i / self.group + 1
+    }
+    fn query(&self, i: usize) -> &[f32] {
+        let hd = self.layout.head_dim;
+        let h = self.kv_head * self.group + i % self.group;
+        &self.q[(self.q_row0 + i / self.group) * self.q_width + h * hd..][..hd]
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn attend_avx512(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, scores, out)
+fn attend_avx512(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(tile, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, scores, out)
+fn attend_avx2(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend(tile, scores, out)
 }
 
 /// Walks the sequence block by block: within a block one head's keys (transposed) and values are each one
-/// contiguous run of `block_tokens * head_dim`, so both passes stream memory linearly.
+/// contiguous run of `block_tokens * head_dim`, so both passes stream memory linearly, and each block is
+/// fetched once for every query of the tile. Per query the arithmetic (and its order) is that of attending
+/// it alone.
 #[inline(always)]
-fn attend(job: &Job, scores: &mut Vec<f32>, out: &mut [f32]) {
-    KV_SCRATCH.with_borrow_mut(|(ks, vs)| attend_blocks(job, scores, out, ks, vs))
+fn attend(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
+    KV_SCRATCH.with_borrow_mut(|(ks, vs)| attend_blocks(tile, scores, out, ks, vs))
 }
 
 #[inline(always)]
 fn attend_blocks(
-    job: &Job,
+    tile: &Tile,
     scores: &mut Vec<f32>,
     out: &mut [f32],
     k_scratch: &mut Vec<f32>,
     v_scratch: &mut Vec<f32>,
 ) {
-    let l = job.layout;
+    let l = tile.layout;
     let (hd, bt) = (l.head_dim, l.block_tokens);
     let scale = 1.0 / (hd as f32).sqrt();
-    let n = job.pos + 1;
-    let k_off = l.head_offset(job.layer, 0, job.kv_head);
-    let v_off = l.head_offset(job.layer, 1, job.kv_head);
-    let base = |b: usize, off: usize| job.block_table[b] as usize * l.block_elems() + off;
+    let nq = tile.queries();
+    // The last row sees the most positions; query i's scores live at `scores[i * n_max..][..len(i)]`.
+    let n_max = tile.first_pos + tile.rows;
+    let k_off = l.head_offset(tile.layer, 0, tile.kv_head);
+    let v_off = l.head_offset(tile.layer, 1, tile.kv_head);
+    let base = |b: usize, off: usize| tile.block_table[b] as usize * l.block_elems() + off;
     scores.clear();
-    scores.resize(n, 0.0);
-    let mut max = f32::NEG_INFINITY;
-    for b in 0..n.div_ceil(bt) {
-        let len = bt.min(n - b * bt);
-        // Keys are stored transposed ([d][slot]), so the block's scores accumulate as one vector over the
+    scores.resize(nq * n_max, 0.0);
+    let mut maxes = vec![f32::NEG_INFINITY; nq];
+    for b in 0..n_max.div_ceil(bt) {
+        // Keys are stored transposed ([d][slot]), so a block's scores accumulate as one vector over the
         // slots, one broadcast query element at a time: no horizontal reduction per key.
-        let keys_t = job.storage.get(base(b, k_off), bt * hd, true, bt, hd, k_scratch);
-        let sc = &mut scores[b * bt..b * bt + len];
-        if bt == LANES {
-            // The default block size: the 16 scores live in one register for the whole loop over d (through
-            // memory, each step would wait on the previous step's store). Lanes past `len` are computed from
-            // unused slots and dropped.
-            let mut acc = [0.0f32; LANES];
-            for (col, &qd) in keys_t.chunks_exact(LANES).zip(job.q) {
-                let qd = qd * scale;
-                for (a, &kv) in acc.iter_mut().zip(col) {
-                    *a += qd * kv;
+        let keys_t = tile.storage.get(base(b, k_off), bt * hd, true, bt, hd, k_scratch);
+        for (i, max) in maxes.iter_mut().enumerate() {
+            let n = tile.len(i);
+            if b * bt >= n {
+                continue;
+            }
+            let len = bt.min(n - b * bt);
+            let sc = &mut scores[i * n_max + b * bt..][..len];
+            let q = tile.query(i);
+            if bt == LANES {
+                // The default block size: the 16 scores live in one register for the whole loop over d
+                // (through memory, each step would wait on the previous step's store). Lanes past `len` are
+                // computed from unused slots and dropped.
+                let mut acc = [0.0f32; LANES];
+                for (col, &qd) in keys_t.chunks_exact(LANES).zip(q) {
+                    let qd = qd * scale;
+                    for (a, &kv) in acc.iter_mut().zip(col) {
+                        *a += qd * kv;
+                    }
+                }
+                sc.copy_from_slice(&acc[..len]);
+            } else {
+                for (d, &qd) in q.iter().enumerate() {
+                    let qd = qd * scale;
+                    for (s, &kv) in sc.iter_mut().zip(&keys_t[d * bt..d * bt + len]) {
+                        *s += qd * kv;
+                    }
                 }
             }
-            sc.copy_from_slice(&acc[..len]);
-        } else {
-            for (d, &qd) in job.q.iter().enumerate() {
-                let qd = qd * scale;
-                for (s, &kv) in sc.iter_mut().zip(&keys_t[d * bt..d * bt + len]) {
-                    *s += qd * kv;
-                }
-            }
+            *max = sc.iter().fold(*max, |m, &s| m.max(s));
         }
-        max = sc.iter().fold(max, |m, &s| m.max(s));
     }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    // Softmax per query; the normalisation is folded into the value weights below, as `inv`.
+    for (i, inv) in maxes.iter_mut().enumerate() {
+        let max = *inv;
+        let mut sum = 0.0f32;
+        for s in scores[i * n_max..][..tile.len(i)].iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        *inv = 1.0 / sum;
     }
-    let inv = 1.0 / sum;
     out.fill(0.0);
-    for b in 0..n.div_ceil(bt) {
-        let len = bt.min(n - b * bt);
-        let values = job.storage.get(base(b, v_off), len * hd, false, bt, hd, v_scratch);
-        let weights = &scores[b * bt..b * bt + len];
-        // Four value rows per pass over `out`: a quarter of the loads and stores of `out`, whose
-        // store-to-load round trips otherwise dominate this loop.
-        let mut rows = values.chunks_exact(4 * hd);
-        let mut ws = weights.chunks_exact(4);
-        for (v4, w4) in (&mut rows).zip(&mut ws) {
-            let (v0, rest) = v4.split_at(hd);
-            let (v1, rest) = rest.split_at(hd);
-            let (v2, v3) = rest.split_at(hd);
-            let w = [w4[0] * inv, w4[1] * inv, w4[2] * inv, w4[3] * inv];
-            // Zipped iterators (not indexing) so the loop has no bounds checks and vectorizes.
-            for ((((a, &x0), &x1), &x2), &x3) in out.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
-                *a += (w[0] * x0 + w[1] * x1) + (w[2] * x2 + w[3] * x3);
+    for b in 0..n_max.div_ceil(bt) {
+        let block_len = bt.min(n_max - b * bt);
+        let values_all = tile.storage.get(base(b, v_off), block_len * hd, false, bt, hd, v_scratch);
+        for (i, (out, &inv)) in out.chunks_exact_mut(hd).zip(maxes.iter()).enumerate() {
+            let n = tile.len(i);
+            if b * bt >= n {
+                continue;
             }
-        }
-        for (value, &w) in rows.remainder().chunks_exact(hd).zip(ws.remainder()) {
-            let w = w * inv;
-            for (a, &v) in out.iter_mut().zip(value) {
-                *a += w * v;
+            let len = bt.min(n - b * bt);
+            let values = &values_all[..len * hd];
+            let weights = &scores[i * n_max + b * bt..][..len];
+            // Four value rows per pass over `out`: a quarter of the loads and stores of `out`, whose
+            // store-to-load round trips otherwise dominate this loop.
+            let mut rows = values.chunks_exact(4 * hd);
+            let mut ws = weights.chunks_exact(4);
+            for (v4, w4) in (&mut rows).zip(&mut ws) {
+                let (v0, rest) = v4.split_at(hd);
+                let (v1, rest) = rest.split_at(hd);
+                let (v2, v3) = rest.split_at(hd);
+                let w = [w4[0] * inv, w4[1] * inv, w4[2] * inv, w4[3] * inv];
+                // Zipped iterators (not indexing) so the loop has no bounds checks and vectorizes.
+                for ((((a, &x0), &x1), &x2), &x3) in out.iter_mut().zip(v0).zip(v1).zip(v2).zip(v3) {
+                    *a += (w[0] * x0 + w[1] * x1) + (w[2] * x2 + w[3] * x3);
+                }
+            }
+            for (value, &w) in rows.remainder().chunks_exact(hd).zip(ws.remainder()) {
+                let w = w * inv;
+                for (a, &v) in out.iter_mut().zip(value) {
+                    *a += w * v;
+                }
             }
         }
     }
