@@ -35,14 +35,20 @@ impl Drop for TempDir {
 }
 
 impl Node {
+    /// A bf16 node with `extra` flags.
     fn start(extra: &[&str]) -> Node {
+        Node::start_tier(&["--tier", "bf16", "--weights", "bf16"], extra)
+    }
+
+    fn start_tier(tier: &[&str], extra: &[&str]) -> Node {
         let dir = std::env::temp_dir().join(format!("qf-node-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready.json");
         let model = model_path();
         let mut args: Vec<String> = ["node", "--model"].map(String::from).to_vec();
         args.push(model.display().to_string());
-        for a in ["--tier", "bf16", "--weights", "bf16", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"] {
+        args.extend(tier.iter().map(|s| s.to_string()));
+        for a in ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"] {
             args.push(a.into());
         }
         args.extend(["--ready-file".into(), ready.display().to_string()]);
@@ -425,6 +431,44 @@ fn sixty_four_concurrent_greedy_streams_equal_sequential_runs() {
         }
         assert!(node.metric("quantfleet_node_engine_steps_total", "") > 0.0);
     });
+}
+
+/// An int4-awq node calibrates AWQ while it loads (seconds), so the loading phase is observable: health says
+/// NOT_SERVING and RPCs answer UNAVAILABLE until the model is ready; a SIGTERM during the load exits at once
+/// instead of waiting for the quantizer.
+#[test]
+fn loading_is_not_serving_and_sigterm_while_loading_exits_promptly() {
+    let spec = std::env::temp_dir().join(format!("qf-node-awq-{}.yaml", std::process::id()));
+    std::fs::write(
+        &spec,
+        "name: int4-awq\nweights: {format: int4, method: awq, groupSize: 128}\n\
+         layerOverrides:\n  - {firstLayers: 1, lastLayers: 1, weights: {format: bf16}}\n\
+         calibration: {dataset: builtin, samples: 64, sequenceLength: 512}\n",
+    )
+    .unwrap();
+    let mut node = Node::start_tier(&["--tier-spec", spec.to_str().unwrap()], &[]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        assert_eq!(node.health(&ch).await, ServingStatus::NotServing);
+        let err = collect(&mut InferenceClient::new(ch.clone()), greedy("Hello", 2)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        let err = InferenceClient::new(ch.clone()).model_info(pb::ModelInfoRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert_eq!(node.metric("quantfleet_node_serving", ""), 0.0);
+        // Still loading after all that (AWQ calibration takes seconds): stop it now.
+        assert_eq!(node.health(&ch).await, ServingStatus::NotServing);
+    });
+    node.sigterm();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = node.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "the node did not exit within 3 s of SIGTERM while loading");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    std::fs::remove_file(&spec).unwrap();
 }
 
 #[test]

@@ -16,6 +16,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(quantfleet_node::run(settings))?;
+    let result = runtime.block_on(quantfleet_node::run(settings));
+    // A signal during the load returns while the loader thread is still quantizing: dropping the runtime would
+    // wait for that thread, so leave it behind (the process exits now). After a drain nothing is left running.
+    runtime.shutdown_background();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
