@@ -91,28 +91,43 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `quantfleet up` as a child that is interrupted (SIGINT, then waited for) if the test fails midway, so a
+/// failed run leaves no fleet behind.
+struct Up(std::process::Child);
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill").args(["-INT", &self.0.id().to_string()]).status();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn local_fleet_end_to_end() {
     let model = env_path("QUANTFLEET_SMOLLM2_GGUF", "run scripts/fetch-model.sh (scripts/test.sh exports it)");
     let python = env_path("QUANTFLEET_OPENAI_PYTHON", "run scripts/openai-venv.sh (scripts/test.sh exports it)");
     let run_dir = std::env::temp_dir().join(format!("quantfleet-fleet-test-{}", std::process::id()));
-    let mut up = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+    let up_log = run_dir.with_extension("log");
+    let mut up = Up(Command::new(env!("CARGO_BIN_EXE_quantfleet"))
         .args(["up", "--listen", "127.0.0.1:0", "--run-dir"])
         .arg(&run_dir)
         .arg("--model")
         .arg(&model)
         .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&up_log).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap());
     // `up` prints its URL once every node serves.
-    let mut stdout = BufReader::new(up.stdout.take().unwrap());
+    let mut stdout = BufReader::new(up.0.stdout.take().unwrap());
     let started = Instant::now();
     let mut line = String::new();
     let url = loop {
         line.clear();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
-            "quantfleet up exited before it was up (logs in {})",
+            "quantfleet up exited before it was up (its log: {}, the nodes' in {})",
+            up_log.display(),
             run_dir.display()
         );
         if let Some(rest) = line.trim().strip_prefix("Quantfleet is up: http://") {
@@ -260,9 +275,9 @@ fn local_fleet_end_to_end() {
     }
 
     // 7. SIGINT stops the router and every remaining node.
-    assert!(Command::new("kill").args(["-INT", &up.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill").args(["-INT", &up.0.id().to_string()]).status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while up.try_wait().unwrap().is_none() {
+    while up.0.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "quantfleet up did not exit within 30 s of SIGINT");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -273,4 +288,5 @@ fn local_fleet_end_to_end() {
     }
     assert!(TcpStream::connect(addr).is_err(), "the router still listens");
     let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = std::fs::remove_file(&up_log);
 }

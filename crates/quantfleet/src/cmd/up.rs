@@ -194,7 +194,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
             nodes.push(spawn_node(&exe, &run_dir, &model, &config)?);
         }
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        runtime.block_on(serve(&mut nodes, &mut policy, &model, &run_dir, &args.listen, args.canary, &model_name))
+        let max_context = u32::try_from(qm.spec.serving.max_context_tokens)
+            .ok()
+            .filter(|&c| c > 0)
+            .context("the model's serving.maxContextTokens must be positive")?;
+        runtime.block_on(serve(
+            &mut nodes,
+            &mut policy,
+            &model,
+            &run_dir,
+            &args.listen,
+            args.canary,
+            &model_name,
+            max_context,
+        ))
     })();
     eprintln!("stopping {} node(s)", nodes.len());
     stop_nodes(&mut nodes, Duration::from_secs(10));
@@ -202,6 +215,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     nodes: &mut [NodeProc],
     policy: &mut PrecisionPolicy,
@@ -210,6 +224,7 @@ async fn serve(
     listen: &str,
     phase: Phase,
     model_name: &str,
+    max_context: u32,
 ) -> Result<ExitCode> {
     let client = quantfleet_router::grpc::GrpcClient::new(Duration::from_secs(2), Duration::from_secs(600));
     let started = Instant::now();
@@ -278,6 +293,9 @@ async fn serve(
     config.policy = Some(policy.clone());
     config.endpoints = endpoints;
     config.tokenizer = Some(model.to_owned());
+    // The nodes serve the model's serving.maxContextTokens: the router refuses longer requests itself, with
+    // OpenAI's context_length_exceeded, instead of forwarding them to be refused.
+    config.limits.max_context_tokens = Some(max_context);
     let loaded = config.check()?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the router to {listen}"))?;
