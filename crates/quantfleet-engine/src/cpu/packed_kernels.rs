@@ -11,7 +11,13 @@
 //!   the low nibbles of 16 bytes meet 16 contiguous activations and the high nibbles the next 16; the zero
 //!   point is applied once per group through the group's activation sum: s * (sum n x - z * sum x).
 //!
-//! Prefill (several tokens) dequantizes tiles of rows to f32 and uses the shared GEMM kernels.
+//! With AVX-512, hand-written kernels (`x86.rs`) replace these loops, which LLVM vectorizes poorly: INT4
+//! weights are dequantized through a 16-entry table per group ((n - z) * s for every nibble n, looked up
+//! by a permute), so no zero-point term is needed.
+//!
+//! A few tokens (2-16, a decode step of a batch) with AVX-512: every weight is decoded once in registers
+//! and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of rows to f32
+//! and uses the shared GEMM kernels.
 //! `PackedMatrix::dot_reference` / `dequantize_row_reference` are the scalar references the tests use.
 
 use half::f16;
@@ -208,7 +214,7 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
         *o = match kind {
             x86::PackedKind::Int4 { scales, zeros, group } => {
                 let z = zeros.map(|z| &z[r * gpr..(r + 1) * gpr]);
-                x86::dot_int4_avx512(row, &p.x, &p.gsum, &scales[r * gpr..(r + 1) * gpr], z, group)
+                x86::dot_int4_avx512(row, &p.x, &scales[r * gpr..(r + 1) * gpr], z, group)
             }
             x86::PackedKind::Bf16 => x86::dot_packed_avx512(kind, row, &p.x),
             x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => x86::dot_packed_avx512(kind, row, &p.x) * s[r],

@@ -269,74 +269,67 @@ fn tile_kmajor<const NT: usize>(wt: &[f32], x: &[f32], k: usize) -> [[f32; 32]; 
 // 32 elements (16 even, then 16 odd), so the low nibbles of 16 bytes meet one vector and the high nibbles the
 // next.
 
-/// 16 bytes of INT4 nibbles as two vectors of 16 f32 nibble values (low nibbles, high nibbles): one widening
-/// to 32-bit lanes, then a mask and a shift (a byte's high nibble is its 32-bit lane shifted right by 4).
+/// The 16 values of a group's nibbles, `(n - z) * s` for n = 0..15, computed as the reference does (the
+/// difference is exact in f32, then one rounded product): `_mm512_permutexvar_ps` with the nibbles as
+/// indices then yields dequantized weights directly, with no int-to-float conversion and no zero-point term.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn int4_lut_avx512(scale: f32, zero: f32) -> __m512 {
+    let iota = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale))
+}
+
+/// 16 bytes of INT4 nibbles as two vectors of 16 dequantized weights (low nibbles, high nibbles): one
+/// widening to 32-bit lanes, then the group's table looked up by each lane's low 4 bits (the permute ignores
+/// the higher bits, so the low nibble needs no mask; the high nibble is the lane shifted right by 4).
 #[inline(always)]
-fn nibbles_avx512(p: *const u8) -> (__m512, __m512) {
+fn nibbles_lut_avx512(p: *const u8, lut: __m512) -> (__m512, __m512) {
     // SAFETY: callers pass a pointer with 16 readable bytes; the feature is enabled by every caller.
     unsafe {
         let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
-        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        (lo, hi)
+        (_mm512_permutexvar_ps(v, lut), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut))
     }
 }
 
 /// INT4 row · de-interleaved x (`cols = xd.len()`, a multiple of 32; groups of `group` columns, the last one
-/// possibly shorter): per group, four independent partial sums of nibble x activation (two 32-element chunks
-/// per step, so FMAs do not wait on each other), scaled once per group; the zero point through the group's
-/// activation sum, as in the portable kernel: sum_g s_g * (sum n x - z_g * sum x).
+/// possibly shorter): weights dequantized through the group's table ([`int4_lut_avx512`]), four independent
+/// accumulators over 64 columns per step so that FMAs do not wait on each other.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) fn dot_int4_avx512(
-    row: &[u8],
-    xd: &[f32],
-    gsum: &[f32],
-    scales: &[half::f16],
-    zeros: Option<&[u8]>,
-    group: usize,
-) -> f32 {
+pub(crate) fn dot_int4_avx512(row: &[u8], xd: &[f32], scales: &[half::f16], zeros: Option<&[u8]>, group: usize) -> f32 {
     let cols = xd.len();
     assert!(
         cols.is_multiple_of(32)
             && row.len() * 2 >= cols
             && scales.len() == cols.div_ceil(group)
-            && gsum.len() >= scales.len()
             && zeros.is_none_or(|z| z.len() == scales.len()),
         "dot_int4 shapes"
     );
     let (rp, xp) = (row.as_ptr(), xd.as_ptr());
-    let mut acc = _mm512_setzero_ps();
-    let mut zero_part = 0.0f32;
+    let mut acc = [_mm512_setzero_ps(); 4];
     for (g, s16) in scales.iter().enumerate() {
+        let lut = int4_lut_avx512(f16_bits_to_f32(s16.to_bits()), zeros.map_or(8.0, |z| z[g] as f32));
         let (c0, c1) = (g * group, ((g + 1) * group).min(cols));
-        let (mut s0, mut s1, mut s2, mut s3) =
-            (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
         let mut c = c0;
-        // SAFETY: c + 64 <= c1 <= cols: bytes c/2 .. c/2 + 32 lie in the row, floats c .. c + 64 in xd.
+        // SAFETY: c + 64 (or + 32) <= c1 <= cols: bytes c/2 .. lie in the row, floats c .. in xd.
         unsafe {
             while c + 64 <= c1 {
-                let (lo0, hi0) = nibbles_avx512(rp.add(c / 2));
-                let (lo1, hi1) = nibbles_avx512(rp.add(c / 2 + 16));
-                s0 = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), s0);
-                s1 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), s1);
-                s2 = _mm512_fmadd_ps(lo1, _mm512_loadu_ps(xp.add(c + 32)), s2);
-                s3 = _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xp.add(c + 48)), s3);
+                let (lo0, hi0) = nibbles_lut_avx512(rp.add(c / 2), lut);
+                let (lo1, hi1) = nibbles_lut_avx512(rp.add(c / 2 + 16), lut);
+                acc[0] = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), acc[1]);
+                acc[2] = _mm512_fmadd_ps(lo1, _mm512_loadu_ps(xp.add(c + 32)), acc[2]);
+                acc[3] = _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xp.add(c + 48)), acc[3]);
                 c += 64;
             }
             if c < c1 {
                 // A last 32-column chunk (group 32, or a short final group).
-                let (lo0, hi0) = nibbles_avx512(rp.add(c / 2));
-                s0 = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), s0);
-                s1 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), s1);
+                let (lo0, hi0) = nibbles_lut_avx512(rp.add(c / 2), lut);
+                acc[0] = _mm512_fmadd_ps(lo0, _mm512_loadu_ps(xp.add(c)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xp.add(c + 16)), acc[1]);
             }
         }
-        let scale = f16_bits_to_f32(s16.to_bits());
-        let s = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(scale), s, acc);
-        let z = zeros.map_or(8.0, |z| z[g] as f32);
-        zero_part += scale * z * gsum[g];
     }
-    _mm512_reduce_add_ps(acc) - zero_part
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
 }
 
 /// Which packed format [`rows_multi_avx512`] decodes, with the per-row data it needs.
@@ -476,15 +469,13 @@ pub(crate) fn rows_multi_avx512<const NT: usize>(
                 let gpr = cols.div_ceil(group);
                 for g in 0..gpr {
                     let i = (r0 + r) * gpr + g;
-                    let s = f16_bits_to_f32(scales[i].to_bits());
-                    let z = zeros.map_or(8.0, |z| z[i] as f32);
-                    let (sv, zs) = (_mm512_set1_ps(s), _mm512_set1_ps(-z * s));
+                    let lut = int4_lut_avx512(f16_bits_to_f32(scales[i].to_bits()), zeros.map_or(8.0, |z| z[i] as f32));
                     let c1 = ((g + 1) * group).min(cols);
                     for c in (g * group..c1).step_by(32) {
-                        // (n - z) * s as n * s + (-z s); 16 bytes at c / 2 lie in the row (c + 32 <= cols).
-                        let (lo, hi) = nibbles_avx512(rp.wrapping_add(c / 2));
-                        fma_all!(_mm512_fmadd_ps(lo, sv, zs), c);
-                        fma_all!(_mm512_fmadd_ps(hi, sv, zs), c + 16);
+                        // 16 bytes at c / 2 lie in the row (c + 32 <= cols).
+                        let (lo, hi) = nibbles_lut_avx512(rp.wrapping_add(c / 2), lut);
+                        fma_all!(lo, c);
+                        fma_all!(hi, c + 16);
                     }
                 }
             }
