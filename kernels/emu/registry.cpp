@@ -5,10 +5,12 @@
 
 #include "../attention/attn_decode.cu"
 #include "../attention/kv_append.cu"
+#include "../common/elementwise.cu"
 #include "../common/layers.cu"
 #include "../common/sampling.cu"
 #include "../common/selftest.cu"
 #include "../gemv/gemv_fp8.cu"
+#include "../gemv/gemv_half.cu"
 #include "../gemv/gemv_int4.cu"
 #include "../gemv/gemv_int8.cu"
 #include "../quant/act_quant_fp8.cu"
@@ -53,6 +55,20 @@ const KernelEntry kKernels[] = {
     QF_EMU_KERNEL(gemv_int4_f16_bt8),
     QF_EMU_KERNEL(gemv_int4_bf16_bt1),
     QF_EMU_KERNEL(gemv_int4_bf16_bt8),
+    QF_EMU_KERNEL(add_f16),
+    QF_EMU_KERNEL(swiglu_split_f16),
+    QF_EMU_KERNEL(rope_table_f16),
+    QF_EMU_KERNEL(add_bf16),
+    QF_EMU_KERNEL(swiglu_split_bf16),
+    QF_EMU_KERNEL(rope_table_bf16),
+    QF_EMU_KERNEL(gemv_f16w_f16_bt1),
+    QF_EMU_KERNEL(gemv_f16w_f16_bt8),
+    QF_EMU_KERNEL(gemv_f16w_bf16_bt1),
+    QF_EMU_KERNEL(gemv_f16w_bf16_bt8),
+    QF_EMU_KERNEL(gemv_bf16w_f16_bt1),
+    QF_EMU_KERNEL(gemv_bf16w_f16_bt8),
+    QF_EMU_KERNEL(gemv_bf16w_bf16_bt1),
+    QF_EMU_KERNEL(gemv_bf16w_bf16_bt8),
 };
 const size_t kKernelCount = sizeof(kKernels) / sizeof(kKernels[0]);
 }  // namespace qf_emu

@@ -5,8 +5,8 @@
 use crate::error::Result;
 use crate::launch::{DeviceBuffer, Launch};
 
-pub trait Device {
-    type Buffer: DeviceBuffer;
+pub trait Device: Send + Sync {
+    type Buffer: DeviceBuffer + Send + Sync;
     /// Short name for messages ("emu", "cuda").
     fn name(&self) -> &'static str;
     /// A new buffer holding a copy of `data`.
@@ -14,6 +14,11 @@ pub trait Device {
     /// A new buffer of `len` bytes, all 0xFF (NaN in every float format we use), so unwritten outputs show.
     fn poisoned(&self, len: usize) -> Result<Self::Buffer> {
         self.upload(&vec![0xFF; len])
+    }
+    /// A new buffer of `len` bytes whose contents the caller will write before reading: poisoned on the
+    /// emulator (so a read of an unwritten byte shows as NaN), zeroed on a GPU (no host staging copy).
+    fn alloc(&self, len: usize) -> Result<Self::Buffer> {
+        self.poisoned(len)
     }
     /// The buffer's contents (waits for launched work).
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>>;
@@ -50,6 +55,9 @@ impl Device for crate::cuda::CudaRunner {
     }
     fn upload(&self, data: &[u8]) -> Result<Self::Buffer> {
         crate::cuda::CudaRunner::upload(self, data)
+    }
+    fn alloc(&self, len: usize) -> Result<Self::Buffer> {
+        crate::cuda::CudaRunner::alloc(self, len)
     }
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<u8>> {
         crate::cuda::CudaRunner::download(self, buf)

@@ -71,6 +71,15 @@ impl EmuBuffer {
     }
 }
 
+// SAFETY: the buffer exclusively owns its allocation (no aliasing handle exists), so moving it to another
+// thread is sound. Sharing `&EmuBuffer` across threads exposes only reads on the Rust side; kernels write
+// through its address as a device writes to device memory, and launches are synchronous: like a GPU
+// allocation, concurrent launches writing one buffer are the caller's race to avoid (the engine writes
+// activations and caches only through `&mut`).
+unsafe impl Send for EmuBuffer {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for EmuBuffer {}
+
 impl DeviceBuffer for EmuBuffer {
     fn device_addr(&self) -> u64 {
         self.base as u64 + GUARD as u64

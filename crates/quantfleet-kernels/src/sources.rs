@@ -60,6 +60,25 @@ pub const MODULES: &[KernelModule] = &[
         ["gemv_int4_f16_bt1", "gemv_int4_f16_bt8", "gemv_int4_bf16_bt1", "gemv_int4_bf16_bt8"]
     ),
     module!(
+        "gemv_half",
+        "gemv/gemv_half.cu",
+        [
+            "gemv_f16w_f16_bt1",
+            "gemv_f16w_f16_bt8",
+            "gemv_f16w_bf16_bt1",
+            "gemv_f16w_bf16_bt8",
+            "gemv_bf16w_f16_bt1",
+            "gemv_bf16w_f16_bt8",
+            "gemv_bf16w_bf16_bt1",
+            "gemv_bf16w_bf16_bt8"
+        ]
+    ),
+    module!(
+        "elementwise",
+        "common/elementwise.cu",
+        ["add_f16", "add_bf16", "swiglu_split_f16", "swiglu_split_bf16", "rope_table_f16", "rope_table_bf16"]
+    ),
+    module!(
         "attn_decode",
         "attention/attn_decode.cu",
         [

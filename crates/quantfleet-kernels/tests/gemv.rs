@@ -149,7 +149,25 @@ fn gemv_int4_matches_reference<D: Device>(dev: &D) {
     }
 }
 
+fn gemv_half_matches_reference<D: Device>(dev: &D) {
+    // 16-bit weights: rows of 2K bytes start at every 2-byte alignment, so the head and tail hold whole
+    // elements split across lanes by byte (K = 17 and 5137 end mid-chunk, K = 1025 starts rows misaligned).
+    for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
+        for (wbf16, act) in [(false, Act::F16), (true, Act::F16), (false, Act::Bf16), (true, Act::Bf16)] {
+            let shape = GemvShape { n, k, batch };
+            let wact = if wbf16 { Act::Bf16 } else { Act::F16 };
+            let (w_hat, wbytes) = to_act(wact, &synthetic(30 + i as u64, n * k, 0.05));
+            let (x, xbytes) = to_act(act, &synthetic(130 + i as u64, batch * k, 1.0));
+            let wd = up(dev, &wbytes);
+            let got = run_gemv(dev, GemvWeights::Half { w: &wd, bf16: wbf16 }, act, shape, &xbytes);
+            let (want, budget) = reference(&x, &w_hat, shape);
+            assert_close(&format!("half bf16w={wbf16} {shape:?} {act:?}"), &got, &want, out_eps(act), &budget);
+        }
+    }
+}
+
 device_tests!(
+    gemv_half_matches_reference,
     gemv_fp8_matches_reference,
     gemv_int8_matches_reference,
     gemv_int4_matches_reference,

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
-use quantfleet_kernels::ops::layers::{act_quant_fp8, embedding, rmsnorm, rope, swiglu};
+use quantfleet_kernels::ops::layers::{act_quant_fp8, add, embedding, rmsnorm, rope, rope_table, swiglu, swiglu_split};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
 use quantfleet_quant::{Fp8Format, MatrixRef};
 
@@ -122,7 +122,64 @@ fn embedding_gathers_rows_and_flags_bad_ids<D: Device>(dev: &D) {
     }
 }
 
+fn add_and_swiglu_split_match_reference<D: Device>(dev: &D) {
+    for (i, &(tokens, cols)) in SHAPES.iter().enumerate() {
+        let act = if i % 2 == 0 { Act::F16 } else { Act::Bf16 };
+        let total = tokens * cols;
+        let (a, ab) = to_act(act, &synthetic(1000 + i as u64, total, 2.0));
+        let (b, bb) = to_act(act, &synthetic(1100 + i as u64, total, 2.0));
+        let (xd, yd, o) = (up(dev, &ab), up(dev, &bb), out(dev, 2 * total));
+        run(dev, swiglu_split(act, total, &xd, &yd, &o).unwrap());
+        let got = from_act(act, &fetch(dev, &o, "out"));
+        let want: Vec<f64> =
+            a.iter().zip(&b).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
+        let budget: Vec<f64> = want.iter().map(|w| w.abs() * 1e-6 + 1e-7).collect();
+        assert_close(&format!("swiglu_split {tokens}x{cols} {act:?}"), &got, &want, out_eps(act), &budget);
+        run(dev, add(act, total, &xd, &yd).unwrap());
+        let got = from_act(act, &fetch(dev, &xd, "x"));
+        let want: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 + y as f64).collect();
+        assert_close(&format!("add {tokens}x{cols} {act:?}"), &got, &want, out_eps(act), &vec![0.0; total]);
+    }
+}
+
+fn rope_table_matches_reference<D: Device>(dev: &D) {
+    // Interleaved pairs (2i, 2i + 1) rotated by host angles, as the engine's RopeTable gives them.
+    let (n_heads, head_dim) = (3, 64);
+    let half = head_dim / 2;
+    let positions = [0usize, 1, 17, 1025, 4097];
+    let tokens = positions.len();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &p in &positions {
+        for i in 0..half {
+            let (s, c) = (p as f64 * 10000f64.powf(-((2 * i) as f64) / head_dim as f64)).sin_cos();
+            cos.push(c as f32);
+            sin.push(s as f32);
+        }
+    }
+    for act in [Act::F16, Act::Bf16] {
+        let (x, xb) = to_act(act, &synthetic(1200, tokens * n_heads * head_dim, 1.0));
+        let (xd, cd, sd) = (up(dev, &xb), up(dev, &f32_bytes(&cos)), up(dev, &f32_bytes(&sin)));
+        run(dev, rope_table(act, tokens, n_heads, head_dim, &xd, &cd, &sd).unwrap());
+        let got = from_act(act, &fetch(dev, &xd, "x"));
+        let mut want = vec![0f64; x.len()];
+        for t in 0..tokens {
+            for h in 0..n_heads {
+                for i in 0..half {
+                    let a = (t * n_heads + h) * head_dim + 2 * i;
+                    let (c, s) = (cos[t * half + i] as f64, sin[t * half + i] as f64);
+                    want[a] = x[a] as f64 * c - x[a + 1] as f64 * s;
+                    want[a + 1] = x[a] as f64 * s + x[a + 1] as f64 * c;
+                }
+            }
+        }
+        let budget: Vec<f64> = (0..x.len()).map(|j| (x[j ^ 1].abs() + x[j].abs()) as f64 * 1e-7).collect();
+        assert_close(&format!("rope_table {act:?}"), &got, &want, out_eps(act), &budget);
+    }
+}
+
 device_tests!(
+    add_and_swiglu_split_match_reference,
+    rope_table_matches_reference,
     act_quant_fp8_matches_quantizer_bytes,
     rmsnorm_matches_reference,
     rope_matches_reference,

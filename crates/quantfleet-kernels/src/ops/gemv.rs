@@ -37,6 +37,8 @@ pub enum GemvWeights<'a> {
         zeros: Option<&'a dyn DeviceBuffer>,
         group_size: usize,
     },
+    /// 16-bit weights `[n x k]` (no scales): IEEE half (`bf16: false`) or bfloat16.
+    Half { w: &'a dyn DeviceBuffer, bf16: bool },
 }
 
 fn kernel_name(module: &'static str, fmt: &str, act: Act, batch: usize) -> Result<&'static str> {
@@ -111,6 +113,10 @@ pub fn gemv(
                 crate::KernelArg::U32(group_size.trailing_zeros()),
             ];
             ("gemv_int4", kernel, args)
+        }
+        GemvWeights::Half { w, bf16 } => {
+            let kernel = kernel_name("gemv_half", if bf16 { "bf16w" } else { "f16w" }, act, batch)?;
+            ("gemv_half", kernel, vec![buffer_arg(kernel, "w", w, 2 * n * k)?])
         }
     };
     args.extend(tail);

@@ -152,3 +152,71 @@ pub fn embedding(
     ];
     Ok(Launch { module: "layers", kernel, config: per_token(t, 128), args })
 }
+
+/// Grid of a grid-stride element-wise launch over `total` elements: enough blocks to fill a large GPU.
+fn elementwise_config(kernel: &'static str, total: usize) -> Result<LaunchConfig> {
+    if total == 0 {
+        return Err(KernelError::InvalidShape { kernel, reason: "no elements".into() });
+    }
+    let grid = blocks(kernel, total as u64, 256)?.min(4096);
+    Ok(LaunchConfig { grid: [grid, 1, 1], block: [256, 1, 1], shared_mem_bytes: 0 })
+}
+
+/// `x[i] += y[i]` for `total` elements (the residual add).
+pub fn add(act: Act, total: usize, x: &dyn DeviceBuffer, y: &dyn DeviceBuffer) -> Result<Launch> {
+    let kernel = name(act, "add_f16", "add_bf16");
+    let config = elementwise_config(kernel, total)?;
+    let args = vec![
+        buffer_arg(kernel, "x", x, 2 * total)?,
+        buffer_arg(kernel, "y", y, 2 * total)?,
+        KernelArg::U64(total as u64),
+    ];
+    Ok(Launch { module: "elementwise", kernel, config, args })
+}
+
+/// `out[i] = silu(gate[i]) * up[i]` for `total` elements (gate and up in separate tensors).
+pub fn swiglu_split(
+    act: Act,
+    total: usize,
+    gate: &dyn DeviceBuffer,
+    up: &dyn DeviceBuffer,
+    out: &dyn DeviceBuffer,
+) -> Result<Launch> {
+    let kernel = name(act, "swiglu_split_f16", "swiglu_split_bf16");
+    let config = elementwise_config(kernel, total)?;
+    let args = vec![
+        buffer_arg(kernel, "gate", gate, 2 * total)?,
+        buffer_arg(kernel, "up", up, 2 * total)?,
+        buffer_arg(kernel, "out", out, 2 * total)?,
+        KernelArg::U64(total as u64),
+    ];
+    Ok(Launch { module: "elementwise", kernel, config, args })
+}
+
+/// Rotary embedding in place on `x: [tokens x n_heads x head_dim]` with interleaved pairs `(2i, 2i+1)` (GGUF's
+/// NORM layout) and host angles: `cos`/`sin` are f32 `[tokens x head_dim/2]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_table(
+    act: Act,
+    tokens: usize,
+    n_heads: usize,
+    head_dim: usize,
+    x: &dyn DeviceBuffer,
+    cos: &dyn DeviceBuffer,
+    sin: &dyn DeviceBuffer,
+) -> Result<Launch> {
+    let kernel = name(act, "rope_table_f16", "rope_table_bf16");
+    let (t, _) = dims(kernel, tokens, n_heads * head_dim)?;
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(KernelError::InvalidShape { kernel, reason: format!("head_dim {head_dim} must be even") });
+    }
+    let half = head_dim / 2;
+    let args = vec![
+        buffer_arg(kernel, "x", x, 2 * tokens * n_heads * head_dim)?,
+        buffer_arg(kernel, "cos", cos, 4 * tokens * half)?,
+        buffer_arg(kernel, "sin", sin, 4 * tokens * half)?,
+        KernelArg::U32(n_heads as u32),
+        KernelArg::U32(half as u32),
+    ];
+    Ok(Launch { module: "elementwise", kernel, config: per_token(t, 128), args })
+}
