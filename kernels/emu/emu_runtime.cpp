@@ -1,14 +1,71 @@
 // The fiber scheduler behind cuda_emu.h: runs a kernel's blocks one after another, each block's threads as
-// ucontext fibers, and implements __syncthreads and the warp collectives by parking fibers until their peers
+// fibers, and implements __syncthreads and the warp collectives by parking fibers until their peers
 // arrive. Errors (unknown kernel, wrong argument sizes, divergent collectives, deadlocks) are returned to
 // Rust as a message, never by aborting the process.
 #include <ucontext.h>
+
+#include <cstdint>
 
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "emu_registry.h"
+
+// Fiber context switches. glibc's swapcontext makes a sigprocmask system call on every switch, and a
+// full-size launch (an LM head of 49152 rows is 1.5 M threads, each parking at every warp shuffle) switches
+// tens of millions of times; on x86-64 a switch is instead six callee-saved registers and the stack pointer
+// (the System V ABI's preserved state besides the FP control words, which kernels never change).
+#if defined(__x86_64__)
+extern "C" void qf_emu_switch(void **save_sp, void *load_sp);
+asm(R"(
+    .text
+    .globl qf_emu_switch
+    .type qf_emu_switch, @function
+qf_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size qf_emu_switch, .-qf_emu_switch
+)");
+struct Context {
+    void *sp = nullptr;
+};
+inline void ctx_switch(Context &save, Context &load) { qf_emu_switch(&save.sp, load.sp); }
+// A context that starts `entry` on `stack` (which must never return).
+inline void ctx_make(Context &c, char *stack, size_t size, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+    auto *slot = reinterpret_cast<void **>(top);
+    *--slot = nullptr;                                // fake return address: entry sees a call-aligned stack
+    *--slot = reinterpret_cast<void *>(entry);        // where qf_emu_switch's `ret` goes
+    for (int i = 0; i < 6; ++i) *--slot = nullptr;    // rbp, rbx, r12-r15
+    c.sp = slot;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void ctx_switch(Context &save, Context &load) { swapcontext(&save.uc, &load.uc); }
+inline void ctx_make(Context &c, char *stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
 
 namespace qf_emu {
 thread_local ThreadCoords g_coords;
@@ -19,7 +76,7 @@ constexpr size_t kStackBytes = 64 * 1024;  // kernels keep a few dozen scalars p
 enum class State { Runnable, AtBarrier, AtWarp, Done };
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     State state = State::Runnable;
     uint64_t result = 0;  // payload handed back by the last warp collective
     dim3 idx;
@@ -35,7 +92,7 @@ struct WarpSlot {
 };
 
 struct Block {
-    ucontext_t sched;
+    Context sched;
     std::vector<Fiber> fibers;
     std::vector<WarpSlot> warps;
     size_t current = 0;
@@ -49,18 +106,18 @@ thread_local std::unique_ptr<char[]> g_stacks;
 thread_local size_t g_stack_fibers = 0;
 thread_local std::vector<unsigned char> g_dyn_smem;
 
-void fiber_main() {
-    Block *b = g_block;
-    b->entry(b->params);
-    b->fibers[b->current].state = State::Done;
-    // Returning resumes uc_link, the scheduler.
-}
-
 void park(State s) {
     Block *b = g_block;
     Fiber &f = b->fibers[b->current];
     f.state = s;
-    swapcontext(&f.ctx, &b->sched);
+    ctx_switch(f.ctx, b->sched);
+}
+
+// A fiber's whole life: the kernel body, then back to the scheduler for good (it is never resumed).
+void fiber_main() {
+    Block *b = g_block;
+    b->entry(b->params);
+    for (;;) park(State::Done);
 }
 
 [[noreturn]] void fail(std::string msg) {
@@ -166,11 +223,7 @@ std::string run_block(Block &b, dim3 block_idx, dim3 grid, dim3 bdim, size_t sme
         f.result = 0;
         f.idx = dim3(static_cast<unsigned>(i % bdim.x), static_cast<unsigned>(i / bdim.x % bdim.y),
                      static_cast<unsigned>(i / (bdim.x * bdim.y)));
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = g_stacks.get() + i * kStackBytes;
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = &b.sched;
-        makecontext(&f.ctx, fiber_main, 0);
+        ctx_make(f.ctx, g_stacks.get() + i * kStackBytes, kStackBytes, fiber_main);
     }
     for (;;) {
         bool ran = false;
@@ -179,7 +232,7 @@ std::string run_block(Block &b, dim3 block_idx, dim3 grid, dim3 bdim, size_t sme
             ran = true;
             b.current = i;
             g_coords = ThreadCoords{b.fibers[i].idx, block_idx, bdim, grid};
-            swapcontext(&b.sched, &b.fibers[i].ctx);
+            ctx_switch(b.sched, b.fibers[i].ctx);
             if (!b.error.empty()) return b.error;
         }
         if (ran) continue;
