@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # NVRTC compile check of every CUDA kernel for sm_80, sm_89 and sm_90, with a registers/spills/smem report.
 # No GPU or CUDA toolkit needed: libnvrtc comes from NVIDIA's PyPI wheel, installed once into a venv under
-# $QUANTFLEET_CACHE/cuda and reused. Also lints and builds the `cuda` feature of quantfleet-kernels, which
-# the default workspace build leaves off. Fails when a kernel does not compile or spills unjustified.
+# $QUANTFLEET_CACHE/cuda and reused. Also lints the `cuda` feature (off in the default workspace build) of
+# quantfleet-kernels, the engine's CUDA backend, the node and the CLI, with no driver installed. Fails when a kernel does not compile or spills unjustified.
 # Usage: scripts/cuda-compile-check.sh [sm_80,sm_89,sm_90]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,8 @@ fi
 NVRTC_LIB="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')"
 [ -e "$NVRTC_LIB/libnvrtc.so.13" ] || { echo "libnvrtc.so.13 not found in $NVRTC_LIB" >&2; exit 1; }
 
-cargo clippy --locked -p quantfleet-kernels --features cuda --all-targets -- -D warnings
+cargo clippy --locked -p quantfleet-kernels -p quantfleet-engine -p quantfleet-node -p quantfleet --features cuda \
+    --all-targets -- -D warnings
 cargo build --locked -p quantfleet-kernels --features cuda --bin quantfleet-kernel-check
 BIN="${CARGO_TARGET_DIR:-target}/debug/quantfleet-kernel-check"
 export LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

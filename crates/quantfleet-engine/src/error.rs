@@ -65,6 +65,9 @@ pub enum EngineError {
     KvBudgetExhausted { needed_blocks: usize, free_blocks: usize, total_blocks: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A GPU device or driver call failed (the CUDA backend).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

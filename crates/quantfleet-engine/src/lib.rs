@@ -1,9 +1,10 @@
 //! Quantfleet's inference engine: loads GGUF models, tokenizes with the model's own vocabulary, runs the llama
-//! forward pass with a block KV cache through a `Backend` (CPU now, CUDA later), and samples or scores tokens.
+//! forward pass with a block KV cache through a `Backend` (CPU, or CUDA in `cuda`), and samples or scores tokens.
 
 pub mod backend;
 pub mod chat;
 pub mod cpu;
+pub mod cuda;
 pub mod dtype;
 pub mod engine;
 pub mod error;

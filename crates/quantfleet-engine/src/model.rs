@@ -126,7 +126,7 @@ pub struct Llama<B: Backend> {
     pub(crate) tok_embd: B::Matrix,
     /// `None`: tied to the embedding (SmolLM2).
     pub(crate) output: Option<B::Matrix>,
-    output_norm: B::Vector,
+    pub(crate) output_norm: B::Vector,
     pub(crate) layers: Vec<Layer<B>>,
 }
 

@@ -131,8 +131,7 @@ fn add_and_swiglu_split_match_reference<D: Device>(dev: &D) {
         let (xd, yd, o) = (up(dev, &ab), up(dev, &bb), out(dev, 2 * total));
         run(dev, swiglu_split(act, total, &xd, &yd, &o).unwrap());
         let got = from_act(act, &fetch(dev, &o, "out"));
-        let want: Vec<f64> =
-            a.iter().zip(&b).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
         let budget: Vec<f64> = want.iter().map(|w| w.abs() * 1e-6 + 1e-7).collect();
         assert_close(&format!("swiglu_split {tokens}x{cols} {act:?}"), &got, &want, out_eps(act), &budget);
         run(dev, add(act, total, &xd, &yd).unwrap());

@@ -75,6 +75,19 @@ pub struct NodeArgs {
     /// exercise the numerical-fault guard end to end. Never set in production.
     #[arg(long, hide = true)]
     pub fault_injection_marker: Option<String>,
+    /// Compute backend: `auto` serves on the CUDA GPU when a driver and a device are present (builds with the
+    /// `cuda` feature) and otherwise on the CPU, logging why; `cuda` fails start-up when the GPU cannot serve.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+}
+
+/// Which compute backend the node serves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 /// A configuration error, naming the field (config path or flag) at fault.
@@ -111,6 +124,7 @@ pub struct NodeSettings {
     pub fault_threshold: u32,
     pub ready_file: Option<PathBuf>,
     pub fault_injection_marker: Option<String>,
+    pub backend: BackendChoice,
 }
 
 pub const DEFAULT_KV_BUDGET_BYTES: u64 = 256 << 20;
@@ -258,6 +272,7 @@ impl NodeSettings {
             fault_threshold: args.fault_threshold.max(1),
             ready_file: args.ready_file.clone(),
             fault_injection_marker: args.fault_injection_marker.clone().filter(|m| !m.is_empty()),
+            backend: args.backend,
         })
     }
 }

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use quantfleet_engine::cpu::CpuBackend;
 use quantfleet_engine::tier::LoadOptions;
 use quantfleet_engine::{Engine, backend::Backend};
 use quantfleet_proto::INFERENCE_SERVICE_NAME;
@@ -59,11 +58,92 @@ fn check_architecture(
     Ok(())
 }
 
-/// Loads the model and builds everything the engine loop and ModelInfo need.
-fn load(s: &config::NodeSettings, metrics: &Arc<Metrics>) -> Result<(Arc<Engine<CpuBackend>>, EngineParts)> {
+/// The compute backend chosen at start-up (before the model loads).
+enum Chosen {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<quantfleet_engine::cuda::driver::CudaBackend>),
+}
+
+/// Picks the backend for `--backend`: `cuda` must get a usable GPU or start-up fails; `auto` falls back to
+/// the CPU with a log line giving the reason. The driver probe never panics (no libcuda is a typed error).
+fn choose_backend(choice: config::BackendChoice) -> Result<Chosen> {
+    use config::BackendChoice;
+    if choice == BackendChoice::Cpu {
+        tracing::info!("serving on the CPU backend (--backend cpu)");
+        return Ok(Chosen::Cpu);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let cache = std::env::var_os("QUANTFLEET_CACHE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/quantfleet")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("ptx");
+        match quantfleet_engine::cuda::driver::open(0, &cache) {
+            Ok(b) => {
+                tracing::info!(backend = %b.name(), ptx_cache = %cache.display(), "serving on the CUDA backend");
+                Ok(Chosen::Cuda(Box::new(b)))
+            }
+            Err(e) if choice == BackendChoice::Auto => {
+                tracing::info!(reason = %e, "no usable CUDA GPU: serving on the CPU backend");
+                Ok(Chosen::Cpu)
+            }
+            Err(e) => bail!("--backend cuda: the CUDA backend cannot serve here: {e}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        if choice == BackendChoice::Cuda {
+            bail!("--backend cuda: this build has no CUDA backend (the `cuda` cargo feature is off)");
+        }
+        tracing::info!("serving on the CPU backend: this build has no CUDA backend (the `cuda` cargo feature is off)");
+        Ok(Chosen::Cpu)
+    }
+}
+
+/// Starts the engine loop (generic over the backend) on its own thread.
+type StartLoop = Box<dyn FnOnce(Arc<Scheduler>, Arc<Metrics>) -> std::io::Result<std::thread::JoinHandle<()>> + Send>;
+
+/// The model loaded on its backend, and everything the engine loop and ModelInfo need.
+struct Loaded {
+    engine: Arc<dyn service::HasTokenizer>,
+    info: pb::ModelInfoResponse,
+    context: usize,
+    eos: Vec<u32>,
+    start: StartLoop,
+}
+
+/// Loads the model at its tier on the chosen backend.
+fn load(s: &config::NodeSettings, chosen: Chosen, metrics: &Arc<Metrics>) -> Result<Loaded> {
     let started = Instant::now();
-    let engine = Engine::open_cpu_tier(&s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
-        .with_context(|| format!("loading {} at tier {}", s.model_path.display(), s.tier.name))?;
+    let what = || format!("loading {} at tier {}", s.model_path.display(), s.tier.name);
+    match chosen {
+        Chosen::Cpu => {
+            let engine = Engine::open_cpu_tier(&s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
+                .with_context(what)?;
+            finish(engine, s, metrics, started)
+        }
+        #[cfg(feature = "cuda")]
+        Chosen::Cuda(backend) => {
+            let engine =
+                Engine::open_gpu_tier(*backend, &s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
+                    .with_context(what)?;
+            finish(engine, s, metrics, started)
+        }
+    }
+}
+
+/// Builds ModelInfo and the KV cache for a loaded engine.
+fn finish<B: Backend + 'static>(
+    engine: Engine<B>,
+    s: &config::NodeSettings,
+    metrics: &Arc<Metrics>,
+    started: Instant,
+) -> Result<Loaded>
+where
+    Engine<B>: Send + Sync,
+{
     let report = engine.tier.clone().context("the engine did not report the tier it loaded")?;
     let c = &engine.model.config;
     if let Some(a) = &s.architecture {
@@ -114,25 +194,18 @@ fn load(s: &config::NodeSettings, metrics: &Arc<Metrics>) -> Result<(Arc<Engine<
         seconds = started.elapsed().as_secs_f64(),
         "model loaded at its tier"
     );
-    log_accelerator(&backend);
     let engine = Arc::new(engine);
-    Ok((engine, EngineParts { kv, info, context, eos }))
-}
-
-/// Says which backend serves and why (this build has no CUDA backend: the CPU serves even with a driver).
-fn log_accelerator(backend: &str) {
-    tracing::info!(backend, "serving on the CPU backend (the CUDA backend is not part of this build)");
-}
-
-struct EngineParts {
-    kv: quantfleet_engine::kv_cache::KvCache<CpuBackend>,
-    info: pb::ModelInfoResponse,
-    context: usize,
-    eos: Vec<u32>,
+    let (loop_engine, max_batch, loop_eos) = (engine.clone(), s.max_batch, eos.clone());
+    let start: StartLoop = Box::new(move |sched, metrics| {
+        let engine_loop = EngineLoop { engine: loop_engine, kv, max_batch, eos: loop_eos, sched, metrics };
+        std::thread::Builder::new().name("engine".into()).spawn(move || engine_loop.run())
+    });
+    Ok(Loaded { engine, info, context, eos, start })
 }
 
 /// Runs the node until SIGTERM/SIGINT and the drain complete.
 pub async fn run(s: NodeSettings) -> Result<()> {
+    let chosen = choose_backend(s.backend)?;
     let metrics = Metrics::new(&s.model_name, &s.tier.name);
     let grpc =
         tokio::net::TcpListener::bind(s.grpc_addr).await.with_context(|| format!("--port: binding {}", s.grpc_addr))?;
@@ -175,7 +248,7 @@ pub async fn run(s: NodeSettings) -> Result<()> {
     let mut signals = Signals::new()?;
     let load_settings = s.clone();
     let load_metrics = metrics.clone();
-    let loading = tokio::task::spawn_blocking(move || load(&load_settings, &load_metrics));
+    let loading = tokio::task::spawn_blocking(move || load(&load_settings, chosen, &load_metrics));
     let loaded = tokio::select! {
         r = loading => r.context("the loader thread panicked")??,
         sig = signals.recv() => {
@@ -183,7 +256,6 @@ pub async fn run(s: NodeSettings) -> Result<()> {
             return Ok(());
         }
     };
-    let (engine, parts) = loaded;
 
     let handle = tokio::runtime::Handle::current();
     let (fault_reporter, fault_metrics, threshold) = (reporter.clone(), metrics.clone(), s.fault_threshold);
@@ -197,16 +269,15 @@ pub async fn run(s: NodeSettings) -> Result<()> {
             handle.spawn(async move { set_health(&r, &m, ServingStatus::NotServing).await });
         }),
     );
-    let engine_loop = EngineLoop {
-        engine: engine.clone(),
-        kv: parts.kv,
-        max_batch: s.max_batch,
-        eos: parts.eos.clone(),
+    let engine_thread = (loaded.start)(sched.clone(), metrics.clone())?;
+    let ready_state = Ready {
+        engine: loaded.engine,
         sched: sched.clone(),
-        metrics: metrics.clone(),
+        info: loaded.info,
+        context: loaded.context,
+        eos: loaded.eos,
     };
-    let engine_thread = std::thread::Builder::new().name("engine".into()).spawn(move || engine_loop.run())?;
-    let _ = ready.set(Ready { engine, sched: sched.clone(), info: parts.info, context: parts.context, eos: parts.eos });
+    let _ = ready.set(ready_state);
     phase.store(Phase::Serving as u8, Relaxed);
     set_health(&reporter, &metrics, ServingStatus::Serving).await;
     tracing::info!("serving");

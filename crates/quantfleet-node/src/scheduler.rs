@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use quantfleet_engine::cpu::CpuBackend;
+use quantfleet_engine::backend::Backend;
 use quantfleet_engine::kv_cache::{KvCache, SeqKv};
 use quantfleet_engine::sampler::{Sampler, SamplingParams, logsumexp, top_logprobs};
 use quantfleet_engine::{BatchEntry, Engine, Logits};
@@ -223,9 +223,9 @@ enum StepEnd {
     Failed(Status),
 }
 
-pub struct EngineLoop {
-    pub engine: Arc<Engine<CpuBackend>>,
-    pub kv: KvCache<CpuBackend>,
+pub struct EngineLoop<B: Backend> {
+    pub engine: Arc<Engine<B>>,
+    pub kv: KvCache<B>,
     pub max_batch: usize,
     pub eos: Vec<u32>,
     pub sched: Arc<Scheduler>,
@@ -236,7 +236,7 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
 
-impl EngineLoop {
+impl<B: Backend> EngineLoop<B> {
     /// Runs until aborted, or closed with nothing left in flight.
     pub fn run(mut self) {
         let mut running: Vec<Running> = Vec::new();
@@ -368,7 +368,7 @@ impl EngineLoop {
         score
     }
 
-    fn score(&mut self, ws: &mut quantfleet_engine::model::Workspace<CpuBackend>, job: ScoreJob) {
+    fn score(&mut self, ws: &mut quantfleet_engine::model::Workspace<B>, job: ScoreJob) {
         let all: Vec<u32> = job.prompt.iter().chain(&job.continuation).copied().collect();
         let mut seq = SeqKv::default();
         let mut logits = Vec::new();
@@ -420,7 +420,7 @@ impl EngineLoop {
 
     fn step(
         &mut self,
-        ws: &mut quantfleet_engine::model::Workspace<CpuBackend>,
+        ws: &mut quantfleet_engine::model::Workspace<B>,
         running: &mut Vec<Running>,
         logits: &mut Vec<f32>,
     ) {

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use quantfleet_engine::Engine;
+use quantfleet_engine::backend::Backend;
 use quantfleet_engine::chat::ChatMessage;
-use quantfleet_engine::cpu::CpuBackend;
 use quantfleet_engine::sampler::SamplingParams;
+use quantfleet_engine::tokenizer::Tokenizer;
 use quantfleet_proto::v1::{self as pb, inference_server::Inference};
 use quantfleet_proto::{REQUEST_ID_METADATA, RETRY_AFTER_MS_METADATA};
 use tokio::sync::{mpsc, oneshot};
@@ -32,9 +33,24 @@ pub enum Phase {
     Draining = 2,
 }
 
+/// An engine on any backend, seen through its tokenizer.
+pub trait HasTokenizer: Send + Sync {
+    fn tokenizer(&self) -> &Tokenizer;
+}
+
+impl<B: Backend> HasTokenizer for Engine<B>
+where
+    Engine<B>: Send + Sync,
+{
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
 /// What the service needs once the model is loaded.
 pub struct Ready {
-    pub engine: Arc<Engine<CpuBackend>>,
+    /// The loaded engine, whichever backend serves it (the service needs only its tokenizer).
+    pub engine: Arc<dyn HasTokenizer>,
     pub sched: Arc<Scheduler>,
     pub info: pb::ModelInfoResponse,
     pub context: usize,
@@ -108,7 +124,7 @@ impl NodeService {
     /// Tokenizes a prompt; returns the ids and the text it was made from (for fault injection), if any.
     fn prompt(&self, r: &Ready, p: Option<pb::Prompt>) -> Result<(Vec<u32>, String), Status> {
         let kind = p.and_then(|p| p.kind).ok_or_else(|| invalid("prompt: required (text, tokens or chat)"))?;
-        let tok = &r.engine.tokenizer;
+        let tok = &r.engine.tokenizer();
         let (ids, text) = match kind {
             pb::prompt::Kind::Text(t) => (tok.encode(&t).map_err(|e| invalid(format!("prompt.text: {e}")))?, t),
             pb::prompt::Kind::Tokens(t) => {
@@ -281,7 +297,7 @@ impl Inference for NodeService {
             let (prompt, text) = self.prompt(r, req.prompt)?;
             let continuation = match req.continuation.and_then(|c| c.kind) {
                 Some(pb::continuation::Kind::Text(t)) => {
-                    r.engine.tokenizer.encode(&t).map_err(|e| invalid(format!("continuation.text: {e}")))?
+                    r.engine.tokenizer().encode(&t).map_err(|e| invalid(format!("continuation.text: {e}")))?
                 }
                 Some(pb::continuation::Kind::Tokens(t)) => t.ids,
                 None => return Err(invalid("continuation: required (text or tokens)")),

@@ -500,3 +500,62 @@ fn configuration_errors_name_the_field_before_loading() {
     assert!(err.contains("--weights") && err.contains("int3"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--backend`: this machine has no NVIDIA driver, so `auto` serves on the CPU (ModelInfo says so, and the log
+/// gives the reason) and `cuda` is a start-up error before anything listens. With the `cuda` feature the
+/// reason comes from the real driver probe (no libcuda); without it, from the build.
+#[test]
+fn backend_auto_falls_back_to_the_cpu_and_cuda_without_a_gpu_fails_at_start_up() {
+    let dir = std::env::temp_dir().join(format!("qf-node-backend-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = TempDir(dir.clone());
+    let model = model_path();
+    let (ready, log) = (dir.join("ready.json"), dir.join("node.log"));
+    let args = |backend: &str| {
+        let mut a: Vec<String> = ["node", "--backend", backend, "--model"].map(String::from).to_vec();
+        a.push(model.display().to_string());
+        for x in ["--tier", "bf16", "--weights", "bf16", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"] {
+            a.push(x.into());
+        }
+        a.extend(["--ready-file".into(), ready.display().to_string()]);
+        a
+    };
+    let no_gpu = if cfg!(feature = "cuda") { "no CUDA driver" } else { "the `cuda` cargo feature is off" };
+
+    let out = Command::new(env!("CARGO_BIN_EXE_quantfleet")).args(args("cuda")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--backend cuda") && err.contains(no_gpu), "{err}");
+    assert!(!ready.exists(), "the node must fail before listening");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+        .args(args("auto"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "node exited: {}", std::fs::read_to_string(&log).unwrap());
+        assert!(t0.elapsed() < Duration::from_secs(60), "node did not listen within 60 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let node = Node {
+        child,
+        grpc: format!("http://{}", v["grpc"].as_str().unwrap()),
+        metrics: String::new(),
+        _dir: TempDir(dir.join("unused")),
+    };
+    rt().block_on(async {
+        let ch = node.channel().await;
+        node.wait_serving(&ch).await;
+        let info = InferenceClient::new(ch).model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert!(info.backend.starts_with("cpu-"), "{}", info.backend);
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("serving on the CPU backend")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(no_gpu), "{line}");
+    drop(node);
+}
