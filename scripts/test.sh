@@ -19,7 +19,7 @@ step "drift checks (crds/ and tests/admission/ must equal what their generators 
 cargo run --quiet --locked -p quantfleet -- crdgen --check  # crds/ and charts/quantfleet/crds/
 python3 tests/admission/generate.py --check
 
-step "CUDA kernels: NVRTC compile check, sm_80/sm_89/sm_90 (the CPU-emulated kernel tests run under cargo test)"
+step "CUDA: NVRTC compile check sm_80/sm_89/sm_90, lints of the cuda feature without a driver (emulated kernel and backend tests run under cargo test)"
 scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
