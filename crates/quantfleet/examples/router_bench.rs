@@ -1,7 +1,12 @@
-//! Router benchmark on loopback with the real model: what the router adds to a request's latency, and what
-//! shadowing costs the primary path.
+//! Router benchmark on loopback: what the router adds to a request's latency, and what shadowing costs the
+//! primary path.
 //!
-//! It starts the local fleet with `quantfleet up --tiers fp8,int4-awq` (the sample policy routes code to fp8
+//! Part 1, overhead: a SYNTHETIC node in this process (real gRPC and health service, answers at once with
+//! fixed tokens) behind a real router process. Requests straight to it and through the router, interleaved,
+//! give the router's own cost without the model's compute noise (milliseconds per request here, more than
+//! the quantity being measured).
+//!
+//! Part 2, the real model: it starts the local fleet with `quantfleet up --tiers fp8,int4-awq` (the sample policy routes code to fp8
 //! and shadows 10% of code to the int4-awq candidate), then a second router over the same two nodes with the
 //! canary off, and sends the same greedy code request, one at a time, in interleaved rounds:
 //!
@@ -50,6 +55,9 @@ struct Args {
     /// Do not pin the nodes to separate cores.
     #[arg(long)]
     no_pin: bool,
+    /// Measured rounds against the instant node (part 1).
+    #[arg(long, default_value_t = 2000)]
+    instant_rounds: usize,
 }
 
 const PROMPT: &str = "Complete this function:\n```python\ndef add(a, b):\n```";
@@ -122,6 +130,185 @@ impl Http {
     }
 }
 
+/// A SYNTHETIC node for part 1: real gRPC (Generate, Score, ModelInfo, grpc.health.v1 SERVING), answering at
+/// once with `max_tokens` fixed tokens, so a request's latency is transport and router only.
+mod instant {
+    use quantfleet_proto::v1::{self as pb, inference_server::Inference};
+    use tonic::{Request, Response, Status};
+
+    pub struct InstantNode;
+
+    #[tonic::async_trait]
+    impl Inference for InstantNode {
+        type GenerateStream = futures::stream::Iter<std::vec::IntoIter<Result<pb::GenerateResponse, Status>>>;
+
+        async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+            let n = req.into_inner().max_tokens.max(1);
+            let tokens = (0..n)
+                .map(|i| pb::GeneratedToken { id: 1000 + i, text: " x".into(), logprob: -0.5, top_logprobs: vec![] })
+                .collect();
+            let summary = pb::GenerateSummary {
+                finish_reason: pb::FinishReason::Length as i32,
+                prompt_tokens: 16,
+                completion_tokens: n,
+                ..Default::default()
+            };
+            let messages = vec![
+                Ok(pb::GenerateResponse { tokens, text: " x".repeat(n as usize), summary: None }),
+                Ok(pb::GenerateResponse { tokens: vec![], text: String::new(), summary: Some(summary) }),
+            ];
+            Ok(Response::new(futures::stream::iter(messages)))
+        }
+
+        async fn score(&self, _: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
+            Err(Status::unimplemented("the instant node does not score"))
+        }
+
+        async fn model_info(
+            &self,
+            _: Request<pb::ModelInfoRequest>,
+        ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+            Ok(Response::new(pb::ModelInfoResponse {
+                model: "smollm2-135m".into(),
+                tier: "fp8".into(),
+                backend: "instant (synthetic)".into(),
+                ..Default::default()
+            }))
+        }
+    }
+}
+
+/// Part 1: the router's own overhead, against the instant node.
+fn instant_overhead(bin: &std::path::Path, args: &Args, run_dir: &std::path::Path) -> Result<()> {
+    use quantfleet_proto::v1::inference_server::InferenceServer;
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?.to_string();
+    server_rt.spawn(async move {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<InferenceServer<instant::InstantNode>>().await;
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(InferenceServer::new(instant::InstantNode))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
+    let config = json!({
+        "listen": "127.0.0.1:0",
+        "policyFile": concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/samples/smollm2-135m.precisionpolicy.yaml"),
+        "endpoints": {"bf16": [], "fp8-kv8": [], "fp8": [addr.clone()], "int4-awq": []},
+        "tokenizer": args.model,
+    });
+    std::fs::create_dir_all(run_dir)?;
+    let config_path = run_dir.join("router-instant.yaml");
+    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+    let mut child = Command::new(bin).arg("router").arg("--config").arg(&config_path).stderr(Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let router = Proc(child);
+    let line = wait_for_line(stderr, "router listening on http://")?;
+    let router_addr = line.split("http://").nth(1).and_then(|s| s.split('/').next()).context("no URL")?.to_owned();
+    // The router marks endpoints healthy on its first health round.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = GrpcClient::new(Duration::from_secs(2), Duration::from_secs(60));
+    let endpoint = Endpoint(addr);
+    let params = generate_params(args.max_tokens);
+    let body = chat_body(args.max_tokens);
+    let mut http = Http::connect(&router_addr)?;
+    let mut series = [Series::new("direct"), Series::new("direct (again)"), Series::new("router")];
+    for round in 0..args.warmup * 10 + args.instant_rounds {
+        for k in 0..series.len() {
+            let s = (round + k) % series.len();
+            let (ms, tokens) = match s {
+                0 | 1 => direct(&runtime, &client, &endpoint, &params)?,
+                _ => routed(&mut http, &body)?,
+            };
+            ensure!(tokens == args.max_tokens, "{}: {tokens} tokens, expected {}", series[s].name, args.max_tokens);
+            if round >= args.warmup * 10 {
+                series[s].ms.push(ms);
+            }
+        }
+    }
+    println!(
+        "part 1: router overhead against an instant node (SYNTHETIC, in-process gRPC), {} tokens, {} rounds, \
+         sequential, loopback",
+        args.max_tokens, args.instant_rounds
+    );
+    print_series(&series);
+    let [d, d2, r] = &series;
+    println!(
+        "noise floor (direct again - direct): p50 {:+.3} ms, p99 {:+.3} ms",
+        d2.p(0.5) - d.p(0.5),
+        d2.p(0.99) - d.p(0.99)
+    );
+    println!(
+        "router overhead (router - direct):   p50 {:+.3} ms, p99 {:+.3} ms   (target p50 < 1 ms)\n",
+        r.p(0.5) - d.p(0.5),
+        r.p(0.99) - d.p(0.99)
+    );
+    drop(router);
+    server_rt.shutdown_background();
+    Ok(())
+}
+
+fn generate_params(max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        prompt: Prompt::Chat(vec![Message { role: "user".into(), content: PROMPT.into() }]),
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: None,
+        stop: vec![],
+        logprobs: false,
+        top_logprobs: 0,
+        request_id: String::new(),
+    }
+}
+
+fn chat_body(max_tokens: u32) -> String {
+    json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens, "temperature": 0})
+    .to_string()
+}
+
+/// One generation straight to the node with the router's own client: (milliseconds, tokens).
+fn direct(
+    runtime: &tokio::runtime::Runtime,
+    client: &GrpcClient,
+    endpoint: &Endpoint,
+    params: &GenerateParams,
+) -> Result<(f64, u32)> {
+    let t0 = Instant::now();
+    let tokens = runtime.block_on(async {
+        let mut stream = client.generate(endpoint, params.clone()).await?;
+        while let Some(ev) = stream.next().await {
+            if let GenerateEvent::Done { completion_tokens, .. } = ev? {
+                return Ok(completion_tokens);
+            }
+        }
+        Err(quantfleet_router::backend::NodeError::Failed("stream ended without Done".into()))
+    })?;
+    Ok((t0.elapsed().as_secs_f64() * 1e3, tokens))
+}
+
+/// One chat completion through a router: (milliseconds, tokens).
+fn routed(http: &mut Http, body: &str) -> Result<(f64, u32)> {
+    let t0 = Instant::now();
+    let (status, v) = http.post("/v1/chat/completions", body)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    ensure!(status == 200, "router answered {status}: {v}");
+    Ok((ms, v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32))
+}
+
+fn print_series(series: &[Series]) {
+    println!("{:<16} {:>9} {:>9} {:>9}", "series", "p50 ms", "p99 ms", "mean ms");
+    for s in series {
+        let mean = s.ms.iter().sum::<f64>() / s.ms.len() as f64;
+        println!("{:<16} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p(0.5), s.p(0.99), mean);
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
@@ -133,6 +320,9 @@ struct Series {
 }
 
 impl Series {
+    fn new(name: &'static str) -> Series {
+        Series { name, ms: vec![] }
+    }
     fn p(&self, q: f64) -> f64 {
         let mut v = self.ms.clone();
         v.sort_by(f64::total_cmp);
@@ -142,12 +332,13 @@ impl Series {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = match args.bin {
+    let bin = match args.bin.clone() {
         Some(b) => b,
         None => std::env::current_exe()?.parent().and_then(|d| d.parent()).context("no parent dir")?.join("quantfleet"),
     };
     ensure!(bin.is_file(), "{} is missing: build it with cargo build --release -p quantfleet", bin.display());
     let run_dir = std::env::temp_dir().join(format!("quantfleet-router-bench-{}", std::process::id()));
+    instant_overhead(&bin, &args, &run_dir)?;
 
     // The fleet: fp8 (primary for code) and int4-awq (its shadow candidate), with the shadowing router.
     eprintln!("starting quantfleet up --tiers fp8,int4-awq (loads and quantizes both tiers) ...");
@@ -198,58 +389,21 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = GrpcClient::new(Duration::from_secs(2), Duration::from_secs(60));
     let endpoint = Endpoint(primary);
-    let params = GenerateParams {
-        prompt: Prompt::Chat(vec![Message { role: "user".into(), content: PROMPT.into() }]),
-        max_tokens: args.max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: None,
-        stop: vec![],
-        logprobs: false,
-        top_logprobs: 0,
-        request_id: String::new(),
-    };
-    let direct = |label: &str| -> Result<(f64, u32)> {
-        let t0 = Instant::now();
-        let tokens = runtime.block_on(async {
-            let mut stream = client.generate(&endpoint, params.clone()).await?;
-            while let Some(ev) = stream.next().await {
-                if let GenerateEvent::Done { completion_tokens, .. } = ev? {
-                    return Ok(completion_tokens);
-                }
-            }
-            Err(quantfleet_router::backend::NodeError::Failed(format!("{label}: stream ended without Done")))
-        })?;
-        Ok((t0.elapsed().as_secs_f64() * 1e3, tokens))
-    };
-    let body = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": args.max_tokens, "temperature": 0})
-    .to_string();
+    let params = generate_params(args.max_tokens);
+    let body = chat_body(args.max_tokens);
     let mut via_plain = Http::connect(&plain_addr)?;
     let mut via_shadow = Http::connect(&shadow_addr)?;
-    let routed = |http: &mut Http| -> Result<(f64, u32)> {
-        let t0 = Instant::now();
-        let (status, v) = http.post("/v1/chat/completions", &body)?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        ensure!(status == 200, "router answered {status}: {v}");
-        Ok((ms, v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32))
-    };
-
-    let mut series = [
-        Series { name: "direct", ms: vec![] },
-        Series { name: "direct (again)", ms: vec![] },
-        Series { name: "router", ms: vec![] },
-        Series { name: "shadow10", ms: vec![] },
-    ];
+    let mut series =
+        [Series::new("direct"), Series::new("direct (again)"), Series::new("router"), Series::new("shadow10")];
     eprintln!("{} warm-up and {} measured rounds of {} requests ...", args.warmup, args.rounds, series.len());
     for round in 0..args.warmup + args.rounds {
         // Rotate the order so no series always follows another.
         for k in 0..series.len() {
             let s = (round + k) % series.len();
             let (ms, tokens) = match s {
-                0 | 1 => direct(series[s].name)?,
-                2 => routed(&mut via_plain)?,
-                _ => routed(&mut via_shadow)?,
+                0 | 1 => direct(&runtime, &client, &endpoint, &params)?,
+                2 => routed(&mut via_plain, &body)?,
+                _ => routed(&mut via_shadow, &body)?,
             };
             ensure!(tokens == args.max_tokens, "{}: {tokens} tokens, expected {}", series[s].name, args.max_tokens);
             if round >= args.warmup {
@@ -277,16 +431,12 @@ fn main() -> Result<()> {
     let code_requests = counter("quantfleet_router_requests_total");
 
     println!(
-        "router benchmark: SmolLM2-135M fp8 node, greedy code prompt, {} tokens, {} rounds, sequential, loopback{}",
+        "part 2: SmolLM2-135M fp8 node, greedy code prompt, {} tokens, {} rounds, sequential, loopback{}",
         args.max_tokens,
         args.rounds,
         if args.no_pin { ", nodes unpinned" } else { ", fp8 node on cpu 0, int4-awq candidate on cpu 1" }
     );
-    println!("{:<16} {:>9} {:>9} {:>9}", "series", "p50 ms", "p99 ms", "mean ms");
-    for s in &series {
-        let mean = s.ms.iter().sum::<f64>() / s.ms.len() as f64;
-        println!("{:<16} {:>9.3} {:>9.3} {:>9.3}", s.name, s.p(0.5), s.p(0.99), mean);
-    }
+    print_series(&series);
     let [d, d2, r, sh] = &series;
     println!(
         "noise floor (direct again - direct): p50 {:+.3} ms, p99 {:+.3} ms",
