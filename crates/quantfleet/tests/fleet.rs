@@ -229,6 +229,26 @@ fn local_fleet_end_to_end() {
     );
     assert_eq!(metric(&m, "quantfleet_router_routed_total{task_class=\"chat\",tier=\"fp8\",via=\"forced\"}"), 1.0);
 
+    // The chart's Grafana dashboard plots router and node metrics by name: every one it names is exported.
+    let ready: Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("node-fp8.ready.json")).unwrap()).unwrap();
+    let node_metrics = http(ready["metrics"].as_str().unwrap(), "GET", "/metrics", &[], "").body;
+    let dashboard =
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/quantfleet/dashboards/quantfleet.json"));
+    let names: std::collections::BTreeSet<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("quantfleet_router_") || w.starts_with("quantfleet_node_"))
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("quantfleet_node_"))
+            && names.iter().any(|n| n.starts_with("quantfleet_router_")),
+        "{names:?}"
+    );
+    for name in names {
+        let exported = if name.starts_with("quantfleet_node_") { &node_metrics } else { &m };
+        assert!(exported.contains(name), "the dashboard plots {name}, which is not exported");
+    }
+
     // 4. Bad input: OpenAI-style 4xx errors.
     let bad = [
         (http(addr, "POST", "/v1/chat/completions", &[], "{\"model\": "), 400, "invalid_json"),
