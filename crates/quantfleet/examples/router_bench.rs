@@ -426,7 +426,7 @@ fn main() -> Result<()> {
             .lines()
             .filter(|l| l.starts_with(name) && l.contains("task_class=\"code\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .fold(0.0, |a, b| a + b)
     };
     let code_requests = counter("quantfleet_router_requests_total");
 
