@@ -212,25 +212,8 @@ mod fake_node {
 
 /// This host's first non-loopback IPv4 address: the API server refuses loopback addresses in EndpointSlices.
 fn host_ipv4() -> Ipv4Addr {
-    let mut found = None;
-    // SAFETY: getifaddrs fills a list we only read and then free with freeifaddrs.
-    unsafe {
-        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-        assert_eq!(libc::getifaddrs(&mut list), 0, "getifaddrs failed");
-        let mut cur = list;
-        while !cur.is_null() {
-            let ifa = &*cur;
-            let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
-            let loopback = ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0;
-            if up && !loopback && !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET {
-                let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                found.get_or_insert(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            }
-            cur = ifa.ifa_next;
-        }
-        libc::freeifaddrs(list);
-    }
-    found.expect("this test needs a non-loopback IPv4 address (EndpointSlices cannot name 127.0.0.0/8)")
+    quantfleet_testsupport::net::host_ipv4()
+        .expect("this test needs a non-loopback IPv4 address (EndpointSlices cannot name 127.0.0.0/8)")
 }
 
 /// A `quantfleet router --kubernetes` process; its log is kept for failure messages.
