@@ -71,18 +71,46 @@ impl Drop for Proc {
     }
 }
 
-/// Reads a child's output until a line contains `marker`; returns that line, and keeps draining after it.
-fn wait_for_line(out: impl std::io::Read + Send + 'static, marker: &str) -> Result<String> {
+/// Reads a child's output until a line contains `marker` (ending in `http://`); returns the `host:port` that
+/// follows it, and keeps draining the output after it.
+fn wait_for_address(out: impl std::io::Read + Send + 'static, marker: &str) -> Result<String> {
     let mut reader = BufReader::new(out);
     let mut line = String::new();
     loop {
         line.clear();
         ensure!(reader.read_line(&mut line)? > 0, "the process exited before printing {marker:?}");
-        if line.contains(marker) {
+        if let Some((_, rest)) = line.split_once(marker) {
+            let addr = rest.split(['/', ' ']).next().context("no address")?.trim().to_owned();
             std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-            return Ok(line);
+            return Ok(addr);
         }
     }
+}
+
+/// A `quantfleet router` process over the sample policy with the given fp8 and int4-awq endpoints (the other
+/// tiers empty), its configuration written to `run_dir/name.yaml`: the process and its `host:port`.
+fn start_router(
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    run_dir: &std::path::Path,
+    name: &str,
+    fp8: &[String],
+    int4_awq: &[String],
+) -> Result<(Proc, String)> {
+    let config = json!({
+        "listen": "127.0.0.1:0",
+        "policyFile": concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/samples/smollm2-135m.precisionpolicy.yaml"),
+        "endpoints": {"bf16": [], "fp8-kv8": [], "fp8": fp8, "int4-awq": int4_awq},
+        "tokenizer": model,
+    });
+    std::fs::create_dir_all(run_dir)?;
+    let config_path = run_dir.join(format!("{name}.yaml"));
+    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
+    let mut child = Command::new(bin).arg("router").arg("--config").arg(&config_path).stderr(Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let router = Proc(child);
+    let addr = wait_for_address(stderr, "router listening on http://")?;
+    Ok((router, addr))
 }
 
 /// An HTTP/1.1 keep-alive connection for JSON POSTs.
@@ -193,20 +221,8 @@ fn instant_overhead(bin: &std::path::Path, args: &Args, run_dir: &std::path::Pat
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
             .await
     });
-    let config = json!({
-        "listen": "127.0.0.1:0",
-        "policyFile": concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/samples/smollm2-135m.precisionpolicy.yaml"),
-        "endpoints": {"bf16": [], "fp8-kv8": [], "fp8": [addr.clone()], "int4-awq": []},
-        "tokenizer": args.model,
-    });
-    std::fs::create_dir_all(run_dir)?;
-    let config_path = run_dir.join("router-instant.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
-    let mut child = Command::new(bin).arg("router").arg("--config").arg(&config_path).stderr(Stdio::piped()).spawn()?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    let router = Proc(child);
-    let line = wait_for_line(stderr, "router listening on http://")?;
-    let router_addr = line.split("http://").nth(1).and_then(|s| s.split('/').next()).context("no URL")?.to_owned();
+    let (router, router_addr) =
+        start_router(bin, &args.model, run_dir, "router-instant", std::slice::from_ref(&addr), &[])?;
     // The router marks endpoints healthy on its first health round.
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -237,16 +253,8 @@ fn instant_overhead(bin: &std::path::Path, args: &Args, run_dir: &std::path::Pat
     );
     print_series(&series);
     let [d, d2, r] = &series;
-    println!(
-        "noise floor (direct again - direct): p50 {:+.3} ms, p99 {:+.3} ms",
-        d2.p(0.5) - d.p(0.5),
-        d2.p(0.99) - d.p(0.99)
-    );
-    println!(
-        "router overhead (router - direct):   p50 {:+.3} ms, p99 {:+.3} ms   (target p50 < 1 ms)\n",
-        r.p(0.5) - d.p(0.5),
-        r.p(0.99) - d.p(0.99)
-    );
+    print_overhead(d, d2, r);
+    println!();
     drop(router);
     server_rt.shutdown_background();
     Ok(())
@@ -309,6 +317,20 @@ fn print_series(series: &[Series]) {
     }
 }
 
+/// The noise floor (two direct series) and the router's overhead over direct, at p50 and p99.
+fn print_overhead(direct: &Series, direct_again: &Series, router: &Series) {
+    println!(
+        "noise floor (direct again - direct): p50 {:+.3} ms, p99 {:+.3} ms",
+        direct_again.p(0.5) - direct.p(0.5),
+        direct_again.p(0.99) - direct.p(0.99)
+    );
+    println!(
+        "router overhead (router - direct):   p50 {:+.3} ms, p99 {:+.3} ms   (target p50 < 1 ms)",
+        router.p(0.5) - direct.p(0.5),
+        router.p(0.99) - direct.p(0.99)
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[i]
@@ -352,8 +374,7 @@ fn main() -> Result<()> {
         .spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
     let up = Proc(child);
-    let line = wait_for_line(stdout, "Quantfleet is up: http://")?;
-    let shadow_addr = line.split("http://").nth(1).and_then(|s| s.split('/').next()).context("no URL")?.to_owned();
+    let shadow_addr = wait_for_address(stdout, "Quantfleet is up: http://")?;
     let fleet: Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("fleet.json"))?)?;
     let node = |tier: &str| -> Result<(u32, String)> {
         let n = fleet["nodes"].as_array().and_then(|ns| ns.iter().find(|n| n["tier"] == tier));
@@ -361,7 +382,7 @@ fn main() -> Result<()> {
         Ok((n["pid"].as_u64().context("pid")? as u32, n["grpc"].as_str().context("grpc")?.to_owned()))
     };
     let (primary_pid, primary) = node("fp8")?;
-    let (candidate_pid, _) = node("int4-awq")?;
+    let (candidate_pid, candidate) = node("int4-awq")?;
     if !args.no_pin {
         for (pid, cpu) in [(primary_pid, "0"), (candidate_pid, "1")] {
             let ok = Command::new("taskset").args(["-a", "-cp", cpu, &pid.to_string()]).stdout(Stdio::null()).status();
@@ -370,21 +391,8 @@ fn main() -> Result<()> {
     }
 
     // A second router over the same nodes with the canary off: the sample policy has no status there.
-    let (_, candidate) = node("int4-awq")?;
-    let config = json!({
-        "listen": "127.0.0.1:0",
-        "policyFile": concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/samples/smollm2-135m.precisionpolicy.yaml"),
-        "endpoints": {"bf16": [], "fp8-kv8": [], "fp8": [primary], "int4-awq": [candidate]},
-        "tokenizer": args.model,
-    });
-    let config_path = run_dir.join("router-no-shadow.yaml");
-    std::fs::write(&config_path, serde_yaml::to_string(&config)?)?;
-    let mut child =
-        Command::new(&bin).arg("router").arg("--config").arg(&config_path).stderr(Stdio::piped()).spawn()?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    let plain = Proc(child);
-    let line = wait_for_line(stderr, "router listening on http://")?;
-    let plain_addr = line.split("http://").nth(1).and_then(|s| s.split('/').next()).context("no URL")?.to_owned();
+    let (plain, plain_addr) =
+        start_router(&bin, &args.model, &run_dir, "router-no-shadow", std::slice::from_ref(&primary), &[candidate])?;
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = GrpcClient::new(Duration::from_secs(2), Duration::from_secs(60));
@@ -438,16 +446,7 @@ fn main() -> Result<()> {
     );
     print_series(&series);
     let [d, d2, r, sh] = &series;
-    println!(
-        "noise floor (direct again - direct): p50 {:+.3} ms, p99 {:+.3} ms",
-        d2.p(0.5) - d.p(0.5),
-        d2.p(0.99) - d.p(0.99)
-    );
-    println!(
-        "router overhead (router - direct):   p50 {:+.3} ms, p99 {:+.3} ms   (target p50 < 1 ms)",
-        r.p(0.5) - d.p(0.5),
-        r.p(0.99) - d.p(0.99)
-    );
+    print_overhead(d, d2, r);
     println!(
         "shadow impact (shadow10 / router):   p50 {:+.2}%, p99 {:+.2}%   (target < 2%)",
         (sh.p(0.5) / r.p(0.5) - 1.0) * 100.0,
