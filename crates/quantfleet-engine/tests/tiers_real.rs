@@ -236,3 +236,33 @@ fn unsupported_tiers_are_clear_errors() {
         assert!(matches!(err, EngineError::UnsupportedModel(_)) && err.to_string().contains(needle), "{err}");
     }
 }
+
+/// FP8 per-channel with the tied embedding/lm_head kept at bf16 through an override (as FP8 checkpoints keep
+/// lm_head unquantized): the embedding is bf16, every layer matrix FP8, the stored bytes are the planner's, and
+/// the divergence drops well below the all-FP8 tier's: the tied matrix carries about half of FP8's KLD on this
+/// model, almost all of it through its lm_head use (`crates/quantfleet-quant/tools/fp8_grid_study.py`).
+#[test]
+fn fp8_tier_with_bf16_embedding_and_lm_head() {
+    let t = tier(
+        r#"{"name":"fp8-embd-bf16","weights":{"format":"fp8-e4m3","scaling":"per-channel"},
+            "layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]}"#,
+    );
+    let e = open(&t, &LoadOptions::default());
+    let report = e.tier.as_ref().unwrap();
+    let format = |name: &str| report.formats.iter().find(|(n, _)| n == name).map(|(_, f)| f.as_str()).unwrap();
+    assert_eq!(format("token_embd"), "bf16");
+    assert_eq!(format("blk.0.attn_q"), "fp8-e4m3");
+    assert_eq!(format("blk.29.ffn_down"), "fp8-e4m3");
+    assert_eq!(report.weight_bytes, planned_matrix_bytes(&e, &t));
+    let d = divergence(&e);
+    println!(
+        "tier fp8 + bf16 embedding/lm_head: mean KLD {:.5}, top-1 {:.3} over {} positions, {} weight bytes",
+        d.mean_kl(),
+        d.top1(),
+        d.positions,
+        report.weight_bytes
+    );
+    // Measured 0.0187 / 89.8% (the all-FP8 tier: 0.032 / 83%, so an ignored override fails both bounds); still
+    // short of the issue's 0.01 / 97%: the FP8 layers alone exceed it.
+    assert!(d.mean_kl() < 0.025 && d.top1() >= 0.85, "{d:?}");
+}
