@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::weights::WeightTensor;
 
 /// Geometry of the paged KV cache: every block holds `block_tokens` consecutive positions of one sequence for
 /// all layers, K and V. The run of `(layer, kind, kv_head)` (kind 0 = K, 1 = V) starts at
@@ -84,8 +85,13 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
-    /// Makes a GGUF tensor usable as a matrix; the CPU backend keeps it in the memory map, a GPU backend copies.
-    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<Self::Matrix>;
+    /// Makes a weight tensor usable as a matrix; the CPU backend keeps it where it is (the model file's memory
+    /// map), a GPU backend copies.
+    fn upload_weight(&self, w: &WeightTensor) -> Result<Self::Matrix>;
+    /// [`upload_weight`](Self::upload_weight) of a GGUF tensor.
+    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<Self::Matrix> {
+        self.upload_weight(&WeightTensor::from_gguf(file, info))
+    }
     /// Makes a weight matrix quantized at load (a precision tier) usable as a matrix.
     fn upload_packed(&self, m: crate::packed::PackedMatrix) -> Result<Self::Matrix>;
     /// Bytes of weight data a matrix reads per full pass (its storage, scales included).

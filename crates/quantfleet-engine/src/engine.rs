@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvCache, KvDtype, SeqKv};
 use crate::model::{Llama, Logits};
+use crate::safetensors::hf::HfCheckpoint;
 use crate::sampler::{Sampler, SamplingParams, logsumexp, top_logprobs};
 use crate::tier::{LoadOptions, TierLoadReport};
 use crate::tokenizer::Tokenizer;
@@ -64,20 +65,25 @@ fn open_file(path: &Path, sha256: Option<&str>) -> Result<Arc<GgufFile>> {
 }
 
 impl Engine<CpuBackend> {
-    /// Opens a GGUF model on the CPU backend, verifying its sha256 when given. Weights are used in the file's
-    /// own formats (dequantized to f32 inside the kernels): this is the fp32 reference the tiers are measured
-    /// against.
+    /// Opens a model on the CPU backend, verifying its sha256 when given: a GGUF file, or a directory holding a
+    /// Hugging Face llama checkpoint (config.json, safetensors weights, tokenizer.json; the sha256 is then that
+    /// of `model.safetensors`). Weights are used in the file's own formats (dequantized to f32 inside the
+    /// kernels): this is the fp32 reference the tiers are measured against.
     pub fn open_cpu(path: &Path, sha256: Option<&str>) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_hf(CpuBackend::new(), &HfCheckpoint::open(path, sha256)?);
+        }
         Self::new(CpuBackend::new(), open_file(path, sha256)?)
     }
 
-    /// Opens a GGUF model on the CPU backend at a precision tier: every weight matrix is dequantized to fp32
-    /// and re-quantized as `tier` says (format, method, group size, per-layer overrides; AWQ/GPTQ calibrate on
-    /// `opts`' calibration text). Unsupported tier settings are a clear error before any work is done.
+    /// Opens a model (GGUF file or HF checkpoint directory, as [`open_cpu`](Self::open_cpu)) on the CPU backend
+    /// at a precision tier: every weight matrix is dequantized to fp32 and re-quantized as `tier` says (format,
+    /// method, group size, per-layer overrides; AWQ/GPTQ calibrate on `opts`' calibration text). Unsupported
+    /// tier settings are a clear error before any work is done.
     pub fn open_cpu_tier(path: &Path, sha256: Option<&str>, tier: &TierSpec, opts: &LoadOptions) -> Result<Self> {
         let kv_dtype = crate::tier::kv_dtype(tier)?;
-        let (model, tokenizer, report) = crate::tier::load_tier(open_file(path, sha256)?, tier, opts)?;
-        Self::check_vocab(&tokenizer, &model)?;
+        let Self { mut model, tokenizer, .. } = Self::open_cpu(path, sha256)?;
+        let report = crate::tier::apply_tier(&mut model, &tokenizer, tier, opts)?;
         Ok(Self { model, tokenizer, tier: Some(report), kv_dtype })
     }
 }
@@ -86,6 +92,15 @@ impl<B: Backend> Engine<B> {
     pub fn new(backend: B, file: Arc<GgufFile>) -> Result<Self> {
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let model = Llama::load(backend, file)?;
+        Self::check_vocab(&tokenizer, &model)?;
+        Ok(Self { model, tokenizer, tier: None, kv_dtype: KvDtype::F32 })
+    }
+
+    /// The model of an opened HF checkpoint; matrices stay in the safetensors memory map (q/k projections are
+    /// permuted into the engine's RoPE layout, see `safetensors::hf`).
+    pub fn from_hf(backend: B, ckpt: &HfCheckpoint) -> Result<Self> {
+        let tokenizer = Tokenizer::from_hf_dir(&ckpt.dir, ckpt.bos_token_id, ckpt.eos_token_id)?;
+        let model = Llama::from_weights(backend, ckpt.config.clone(), ckpt)?;
         Self::check_vocab(&tokenizer, &model)?;
         Ok(Self { model, tokenizer, tier: None, kv_dtype: KvDtype::F32 })
     }

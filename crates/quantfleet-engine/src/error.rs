@@ -42,11 +42,57 @@ pub enum GgufError {
     ChecksumMismatch { path: PathBuf, expected: String, actual: String },
 }
 
+/// Errors found while reading a safetensors file or a sharded checkpoint's index. Offsets are relative to the
+/// start of the data section (after the 8-byte length and the JSON header), as `data_offsets` are.
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("safetensors file of {len} bytes is too short for its 8-byte header length")]
+    TooShort { len: u64 },
+    #[error("safetensors header length {header_len} does not fit: the file has {len} bytes after the length field")]
+    HeaderLength { header_len: u64, len: u64 },
+    #[error("safetensors header of {0} bytes exceeds the 100 MB limit")]
+    HeaderTooLarge(u64),
+    #[error("safetensors header is not valid UTF-8 (at byte {0} of the header)")]
+    HeaderUtf8(usize),
+    #[error("safetensors header is not valid JSON: {0}")]
+    HeaderJson(String),
+    #[error("safetensors header: {0}")]
+    Header(String),
+    #[error("safetensors tensor {name:?}: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("safetensors tensor {name:?} has dtype {dtype:?}, not one of F32, F16, BF16")]
+    UnsupportedDtype { name: String, dtype: String },
+    #[error("safetensors data of tensor {name:?} ends at {end}, past the {data_len}-byte data section")]
+    OutOfRange { name: String, end: u64, data_len: u64 },
+    #[error("safetensors data of tensor {name:?} overlaps tensor {other:?}")]
+    Overlap { name: String, other: String },
+    #[error("safetensors data section has {len} bytes at offset {offset} that no tensor covers")]
+    Hole { offset: u64, len: u64 },
+    #[error("sha256 mismatch for {path}: expected {expected}, computed {actual}")]
+    ChecksumMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("checkpoint index {path}: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
+}
+
 /// Errors of the engine above the file format: model structure, tokenizer, inference requests.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
+    /// A Hugging Face checkpoint directory's files (config.json, tokenizer files) are missing or malformed.
+    #[error("model directory {dir}: {reason}")]
+    BadCheckpoint { dir: PathBuf, reason: String },
+    /// `location` names the file or directory searched.
+    #[error("tensor {name:?} is missing from {location}")]
+    MissingTensor { name: String, location: String },
     #[error("unsupported model: {0}")]
     UnsupportedModel(String),
     #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]

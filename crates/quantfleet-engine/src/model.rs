@@ -1,4 +1,4 @@
-//! The llama forward pass (SmolLM2 and other llama-architecture GGUFs), written once against `Backend`:
+//! The llama forward pass (SmolLM2 and other llama-architecture models), written once against `Backend`:
 //! RMSNorm, RoPE (GGUF NORM layout), grouped-query attention over the paged KV cache, SwiGLU MLP, tied or
 //! separate output projection. Prefill and incremental decode are the same call: tokens are appended to the
 //! sequence's cache and attend to everything before them.
@@ -10,8 +10,9 @@ use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{KvCache, SeqKv};
+use crate::weights::{GgufWeights, WeightSource};
 
-/// Hyper-parameters read from `llama.*` metadata.
+/// Hyper-parameters read from `llama.*` GGUF metadata or a Hugging Face `config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub n_layers: usize,
@@ -131,31 +132,32 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// The model of a GGUF file, its matrices viewed in place in the file's memory map.
     pub fn load(backend: B, file: Arc<GgufFile>) -> Result<Self> {
-        let c = LlamaConfig::from_gguf(&file)?;
+        let config = LlamaConfig::from_gguf(&file)?;
+        Self::from_weights(backend, config, &GgufWeights(file))
+    }
+
+    /// Builds the model from `source`'s tensors (GGUF names and layout, see [`WeightSource`]), checking every
+    /// shape against `c`. A source without `output.weight` has tied embeddings.
+    pub fn from_weights(backend: B, c: LlamaConfig, source: &dyn WeightSource) -> Result<Self> {
         let kv_width = c.n_kv_heads * c.head_dim;
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<B::Matrix> {
-            let info = file.tensor(name).ok_or_else(|| EngineError::UnsupportedModel(format!("missing {name}")))?;
-            if info.dims != [cols as u64, rows as u64] {
-                return Err(EngineError::ShapeMismatch {
-                    name: name.into(),
-                    expected: vec![cols as u64, rows as u64],
-                    found: info.dims.clone(),
-                });
+            let w = source.require(name)?;
+            let expected = [cols as u64, rows as u64];
+            if w.dims != expected {
+                return Err(w.shape_error(&expected));
             }
-            backend.upload_matrix(&file, info)
+            backend.upload_weight(&w)
         };
         let vector = |name: &str| -> Result<B::Vector> {
-            let info = file.tensor(name).ok_or_else(|| EngineError::UnsupportedModel(format!("missing {name}")))?;
-            if info.dims != [c.d_model as u64] {
-                return Err(EngineError::ShapeMismatch {
-                    name: name.into(),
-                    expected: vec![c.d_model as u64],
-                    found: info.dims.clone(),
-                });
+            let w = source.require(name)?;
+            let expected = [c.d_model as u64];
+            if w.dims != expected {
+                return Err(w.shape_error(&expected));
             }
             let mut v = vec![0.0; c.d_model];
-            dequantize_row_reference(info.ggml_type, file.tensor_data(info), &mut v)?;
+            dequantize_row_reference(w.ggml_type, w.data(), &mut v)?;
             backend.upload_vector(&v)
         };
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -174,7 +176,7 @@ impl<B: Backend> Llama<B> {
             });
         }
         let tok_embd = matrix("token_embd.weight", c.vocab, c.d_model)?;
-        let output = match file.tensor("output.weight") {
+        let output = match source.tensor("output.weight")? {
             Some(_) => Some(matrix("output.weight", c.vocab, c.d_model)?),
             None => None,
         };

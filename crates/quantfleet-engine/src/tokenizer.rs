@@ -1,4 +1,5 @@
-//! The model's tokenizer, rebuilt from GGUF metadata with the `tokenizers` crate so that ids match llama.cpp's.
+//! The model's tokenizer, rebuilt from GGUF metadata with the `tokenizers` crate so that ids match llama.cpp's,
+//! or loaded from a Hugging Face checkpoint's `tokenizer.json` (`Tokenizer::from_hf_dir`).
 //!
 //! Supported: `tokenizer.ggml.model = "gpt2"` (byte-level BPE) with the "smollm" pre-tokenizer. The recipe that
 //! reproduces llama.cpp (checked on the oracle's prompts): BPE over the GGUF vocab and merges; pre-tokenizer
@@ -6,6 +7,7 @@
 //! (token_type 3) registered as special tokens so they are matched whole in the input text.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BPE, Vocab};
@@ -104,6 +106,68 @@ impl Tokenizer {
             eos_id: id_key("tokenizer.ggml.eos_token_id"),
             chat_template,
         })
+    }
+
+    /// The tokenizer of a Hugging Face checkpoint directory: `tokenizer.json` (a "fast" tokenizer, loaded as
+    /// is by the `tokenizers` crate), special tokens from its added tokens marked `special`, and from
+    /// `tokenizer_config.json` when present the BOS/EOS tokens and the chat template (`bos_id`/`eos_id`, e.g.
+    /// config.json's, are the fallback). Text is encoded without added special tokens, as with GGUF models.
+    pub fn from_hf_dir(dir: &Path, bos_id: Option<u32>, eos_id: Option<u32>) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(EngineError::BadCheckpoint {
+                dir: dir.to_path_buf(),
+                reason: "has no tokenizer.json (only fast tokenizers are supported)".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        // Ids, not the count of strings: a vocabulary may give two ids the same string.
+        let vocab_size = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        let special_ids =
+            inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Option<serde_json::Value> = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| tok_err(format!("cannot read {}: {e}", config_path.display())))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| tok_err(format!("{} is not valid JSON: {e}", config_path.display())))?,
+            )
+        } else {
+            None
+        };
+        // `bos_token` is a string or an AddedToken object `{"content": ..}`; an unknown token is an error.
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            let Some(v) = config.as_ref().and_then(|c| c.get(key)).filter(|v| !v.is_null()) else { return Ok(None) };
+            let text = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(|c| c.as_str()))
+                .ok_or_else(|| tok_err(format!("tokenizer_config.json: {key} is {v}, expected a token string")))?;
+            inner
+                .token_to_id(text)
+                .map(Some)
+                .ok_or_else(|| tok_err(format!("tokenizer_config.json: {key} {text:?} is not in the vocabulary")))
+        };
+        let (bos, eos) = (token_id("bos_token")?, token_id("eos_token")?);
+        let chat_template = match config.as_ref().and_then(|c| c.get("chat_template")) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(src)) => Some(ChatTemplate::parse(src)?),
+            // Several named templates: the one named "default" is what chat requests use.
+            Some(serde_json::Value::Array(list)) => {
+                let default = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                match default.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                    Some(src) => Some(ChatTemplate::parse(src)?),
+                    None => None,
+                }
+            }
+            Some(_) => {
+                return Err(tok_err(
+                    "tokenizer_config.json: chat_template is neither a string nor a list of named templates",
+                ));
+            }
+        };
+        Ok(Self { inner, vocab_size, special_ids, bos_id: bos.or(bos_id), eos_id: eos.or(eos_id), chat_template })
     }
 
     pub fn vocab_size(&self) -> usize {

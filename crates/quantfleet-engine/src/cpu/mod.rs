@@ -21,9 +21,9 @@ pub use matmul::SimdLevel;
 use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
-use crate::gguf::{GgufFile, TensorInfo};
 use crate::kv_cache::KvDtype;
 use crate::packed::PackedMatrix;
+use crate::weights::{WeightBytes, WeightTensor};
 use matmul::BlockMatrix;
 
 #[derive(Debug, Clone)]
@@ -65,10 +65,11 @@ impl AsMut<[f32]> for CpuTensor {
     }
 }
 
-/// A weight matrix: either living in the model file's memory map in its GGUF block format, or quantized at
-/// load for a precision tier and owned in memory.
+/// A weight matrix: either in a GGUF block format (f32/f16/bf16 included) where the model's bytes are (the
+/// model file's memory map, GGUF or safetensors, or a buffer rearranged at load), or quantized at load for a
+/// precision tier and owned in memory.
 pub enum CpuMatrix {
-    Gguf { view: MatrixRef, file: Arc<GgufFile> },
+    Gguf { view: MatrixRef, file: Arc<dyn WeightBytes> },
     Packed(PackedMatrix),
 }
 
@@ -145,23 +146,18 @@ impl Backend for CpuBackend {
         format!("cpu-{:?}", self.level).to_lowercase()
     }
 
-    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<CpuMatrix> {
-        if info.dims.len() != 2 || !info.ggml_type.is_computable() {
+    fn upload_weight(&self, w: &WeightTensor) -> Result<CpuMatrix> {
+        if w.dims.len() != 2 || !w.ggml_type.is_computable() {
             return Err(EngineError::UnsupportedModel(format!(
                 "tensor {} ({} {:?}) is not a 2-D matrix of a supported type",
-                info.name,
-                info.ggml_type.name(),
-                info.dims
+                w.name,
+                w.ggml_type.name(),
+                w.dims
             )));
         }
-        let view = MatrixRef {
-            ty: info.ggml_type,
-            cols: info.dims[0] as usize,
-            rows: info.dims[1] as usize,
-            start: info.start as usize,
-            len: info.len as usize,
-        };
-        Ok(CpuMatrix::Gguf { view, file: Arc::clone(file) })
+        let (store, start, len) = w.store();
+        let view = MatrixRef { ty: w.ggml_type, cols: w.dims[0] as usize, rows: w.dims[1] as usize, start, len };
+        Ok(CpuMatrix::Gguf { view, file: Arc::clone(store) })
     }
 
     fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {

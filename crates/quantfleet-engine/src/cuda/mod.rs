@@ -39,12 +39,13 @@ use crate::cpu::{CpuBackend, CpuMatrix};
 use crate::dtype::{GgmlType, dequantize_row_reference};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::gguf::{GgufFile, TensorInfo};
+use crate::gguf::GgufFile;
 use crate::kv_cache::KvDtype;
 use crate::model::{Layer, Llama, LlamaConfig};
 use crate::packed::{PackedFormat, PackedMatrix};
 use crate::tier::LoadOptions;
 use crate::tokenizer::Tokenizer;
+use crate::weights::WeightTensor;
 use quantfleet_api::model::TierSpec;
 
 const ACT: Act = Act::F16;
@@ -403,17 +404,17 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.label.clone()
     }
 
-    fn upload_matrix(&self, file: &Arc<GgufFile>, info: &TensorInfo) -> Result<GpuMatrix<D>> {
-        if info.dims.len() != 2 || !info.ggml_type.is_computable() {
+    fn upload_weight(&self, w: &WeightTensor) -> Result<GpuMatrix<D>> {
+        if w.dims.len() != 2 || !w.ggml_type.is_computable() {
             return Err(EngineError::UnsupportedModel(format!(
                 "tensor {} ({} {:?}) is not a 2-D matrix of a supported type",
-                info.name,
-                info.ggml_type.name(),
-                info.dims
+                w.name,
+                w.ggml_type.name(),
+                w.dims
             )));
         }
-        let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
-        self.upload_gguf(info.ggml_type, file.tensor_data(info), rows, cols)
+        let (cols, rows) = (w.dims[0] as usize, w.dims[1] as usize);
+        self.upload_gguf(w.ggml_type, w.data(), rows, cols)
     }
 
     fn upload_packed(&self, p: PackedMatrix) -> Result<GpuMatrix<D>> {
