@@ -24,6 +24,7 @@ scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
 QUANTFLEET_OPENAI_PYTHON="$(scripts/openai-venv.sh)" && export QUANTFLEET_OPENAI_PYTHON  # the official openai client for the router test
+QUANTFLEET_GGUF_PYTHON="$(scripts/gguf-venv.sh)" && export QUANTFLEET_GGUF_PYTHON  # numpy + gguf: the engine's GGUF -> HF safetensors conversion
 
 step "Helm chart: helm lint, helm template, a failing case per values.schema.json rule (helm built once from the Go module proxy)"
 scripts/helm-check.sh  # crates/quantfleet-operator/tests/chart.rs then installs the rendered chart on the control plane
