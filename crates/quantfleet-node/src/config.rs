@@ -14,10 +14,12 @@ pub struct NodeArgs {
     /// The node configuration written by the operator (NodeConfig, YAML or JSON).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Model file (GGUF); overrides the config's source.uri.
+    /// Model: a GGUF file, or a Hugging Face llama checkpoint directory (config.json, safetensors weights,
+    /// tokenizer.json); overrides the config's source.uri.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Expected lower-case hex SHA-256 of the model file; overrides source.sha256.
+    /// Expected lower-case hex SHA-256 of the model file (of model.safetensors for a checkpoint directory);
+    /// overrides source.sha256.
     #[arg(long)]
     pub sha256: Option<String>,
     /// Model name reported in ModelInfo and metrics labels (default: the file's stem).
@@ -156,8 +158,12 @@ impl NodeSettings {
             }
             (None, None) => return Err(err("--model", "no model: pass --config FILE or --model PATH")),
         };
-        if !model_path.is_file() {
-            return Err(err(model_field, format!("{} is not a readable file", model_path.display())));
+        // A directory is a Hugging Face checkpoint; the engine reports what is missing from it.
+        if !model_path.is_file() && !model_path.join("config.json").is_file() {
+            return Err(err(
+                model_field,
+                format!("{} is neither a readable file nor a directory with config.json", model_path.display()),
+            ));
         }
         let sha256 = args.sha256.clone().or_else(|| file.as_ref().and_then(|c| c.source.sha256.clone()));
         if let Some(h) = &sha256
