@@ -153,6 +153,8 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Causal grouped-query attention of `q` (`[n, n_heads * head_dim]`) over each row's sequence up to and
     /// including its own position, reading K/V of `layer` from the cache. Softmax scale is 1/sqrt(head_dim).
+    /// Each span's sequence must end at the span's last row (attention right after `kv_write` of the same
+    /// spans, as the model runs): an int4 KIVI cache's layout depends on the sequence's length.
     fn attention(
         &self,
         q: &Self::Activations,

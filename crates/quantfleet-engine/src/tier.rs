@@ -17,7 +17,9 @@ use std::time::Instant;
 
 use quantfleet_api::model::{ModelArchitecture, TierSpec, WeightSpec};
 use quantfleet_api::plan::{TensorSite, weight_spec_for};
-use quantfleet_api::vocab::{ActivationPrecision, KvCacheDtype, QuantMethod, WeightFormat as ApiFormat, WeightScaling};
+use quantfleet_api::vocab::{
+    ActivationPrecision, KvCacheDtype, KvCacheScheme, QuantMethod, WeightFormat as ApiFormat, WeightScaling,
+};
 use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
 use quantfleet_quant::gptq::{GptqConfig, gptq_with_hessian, layer_hessian};
 use quantfleet_quant::matrix::subsample_rows;
@@ -109,17 +111,39 @@ pub fn quant_format(spec: &WeightSpec) -> Result<WeightFormat> {
     }
 }
 
-/// The KV cache dtype a tier asks for.
+/// The KV cache dtype a tier asks for. `int4` is served with the KIVI scheme only (keys per channel, values
+/// per token, a full-precision sink and residual window; see `kv_cache::KiviGeometry`); per-token int4 and
+/// full-precision windows on the 8-bit caches are clear errors.
 pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
     let kv = &tier.kv_cache;
-    let dtype = match kv.dtype {
-        KvCacheDtype::Fp16 => KvDtype::F16,
-        KvCacheDtype::Bf16 => KvDtype::Bf16,
-        KvCacheDtype::Fp8E4m3 => KvDtype::Fp8E4m3,
-        KvCacheDtype::Int8 => KvDtype::Int8,
-        KvCacheDtype::Int4 => {
+    let dtype = match (kv.dtype, kv.scheme) {
+        (KvCacheDtype::Fp16, _) => KvDtype::F16,
+        (KvCacheDtype::Bf16, _) => KvDtype::Bf16,
+        (KvCacheDtype::Fp8E4m3, _) => KvDtype::Fp8E4m3,
+        (KvCacheDtype::Int8, _) => KvDtype::Int8,
+        (KvCacheDtype::Int4, KvCacheScheme::Kivi) => {
+            let window = |what: &str, n: i32| {
+                u32::try_from(n).map_err(|_| {
+                    EngineError::UnsupportedModel(format!("tier {}: kvCache.{what} is negative ({n})", tier.name))
+                })
+            };
+            let dtype = KvDtype::Int4Kivi {
+                sink_tokens: window("sinkTokens", kv.sink_tokens)?,
+                residual_tokens: window("residualTokens", kv.residual_tokens)?,
+            };
+            // The window's rules do not depend on the model's shape: check them now, before loading.
+            let any = crate::backend::KvLayout { n_layers: 1, n_kv_heads: 1, head_dim: 64, block_tokens: 16 };
+            dtype.blocks_for(&any, 0).map_err(|e| match e {
+                EngineError::UnsupportedModel(m) | EngineError::InvalidRequest(m) => {
+                    EngineError::UnsupportedModel(format!("tier {}: {m}", tier.name))
+                }
+                other => other,
+            })?;
+            return Ok(dtype);
+        }
+        (KvCacheDtype::Int4, KvCacheScheme::PerToken) => {
             return Err(EngineError::UnsupportedModel(format!(
-                "tier {}: the int4 (KIVI) KV cache is not implemented by the CPU engine yet",
+                "tier {}: the per-token int4 KV cache is not implemented by the CPU engine (use scheme kivi)",
                 tier.name
             )));
         }

@@ -150,7 +150,8 @@ fn what_the_kernels_cannot_serve_is_refused_at_load() {
         Ok(_) => panic!("loaded a configuration the kernels cannot serve"),
         Err(e) => e.to_string(),
     };
-    for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Int8] {
+    for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::Int8, KvDtype::Int4Kivi { sink_tokens: 4, residual_tokens: 64 }]
+    {
         let msg = err(Engine::open_gpu(emulated(), &path, None, dtype));
         assert!(msg.contains("fp16 and fp8-e4m3 KV caches") && msg.contains(dtype.name()), "{msg}");
     }

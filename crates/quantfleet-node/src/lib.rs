@@ -171,7 +171,7 @@ where
         weight_bytes: report.weight_bytes,
         kv_cache_bytes: (kv.total_blocks() * kv.block_bytes()) as u64,
         kv_bytes_per_token: (kv.block_bytes() / block_tokens) as u64,
-        kv_capacity_tokens: (kv.total_blocks() * block_tokens) as u64,
+        kv_capacity_tokens: kv.capacity_tokens() as u64,
         kv_block_tokens: block_tokens as u32,
         kv_cache_dtype: engine.kv_dtype.name().into(),
         max_context_tokens: context as u32,

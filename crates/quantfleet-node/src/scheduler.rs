@@ -284,7 +284,7 @@ impl<B: Backend> EngineLoop<B> {
     }
 
     fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.kv.layout.block_tokens)
+        self.kv.blocks_for(tokens)
     }
 
     /// Expires dead queued requests, moves admissible generate requests into `running` (FIFO, stopping at the

@@ -209,9 +209,8 @@ impl NodeService {
             }
             n => n,
         };
-        let blocks = (prompt.len() + max_tokens).div_ceil(r.info.kv_block_tokens as usize);
-        let capacity_blocks = r.info.kv_capacity_tokens as usize / r.info.kv_block_tokens as usize;
-        if blocks > capacity_blocks {
+        // The capacity is the longest sequence the whole cache holds (whole blocks; KIVI: window plus groups).
+        if prompt.len() + max_tokens > r.info.kv_capacity_tokens as usize {
             return Err(invalid(format!(
                 "max_tokens: prompt plus max_tokens ({} tokens) exceeds the node's KV-cache capacity of {} tokens",
                 prompt.len() + max_tokens,

@@ -1,6 +1,10 @@
 //! CPU attention over the paged KV cache. One task per (sequence, KV head, tile of up to 16 rows): each query
 //! of the tile scores every cached position up to its row's own (causal), softmax, weighted sum of values.
 //! Grouped-query attention maps query head h to KV head h / (n_heads / n_kv_heads).
+//!
+//! An int4 KIVI cache (`super::kivi`) is decoded per 32-position block for the tile like any other; its
+//! tiles also end where the next row would see one more int4 key group, so every row sees the cache as
+//! KIVI keeps it at the row's own length, in a prefill as in decode.
 
 use std::cell::RefCell;
 
@@ -10,10 +14,12 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use quantfleet_quant::{Fp8Format, Saturation};
 
+use super::kivi::{KiviStore, KiviView};
 use super::matmul::SimdLevel;
 use super::packed_kernels::e4m3_to_f32;
 use crate::backend::{KvLayout, SeqSpan};
-use crate::kv_cache::KvDtype;
+use crate::error::Result;
+use crate::kv_cache::{KiviGeometry, KvDtype};
 
 /// KV elements in the cache's dtype, in `KvLayout` order (keys transposed within a block, values as rows).
 pub(crate) enum KvData {
@@ -22,6 +28,8 @@ pub(crate) enum KvData {
     Bf16(Vec<bf16>),
     Fp8(Vec<u8>),
     Int8(Vec<i8>),
+    /// Int4 KIVI groups and fp16 window rows, addressed by position (`KiviStore`), not by `get`/`put`.
+    Kivi(KiviStore),
 }
 
 /// The CPU KV store: elements plus, for 8-bit dtypes, one f32 scale per (block, layer, K/V, head, slot) at
@@ -32,19 +40,34 @@ pub(crate) struct KvStore {
 }
 
 impl KvStore {
-    pub fn new(dtype: KvDtype, n_elems: usize, head_dim: usize) -> Self {
+    /// Storage for `n_blocks` blocks of `layout` (a KIVI cache: `KvDtype::cache_layout`).
+    pub fn new(dtype: KvDtype, layout: &KvLayout, n_blocks: usize) -> Result<Self> {
+        if let KvDtype::Int4Kivi { .. } = dtype {
+            let store = KiviStore::new(KiviGeometry::new(*layout, dtype)?, n_blocks)?;
+            return Ok(Self { data: KvData::Kivi(store), scales: Vec::new() });
+        }
+        let (n_elems, head_dim) = (layout.block_elems() * n_blocks, layout.head_dim);
         let data = match dtype {
             KvDtype::F32 => KvData::F32(vec![0.0; n_elems]),
             KvDtype::F16 => KvData::F16(vec![f16::ZERO; n_elems]),
             KvDtype::Bf16 => KvData::Bf16(vec![bf16::ZERO; n_elems]),
             KvDtype::Fp8E4m3 => KvData::Fp8(vec![0; n_elems]),
             KvDtype::Int8 => KvData::Int8(vec![0; n_elems]),
+            KvDtype::Int4Kivi { .. } => unreachable!("returned above"),
         };
         let scales = match dtype {
             KvDtype::Fp8E4m3 | KvDtype::Int8 => vec![0.0; n_elems / head_dim],
             _ => Vec::new(),
         };
-        Self { data, scales }
+        Ok(Self { data, scales })
+    }
+
+    /// Blocks a sequence of `len` positions needs in its block table.
+    pub fn blocks_for(&self, layout: &KvLayout, len: usize) -> usize {
+        match &self.data {
+            KvData::Kivi(k) => k.geom.blocks_for(len),
+            _ => len.div_ceil(layout.block_tokens),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -54,6 +77,7 @@ impl KvStore {
             KvData::Bf16(v) => v.len(),
             KvData::Fp8(v) => v.len(),
             KvData::Int8(v) => v.len(),
+            KvData::Kivi(k) => k.words.len(),
         }
     }
 
@@ -74,6 +98,7 @@ impl KvStore {
                     .enumerate()
                     .for_each(|(d, &x)| v[idx(d)] = Fp8Format::E4M3.encode(x * inv, Saturation::Saturating));
             }
+            KvData::Kivi(_) => unreachable!("kv_write writes KIVI caches through KiviStore::write"),
             KvData::Int8(v) => {
                 let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
                 self.scales[base / hd + slot] = scale;
@@ -106,6 +131,7 @@ impl KvStore {
         let scale = |i: usize| self.scales[base / hd + if key { i % bt } else { i / hd }];
         match &self.data {
             KvData::F32(_) => unreachable!(),
+            KvData::Kivi(_) => unreachable!("attention decodes KIVI caches through Tile::keys_t / Tile::values"),
             KvData::F16(v) => v[run].convert_to_f32_slice(out),
             KvData::Bf16(v) => v[run].convert_to_f32_slice(out),
             KvData::Fp8(v) => {
@@ -139,6 +165,10 @@ pub(crate) fn kv_write(
 ) {
     let (hd, bt) = (layout.head_dim, layout.block_tokens);
     let width = layout.n_kv_heads * hd;
+    if let KvData::Kivi(store) = &mut storage.data {
+        store.write_spans(layer, k, v, spans);
+        return;
+    }
     for span in spans {
         for i in 0..span.n_tokens {
             let row = span.row0 + i;
@@ -176,18 +206,35 @@ pub(crate) fn attention(
 ) {
     let (hd, group) = (layout.head_dim, n_heads / layout.n_kv_heads);
     let width = n_heads * hd;
-    // One task per (span, KV head, tile of rows).
-    let tasks: Vec<(&SeqSpan, usize, usize)> = spans
-        .iter()
-        .flat_map(|s| {
-            (0..layout.n_kv_heads)
-                .flat_map(move |kv_head| (0..s.n_tokens).step_by(ROW_TILE).map(move |r| (s, kv_head, r)))
-        })
-        .collect();
+    // One task per (span, KV head, tile of rows): (span index, span, KV head, first row, rows). A KIVI tile
+    // also ends where the next row sees one more int4 group, so all its rows see the same cache.
+    let kivi = match &storage.data {
+        KvData::Kivi(store) => Some(store),
+        _ => None,
+    };
+    let mut tasks: Vec<(usize, &SeqSpan, usize, usize, usize)> = Vec::new();
+    for (si, s) in spans.iter().enumerate() {
+        let mut r0 = 0;
+        while r0 < s.n_tokens {
+            let mut rows = ROW_TILE.min(s.n_tokens - r0);
+            if let Some(store) = kivi {
+                let groups = |r: usize| store.geom.quantized_groups(s.start_pos + r + 1);
+                rows = (1..rows).find(|&i| groups(r0 + i) != groups(r0)).unwrap_or(rows);
+            }
+            tasks.extend((0..layout.n_kv_heads).map(|kv_head| (si, s, kv_head, r0, rows)));
+            r0 += rows;
+        }
+    }
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(span, kv_head, r0)| {
-            let rows = ROW_TILE.min(span.n_tokens - r0);
+        .map(|&(si, span, kv_head, r0, rows)| {
+            let kivi = kivi.map(|store| KiviView {
+                table: span.block_table,
+                layer,
+                head: kv_head,
+                groups: store.geom.quantized_groups(span.start_pos + r0 + 1),
+                staged: store.staged_for(si, span, layer),
+            });
             let mut o = vec![0.0; rows * group * hd];
             let tile = Tile {
                 storage,
@@ -195,6 +242,7 @@ pub(crate) fn attention(
                 layer,
                 kv_head,
                 block_table: span.block_table,
+                kivi,
                 first_pos: span.start_pos + r0,
                 rows,
                 group,
@@ -214,7 +262,7 @@ pub(crate) fn attention(
             o
         })
         .collect();
-    for (&(span, kv_head, r0), o) in tasks.iter().zip(&results) {
+    for (&(_, span, kv_head, r0, _), o) in tasks.iter().zip(&results) {
         for (i, head_out) in o.chunks_exact(hd).enumerate() {
             let (row, h) = (span.row0 + r0 + i / group, kv_head * group + i % group);
             out[row * width + h * hd..][..hd].copy_from_slice(head_out);
@@ -230,6 +278,8 @@ struct Tile<'a> {
     layer: usize,
     kv_head: usize,
     block_table: &'a [u32],
+    /// For a KIVI cache: what the tile's rows see (all of them the same).
+    kivi: Option<KiviView<'a>>,
     first_pos: usize,
     rows: usize,
     group: usize,
@@ -250,6 +300,36 @@ impl Tile<'_> {
         let hd = self.layout.head_dim;
         let h = self.kv_head * self.group + i % self.group;
         &self.q[(self.q_row0 + i / self.group) * self.q_width + h * hd..][..hd]
+    }
+
+    /// Keys of block `b` (positions `b * bt ..`), transposed `[d][slot]`, `bt * hd` values; slots past
+    /// `n_max` (positions no query of the tile reads) hold finite filler.
+    #[inline(always)]
+    fn keys_t<'a>(&'a self, b: usize, n_max: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let l = self.layout;
+        let (hd, bt) = (l.head_dim, l.block_tokens);
+        if let (KvData::Kivi(store), Some(view)) = (&self.storage.data, &self.kivi) {
+            scratch.clear();
+            scratch.resize(bt * hd, 0.0);
+            store.decode(view, (b * bt, n_max.min((b + 1) * bt)), true, scratch, bt);
+            return scratch;
+        }
+        let base = self.block_table[b] as usize * l.block_elems() + l.head_offset(self.layer, 0, self.kv_head);
+        self.storage.get(base, bt * hd, true, bt, hd, scratch)
+    }
+
+    /// Values of the first `block_len` slots of block `b`, as rows `[slot][d]`.
+    #[inline(always)]
+    fn values<'a>(&'a self, b: usize, block_len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        let l = self.layout;
+        let (hd, bt) = (l.head_dim, l.block_tokens);
+        if let (KvData::Kivi(store), Some(view)) = (&self.storage.data, &self.kivi) {
+            scratch.resize(block_len * hd, 0.0);
+            store.decode(view, (b * bt, b * bt + block_len), false, scratch, hd);
+            return &scratch[..block_len * hd];
+        }
+        let base = self.block_table[b] as usize * l.block_elems() + l.head_offset(self.layer, 1, self.kv_head);
+        self.storage.get(base, block_len * hd, false, bt, hd, scratch)
     }
 }
 
@@ -288,16 +368,13 @@ fn attend_blocks(
     let nq = tile.queries();
     // The last row sees the most positions; query i's scores live at `scores[i * n_max..][..len(i)]`.
     let n_max = tile.first_pos + tile.rows;
-    let k_off = l.head_offset(tile.layer, 0, tile.kv_head);
-    let v_off = l.head_offset(tile.layer, 1, tile.kv_head);
-    let base = |b: usize, off: usize| tile.block_table[b] as usize * l.block_elems() + off;
     scores.clear();
     scores.resize(nq * n_max, 0.0);
     let mut maxes = vec![f32::NEG_INFINITY; nq];
     for b in 0..n_max.div_ceil(bt) {
         // Keys are stored transposed ([d][slot]), so a block's scores accumulate as one vector over the
         // slots, one broadcast query element at a time: no horizontal reduction per key.
-        let keys_t = tile.storage.get(base(b, k_off), bt * hd, true, bt, hd, k_scratch);
+        let keys_t = tile.keys_t(b, n_max, k_scratch);
         for (i, max) in maxes.iter_mut().enumerate() {
             let n = tile.len(i);
             if b * bt >= n {
@@ -342,7 +419,7 @@ fn attend_blocks(
     out.fill(0.0);
     for b in 0..n_max.div_ceil(bt) {
         let block_len = bt.min(n_max - b * bt);
-        let values_all = tile.storage.get(base(b, v_off), block_len * hd, false, bt, hd, v_scratch);
+        let values_all = tile.values(b, block_len, v_scratch);
         for (i, (out, &inv)) in out.chunks_exact_mut(hd).zip(maxes.iter()).enumerate() {
             let n = tile.len(i);
             if b * bt >= n {

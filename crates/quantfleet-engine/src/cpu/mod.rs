@@ -4,6 +4,7 @@
 mod attention;
 pub mod dot;
 mod gemm;
+mod kivi;
 mod matmul;
 mod packed_kernels;
 #[cfg(target_arch = "x86_64")]
@@ -21,7 +22,7 @@ pub use matmul::SimdLevel;
 use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
-use crate::kv_cache::KvDtype;
+use crate::kv_cache::{self, KvDtype};
 use crate::packed::PackedMatrix;
 use crate::weights::{WeightBytes, WeightTensor};
 use matmul::BlockMatrix;
@@ -355,12 +356,13 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv_storage(&self, layout: KvLayout, dtype: KvDtype, n_blocks: usize) -> Result<CpuKvStorage> {
-        let n = layout
-            .block_elems()
-            .checked_mul(n_blocks)
-            .ok_or_else(|| shape_err("kv storage", format!("{n_blocks} blocks overflow")))?;
+        let words = match dtype {
+            KvDtype::Int4Kivi { .. } => kv_cache::KiviGeometry::block_words(&layout),
+            _ => layout.block_elems(),
+        };
+        words.checked_mul(n_blocks).ok_or_else(|| shape_err("kv storage", format!("{n_blocks} blocks overflow")))?;
         // Zeroed allocation: the OS commits pages only when blocks are first written.
-        Ok(CpuKvStorage { layout, n_blocks, store: attention::KvStore::new(dtype, n, layout.head_dim) })
+        Ok(CpuKvStorage { layout, n_blocks, store: attention::KvStore::new(dtype, &layout, n_blocks)? })
     }
 
     fn kv_write(
@@ -414,6 +416,7 @@ impl CpuKvStorage {
             attention::KvData::F32(_) => 4,
             attention::KvData::F16(_) | attention::KvData::Bf16(_) => 2,
             attention::KvData::Fp8(_) | attention::KvData::Int8(_) => 1,
+            attention::KvData::Kivi(_) => 2,
         };
         elem * self.store.len() + 4 * self.store.scales.len()
     }
@@ -434,7 +437,7 @@ impl CpuKvStorage {
                 return Err(shape_err("kv", format!("span starts at row {} instead of {next_row}", s.row0)));
             }
             next_row += s.n_tokens;
-            let needed = (s.start_pos + s.n_tokens).div_ceil(l.block_tokens);
+            let needed = self.store.blocks_for(l, s.start_pos + s.n_tokens);
             if s.block_table.len() < needed || s.block_table[..needed].iter().any(|&b| b as usize >= n_blocks) {
                 return Err(shape_err(
                     "kv",

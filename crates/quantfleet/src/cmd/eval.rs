@@ -237,7 +237,7 @@ fn memory_probe(args: &Args, tier_json: &str) -> Result<ExitCode> {
     let prompt = prompts(args, &e)?.into_iter().find(|(c, _)| *c == "long").context("long prompt")?.1;
     let tokens = prompt.len() + args.continuation;
     let layout = e.model.config.kv_layout(quantfleet_engine::kv_cache::DEFAULT_BLOCK_TOKENS);
-    let budget = tokens.div_ceil(layout.block_tokens) * e.kv_dtype.block_bytes(&layout);
+    let budget = e.kv_dtype.sequence_bytes(&layout, tokens)?;
     let mut kv = e.new_kv_cache(budget)?;
     let req = GenerateRequest {
         max_tokens: args.continuation,
