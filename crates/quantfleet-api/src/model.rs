@@ -141,8 +141,10 @@ pub struct ModelArchitecture {
 /// One precision tier: how the weights, activations and KV cache of this copy of the model are stored.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
-    validation = Rule::new("!(self.activations in ['fp8-e4m3', 'int8']) || self.weights.format in ['fp8-e4m3', 'int8']")
+    validation = Rule::new("self.activations != 'fp8-e4m3' || self.weights.format in ['fp8-e4m3', 'int8']")
         .message("8-bit activations (W8A8) need 8-bit weights: set weights.format to fp8-e4m3 or int8, or activations to bf16"),
+    validation = Rule::new("self.activations != 'int8' || self.weights.format in ['int8', 'int4']")
+        .message("int8 activations need int8 (W8A8) or int4 (W4A8) weights: set weights.format, or activations to bf16"),
     validation = Rule::new("self.weights.method != 'smoothquant' || self.activations in ['fp8-e4m3', 'int8']")
         .message("weights.method smoothquant is for W8A8: set activations to int8 or fp8-e4m3"),
 )]

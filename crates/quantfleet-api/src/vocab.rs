@@ -169,7 +169,8 @@ pub enum ActivationPrecision {
     /// FP8 E4M3 activations with dynamic per-token scales (W8A8 FP8). Needs SM89+.
     #[serde(rename = "fp8-e4m3")]
     Fp8E4m3,
-    /// INT8 activations with per-token scales (W8A8 INT8, usually with SmoothQuant).
+    /// INT8 activations with dynamic scales per token and block of 32 channels (W8A8 with int8 weights, usually
+    /// with SmoothQuant; W4A8 with int4 weights, as llama.cpp's Q4_0 x Q8_0 products).
     #[serde(rename = "int8")]
     Int8,
 }

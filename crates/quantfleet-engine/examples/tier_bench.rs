@@ -3,7 +3,8 @@
 //!
 //! * a streaming-read loop measures this machine's memory read bandwidth (1 and N threads, at the start and
 //!   at the end of the run; the best figure is the roofline's denominator);
-//! * every tier (bf16, fp8, int8, int4 g128 RTN/AWQ/GPTQ, and the GGUF file's own Q4_1/Q8_0 weights) is
+//! * every tier (bf16, fp8, int8, int4 g128 RTN/AWQ/GPTQ, the INT8-activation tiers int8-a8 and int4-a8 g32
+//!   sym/asym that do llama.cpp's own arithmetic, and the GGUF file's own Q4_1/Q8_0 weights) is
 //!   loaded in a child process of its own, which measures prefill and decode tokens/s at batch 1 and at
 //!   batch B (B sequences prefilled together, then decoding one token each per step), the resident memory
 //!   after loading and at the end (VmRSS, VmHWM), and the fit planner's weight and KV figures for the tier;
@@ -48,6 +49,21 @@ fn tiers() -> Vec<(&'static str, Option<Value>, &'static [&'static str])> {
         ("bf16", Some(json!({"name": "bf16", "weights": {"format": "bf16"}})), &["BF16"]),
         ("fp8", Some(json!({"name": "fp8", "weights": {"format": "fp8-e4m3", "scaling": "per-channel"}})), &["Q8_0"]),
         ("int8", Some(json!({"name": "int8", "weights": {"format": "int8"}})), &["Q8_0"]),
+        // W8A8 / W4A8: the activations quantized per 32 like llama.cpp's Q8_0 activations, so these three are
+        // llama.cpp's own arithmetic at matched bits (Q8_0, Q4_0 and Q4_1 weights, all times Q8 activations).
+        ("int8-a8", Some(json!({"name": "int8-a8", "weights": {"format": "int8"}, "activations": "int8"})), &["Q8_0"]),
+        (
+            "int4-a8-g32-sym",
+            Some(json!({"name": "int4-a8-g32-sym", "activations": "int8", "layerOverrides": emb_int8,
+                "weights": {"format": "int4", "groupSize": 32, "symmetric": true}})),
+            &["Q4_0"],
+        ),
+        (
+            "int4-a8-g32-asym",
+            Some(json!({"name": "int4-a8-g32-asym", "activations": "int8", "layerOverrides": emb_int8,
+                "weights": {"format": "int4", "groupSize": 32}})),
+            &["Q4_1"],
+        ),
         (
             "int4-rtn",
             Some(json!({"name": "int4-rtn", "weights": int4("rtn"), "layerOverrides": emb_int8})),

@@ -9,8 +9,11 @@
 //! * INT4: each row takes `ceil(cols / 2)` bytes; element `2k` is the LOW nibble of byte `k`, element `2k+1`
 //!   the HIGH nibble (the quant crate's order); value = (nibble - zero) * scale, where zero is 8 for symmetric
 //!   groups and `zeros[row * groups_per_row + g]` otherwise.
-//! * `input_scales` (AWQ): the matrix holds Q(W diag(s)); a product divides its input by s first, so the
-//!   layer still computes x W^T without folding s into a previous operation.
+//! * `input_scales` (AWQ, SmoothQuant): the matrix holds Q(W diag(s)); a product divides its input by s first,
+//!   so the layer still computes x W^T without folding s into a previous operation.
+//! * `activations` ([`ActivationQuant`]): INT8 and INT4 matrices of a W8A8/W4A8 tier quantize their input at
+//!   run time, per token in blocks of 32 input features ([`quantize_activation_block`]), and multiply in
+//!   integers; a product then computes `row · x̂` where x̂ is the quantize-dequantized input.
 //!
 //! The storage bytes match the fit planner's conventions (`quantfleet_api::plan::matrix_bytes`), plus the
 //! AWQ input scales (4 bytes per input feature), which the planner does not count.
@@ -43,6 +46,56 @@ impl PackedFormat {
     }
 }
 
+/// What a product does to its input before multiplying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ActivationQuant {
+    /// The input stays f32 (weight-only quantization: W8A16, W4A16).
+    #[default]
+    F32,
+    /// Dynamic symmetric INT8 per token and block of 32 input features (after the input scales): scale
+    /// `d = amax / 127`, codes `round(x / d)` (ties to even). The block size and rounding of llama.cpp's
+    /// Q8_0 activations, so the integer dot products match its `Q8_0 x Q8_0` / `Q4_0 x Q8_0` kernels in bits.
+    Int8,
+}
+
+/// Input features per INT8 activation block.
+pub const ACT_BLOCK: usize = 32;
+
+/// Quantizes one block of activations (see [`ActivationQuant::Int8`]); returns the block's scale. An
+/// all-zero block has scale 0 and zero codes; a block holding a NaN or an infinity gets a NaN scale, so the
+/// product is NaN as it would be in f32 (the node's NaN guard must still see it).
+#[inline]
+pub fn quantize_activation_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let mut amax = 0.0f32;
+    let mut finite = true;
+    for v in x {
+        finite &= v.is_finite();
+        amax = amax.max(v.abs());
+    }
+    if amax == 0.0 || !finite {
+        q.fill(0);
+        return if finite { 0.0 } else { f32::NAN };
+    }
+    let d = amax / 127.0;
+    let id = 1.0 / d;
+    for (c, &v) in q.iter_mut().zip(x) {
+        *c = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Quantize-dequantizes `x` in place per block of [`ACT_BLOCK`] (the reference of what an INT8-activation
+/// product sees); `x.len()` must be a multiple of the block.
+pub fn fake_quantize_activations(x: &mut [f32]) {
+    let mut q = [0i8; ACT_BLOCK];
+    for b in x.chunks_exact_mut(ACT_BLOCK) {
+        let d = quantize_activation_block(b, &mut q);
+        for (v, &c) in b.iter_mut().zip(&q) {
+            *v = c as f32 * d;
+        }
+    }
+}
+
 /// A quantized weight matrix owned in host memory (see the module docs for the layout).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedMatrix {
@@ -56,8 +109,10 @@ pub struct PackedMatrix {
     pub group_scales: Vec<f16>,
     /// INT4 asymmetric: one zero point per (row, group). Empty otherwise.
     pub zeros: Vec<u8>,
-    /// AWQ per-input-feature scales: inputs are divided by these before the product.
+    /// AWQ/SmoothQuant per-input-feature scales: inputs are divided by these before the product.
     pub input_scales: Option<Vec<f32>>,
+    /// Run-time quantization of the input (INT8 and INT4 weights only; `cols` a multiple of [`ACT_BLOCK`]).
+    pub activations: ActivationQuant,
 }
 
 fn bad(what: String) -> EngineError {
@@ -78,6 +133,7 @@ impl PackedMatrix {
             group_scales: Vec::new(),
             zeros: Vec::new(),
             input_scales: None,
+            activations: ActivationQuant::F32,
         };
         let m = match q {
             QuantizedMatrix::Bf16 { values, .. } => {
@@ -170,6 +226,14 @@ impl PackedMatrix {
                 return Err(bad("input scales must be positive and finite".into()));
             }
         }
+        if self.activations == ActivationQuant::Int8 {
+            if !matches!(self.format, PackedFormat::Int8 | PackedFormat::Int4 { .. }) {
+                return Err(bad(format!("INT8 activations need INT8 or INT4 weights, not {}", self.format.name())));
+            }
+            if !self.cols.is_multiple_of(ACT_BLOCK) {
+                return Err(bad(format!("INT8 activations need a multiple of {ACT_BLOCK} columns, not {}", self.cols)));
+            }
+        }
         let finite = self.row_scales.iter().all(|s| s.is_finite()) && self.group_scales.iter().all(|s| s.is_finite());
         if !finite {
             return Err(bad("non-finite scale".into()));
@@ -227,15 +291,36 @@ impl PackedMatrix {
         Ok(())
     }
 
-    /// Scalar reference of `(row r) · (x / input_scales)`, summed in f64.
-    pub fn dot_reference(&self, r: usize, x: &[f32]) -> Result<f32> {
-        let mut w = vec![0.0f32; self.cols];
-        self.dequantize_row_reference(r, &mut w)?;
+    /// The storage format, with `-a8` when the input is quantized to INT8 at run time.
+    pub fn format_name(&self) -> String {
+        match self.activations {
+            ActivationQuant::F32 => self.format.name(),
+            ActivationQuant::Int8 => format!("{}-a8", self.format.name()),
+        }
+    }
+
+    /// The input a product really multiplies: divided by the input scales (in f32, as the kernels do), then
+    /// quantize-dequantized when the activations are INT8.
+    pub fn effective_input(&self, x: &[f32]) -> Result<Vec<f32>> {
         if x.len() != self.cols {
             return Err(bad(format!("input of {} for {} columns", x.len(), self.cols)));
         }
-        let s = |j: usize| self.input_scales.as_ref().map_or(1.0, |s| s[j] as f64);
-        Ok(w.iter().zip(x).enumerate().map(|(j, (&a, &b))| a as f64 * b as f64 / s(j)).sum::<f64>() as f32)
+        let mut v: Vec<f32> = match &self.input_scales {
+            Some(s) => x.iter().zip(s).map(|(a, b)| a / b).collect(),
+            None => x.to_vec(),
+        };
+        if self.activations == ActivationQuant::Int8 {
+            fake_quantize_activations(&mut v);
+        }
+        Ok(v)
+    }
+
+    /// Scalar reference of `(row r) · effective_input(x)`, summed in f64.
+    pub fn dot_reference(&self, r: usize, x: &[f32]) -> Result<f32> {
+        let mut w = vec![0.0f32; self.cols];
+        self.dequantize_row_reference(r, &mut w)?;
+        let x = self.effective_input(x)?;
+        Ok(w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32)
     }
 }
 
@@ -288,5 +373,41 @@ mod tests {
         p.input_scales = Some(vec![0.0; 32]);
         assert!(p.validate().is_err(), "zero input scale");
         assert!(p.dequantize_row_reference(2, &mut [0.0; 32]).is_err());
+        let mut p = PackedMatrix::from_quantized(&q).unwrap();
+        p.activations = ActivationQuant::Int8;
+        assert!(p.validate().unwrap_err().to_string().contains("INT8 or INT4 weights"), "FP8 W8A8 on the CPU");
+    }
+
+    #[test]
+    fn int8_activations_need_whole_blocks() {
+        let w: Vec<f32> = (0..2 * 48).map(|i| i as f32 * 0.01 - 0.4).collect();
+        let q = quantize_rtn(&MatrixRef::new("w", &w, 2, 48).unwrap(), &WeightFormat::Int8).unwrap();
+        let mut p = PackedMatrix::from_quantized(&q).unwrap();
+        p.activations = ActivationQuant::Int8;
+        assert!(p.validate().unwrap_err().to_string().contains("multiple of 32 columns"));
+    }
+
+    /// The block quantizer: scale amax/127, codes round-half-even and within +-127, all-zero blocks, NaN.
+    #[test]
+    fn activation_blocks_quantize_like_q8_0() {
+        let mut x = [0.0f32; 32];
+        // amax 127 gives scale 1 exactly, so the halves below are exact ties.
+        x[..6].copy_from_slice(&[-127.0, 63.5, 0.5, 1.5, 2.5, -0.49]);
+        let mut q = [0i8; 32];
+        assert_eq!(quantize_activation_block(&x, &mut q), 1.0);
+        assert_eq!(&q[..6], &[-127, 64, 0, 2, 2, 0]);
+        x[1] = 200.0;
+        assert_eq!(quantize_activation_block(&x, &mut q), 200.0 / 127.0);
+        assert_eq!((q[0], q[1]), (-81, 127));
+        assert_eq!(quantize_activation_block(&[0.0; 32], &mut q), 0.0);
+        assert!(q.iter().all(|&c| c == 0));
+        x[9] = f32::NAN;
+        assert!(quantize_activation_block(&x, &mut q).is_nan());
+        let mut v = vec![0.3f32; 64];
+        v[33] = -1.0;
+        fake_quantize_activations(&mut v);
+        assert!((v[0] - 0.3).abs() <= 1e-7, "a block of equal values keeps them: {}", v[0]);
+        assert!((v[33] + 1.0).abs() <= 1e-7);
+        assert!((v[32] - 0.3).abs() <= 0.5 / 127.0 + 1e-7, "{}", v[32]);
     }
 }

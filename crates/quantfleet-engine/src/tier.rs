@@ -10,7 +10,16 @@
 //! AWQ searches one set of input scales per shared input (q/k/v after the attention norm, gate/up after the
 //! FFN norm) and one each for o_proj and down_proj; the scales are kept beside the matrix and divide the input
 //! at run time (`PackedMatrix::input_scales`), so nothing needs folding.
+//! SmoothQuant (W8A8) runs on the same pass: each linear gets its own per-input-channel smoothing factors
+//! (alpha searched on its calibration inputs, `quantfleet_quant::smoothquant`), kept like AWQ's scales.
 //! Embeddings and lm_head have no calibration input here: they are quantized with RTN in their format.
+//!
+//! Activations: a tier with `activations: int8` (W8A8 with int8 weights, W4A8 with int4 weights) quantizes
+//! the input of every int8/int4 matrix product at run time, per token in blocks of 32 (`ActivationQuant::Int8`),
+//! and multiplies in integers, lm_head included when it is int8/int4 (as llama.cpp does; keep lm_head at bf16
+//! with an override to keep its input in f32, as vLLM's W8A8 schemes do). Matrices kept at bf16 by an override
+//! keep f32 inputs, and the embedding lookup is unaffected. FP8 activations are refused: the CPU has no FP8
+//! arithmetic to make them worth emulating.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,6 +32,7 @@ use quantfleet_api::vocab::{
 use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
 use quantfleet_quant::gptq::{GptqConfig, gptq_with_hessian, layer_hessian};
 use quantfleet_quant::matrix::subsample_rows;
+use quantfleet_quant::smoothquant::{ActivationFormat, SmoothQuantConfig, smoothquant};
 use quantfleet_quant::{Fp8Format, Fp8Scaling, Int4Config, MatrixRef, ScaleStorage, WeightFormat, quantize_rtn};
 use rayon::prelude::*;
 
@@ -32,7 +42,7 @@ use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{KvCache, KvDtype, SeqKv};
 use crate::model::{Llama, Workspace};
-use crate::packed::PackedMatrix;
+use crate::packed::{ActivationQuant, PackedFormat, PackedMatrix};
 use crate::tokenizer::Tokenizer;
 
 /// The bundled calibration text (see `calibration/README.md` for its source).
@@ -159,10 +169,10 @@ pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
 
 /// Checks everything about a tier the CPU engine cannot serve before any work is done.
 pub fn check_tier(arch: &ModelArchitecture, tier: &TierSpec) -> Result<()> {
-    if matches!(tier.activations, ActivationPrecision::Fp8E4m3 | ActivationPrecision::Int8) {
+    if tier.activations == ActivationPrecision::Fp8E4m3 {
         return Err(EngineError::UnsupportedModel(format!(
-            "tier {}: {} activations (W8A8) are not implemented by the CPU engine; activations run in f32",
-            tier.name, tier.activations
+            "tier {}: fp8-e4m3 activations are not implemented by the CPU engine (int8 activations are: W8A8/W4A8)",
+            tier.name
         )));
     }
     let mut sites = vec![TensorSite::Embedding, TensorSite::LmHead];
@@ -174,13 +184,15 @@ pub fn check_tier(arch: &ModelArchitecture, tier: &TierSpec) -> Result<()> {
             QuantMethod::Rtn => true,
             QuantMethod::Awq => matches!(format, WeightFormat::Int4(_)),
             QuantMethod::Gptq => matches!(format, WeightFormat::Int4(_) | WeightFormat::Int8),
-            QuantMethod::SmoothQuant => false,
+            QuantMethod::SmoothQuant => {
+                matches!(format, WeightFormat::Int8) && tier.activations == ActivationPrecision::Int8
+            }
         };
         if !ok {
             return Err(EngineError::UnsupportedModel(format!(
-                "tier {}: method {} on {} weights is not supported (awq: int4; gptq: int4/int8; smoothquant: W8A8, \
-                 not implemented)",
-                tier.name, spec.method, spec.format
+                "tier {}: method {} on {} weights with {} activations is not supported (awq: int4; gptq: \
+                 int4/int8; smoothquant: int8 weights with int8 activations)",
+                tier.name, spec.method, spec.format, tier.activations
             )));
         }
     }
@@ -245,8 +257,30 @@ fn quantize_group(
     let format = quant_format(spec)?;
     let name = names.join("+");
     match spec.method {
-        QuantMethod::Rtn | QuantMethod::SmoothQuant => {
-            names.par_iter().zip(ms.par_iter()).map(|(n, m)| rtn(n, m, &format)).collect()
+        QuantMethod::Rtn => names.par_iter().zip(ms.par_iter()).map(|(n, m)| rtn(n, m, &format)).collect(),
+        QuantMethod::SmoothQuant => {
+            let config = SmoothQuantConfig {
+                alpha: None,
+                // The search judges each alpha with the runtime's own activation quantization.
+                activations: ActivationFormat::Int8Block32,
+                weights: format.clone(),
+                max_tokens: opts.awq_tokens,
+            };
+            let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
+            names
+                .par_iter()
+                .zip(ms.par_iter())
+                .map(|(n, m)| {
+                    let w = matrix_f32(m)?;
+                    let wr = MatrixRef::new("weights", &w, m.shape().0, m.shape().1).map_err(quant_err(n))?;
+                    let r = smoothquant(&wr, &xr, &config).map_err(quant_err(n))?;
+                    let mut p = PackedMatrix::from_quantized(&r.weight)?;
+                    // Kept even when no smoothing won (all ones), so every SmoothQuant matrix stores the
+                    // same bytes (4 per input feature, as AWQ's scales).
+                    p.input_scales = Some(if r.alpha.is_some() { r.smoothing } else { vec![1.0; m.shape().1] });
+                    Ok(p)
+                })
+                .collect()
         }
         QuantMethod::Awq => {
             let ws: Vec<Vec<f32>> = ms.iter().map(|m| matrix_f32(m)).collect::<Result<_>>()?;
@@ -293,7 +327,19 @@ fn quantize_group(
 }
 
 fn needs_calibration(spec: &WeightSpec) -> bool {
-    matches!(spec.method, QuantMethod::Awq | QuantMethod::Gptq)
+    matches!(spec.method, QuantMethod::Awq | QuantMethod::Gptq | QuantMethod::SmoothQuant)
+}
+
+/// A matrix of `tier` as it will run: INT8/INT4 weights of an `activations: int8` tier quantize their input at
+/// run time.
+fn with_tier_activations(mut p: PackedMatrix, tier: &TierSpec) -> Result<PackedMatrix> {
+    if tier.activations == ActivationPrecision::Int8
+        && matches!(p.format, PackedFormat::Int8 | PackedFormat::Int4 { .. })
+    {
+        p.activations = ActivationQuant::Int8;
+        p.validate()?;
+    }
+    Ok(p)
 }
 
 /// Re-quantizes every matrix of `model` (loaded natively from its GGUF file) as `tier` asks.
@@ -322,7 +368,7 @@ pub fn apply_tier(
             .map(|&(l, i)| {
                 let spec = layer_spec(l);
                 let m = model.layers[l].matrices()[i];
-                rtn(&format!("blk.{l}.{}", LAYER_NAMES[i]), m, &quant_format(spec)?)
+                with_tier_activations(rtn(&format!("blk.{l}.{}", LAYER_NAMES[i]), m, &quant_format(spec)?)?, tier)
             })
             .collect::<Result<_>>()?;
         for ((l, i), p) in jobs.into_iter().zip(packed) {
@@ -332,11 +378,12 @@ pub fn apply_tier(
     // Embeddings (and a separate lm_head): RTN in their resolved format.
     let embd_spec = weight_spec_for(&arch, tier, TensorSite::Embedding);
     let packed = rtn("token_embd", &model.tok_embd, &quant_format(embd_spec)?)?;
-    model.tok_embd = be.upload_packed(packed)?;
+    // Tied: the embedding matrix is lm_head too; the flag only changes its products, not the lookup.
+    model.tok_embd = be.upload_packed(with_tier_activations(packed, tier)?)?;
     if let Some(out) = &model.output {
         let spec = weight_spec_for(&arch, tier, TensorSite::LmHead);
         let packed = rtn("output", out, &quant_format(spec)?)?;
-        model.output = Some(be.upload_packed(packed)?);
+        model.output = Some(be.upload_packed(with_tier_activations(packed, tier)?)?);
     }
     report.quantize_seconds = started.elapsed().as_secs_f64();
     report.formats = model_formats(model);
@@ -383,7 +430,7 @@ fn calibrate_layers(
     tokens.truncate(opts.calibration_tokens.min(model.config.context));
     if tokens.len() < 16 {
         return Err(EngineError::InvalidRequest(format!(
-            "calibration text gives {} tokens; AWQ/GPTQ need at least 16",
+            "calibration text gives {} tokens; AWQ/GPTQ/SmoothQuant need at least 16",
             tokens.len()
         )));
     }
@@ -405,7 +452,7 @@ fn calibrate_layers(
             let mats: Vec<&CpuMatrix> = idx.iter().map(|&i| model.layers[l].matrices()[i]).collect();
             let packed = quantize_group(&names(idx), &mats, x, spec, opts)?;
             for (&i, p) in idx.iter().zip(packed) {
-                *model.layers[l].matrices_mut()[i] = be.upload_packed(p)?;
+                *model.layers[l].matrices_mut()[i] = be.upload_packed(with_tier_activations(p, tier)?)?;
             }
             Ok(())
         };

@@ -66,8 +66,8 @@ fn open(t: &TierSpec, opts: &LoadOptions) -> Engine<CpuBackend> {
     Engine::open_cpu_tier(&common::smollm2_path(), None, t, opts).unwrap()
 }
 
-/// Bytes the planner counts for every matrix of the tier, plus the AWQ input scales the engine keeps
-/// (4 bytes per input feature of each AWQ matrix), which the planner does not count.
+/// Bytes the planner counts for every matrix of the tier, plus the AWQ/SmoothQuant input scales the engine
+/// keeps (4 bytes per input feature of each such matrix), which the planner does not count.
 fn planned_matrix_bytes(e: &Engine<CpuBackend>, t: &TierSpec) -> u64 {
     let arch = architecture(&e.model);
     let c = &e.model.config;
@@ -78,7 +78,7 @@ fn planned_matrix_bytes(e: &Engine<CpuBackend>, t: &TierSpec) -> u64 {
         let spec = weight_spec_for(&arch, t, TensorSite::Layer(l));
         for (rows, cols) in shapes {
             total += matrix_bytes(rows, cols, spec);
-            if spec.method == QuantMethod::Awq {
+            if matches!(spec.method, QuantMethod::Awq | QuantMethod::SmoothQuant) {
                 total += 4 * cols;
             }
         }
@@ -272,11 +272,83 @@ fn kv_cache_dtypes_add_little_divergence() {
     assert!(err.to_string().contains("per-token int4"), "{err}");
 }
 
+/// INT8-activation tiers (W8A8 with int8 weights, RTN and SmoothQuant; W4A8 with int4 g32 weights): every
+/// int8/int4 matrix, lm_head included, quantizes its input at run time; the divergence they add over their
+/// weight-only peers is small; the integer kernels are batch-invariant, so a decode step reproduces the
+/// prefill's logits for the same position bit for bit.
+#[test]
+fn int8_activation_tiers_track_their_weight_only_peers() {
+    // A short SmoothQuant search (its alpha grid runs per matrix on these tokens) keeps the test to a minute.
+    let opts = LoadOptions { calibration_tokens: 32, awq_tokens: 16, ..LoadOptions::default() };
+    let int4 = r#""weights":{"format":"int4","groupSize":32},"layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"int8"}}]"#;
+    let cases = [
+        (
+            r#"{"name":"int8","weights":{"format":"int8"}}"#.to_owned(),
+            r#"{"name":"int8-a8","weights":{"format":"int8"},"activations":"int8"}"#.to_owned(),
+        ),
+        (
+            r#"{"name":"int8","weights":{"format":"int8"}}"#.to_owned(),
+            r#"{"name":"int8-sq","weights":{"format":"int8","method":"smoothquant"},"activations":"int8"}"#.to_owned(),
+        ),
+        (format!(r#"{{"name":"int4",{int4}}}"#), format!(r#"{{"name":"int4-a8","activations":"int8",{int4}}}"#)),
+    ];
+    let mut base_cache: Vec<(String, Divergence)> = Vec::new();
+    for (base_json, a8_json) in &cases {
+        let base_d = match base_cache.iter().find(|(j, _)| j == base_json) {
+            Some((_, d)) => *d,
+            None => {
+                let d = divergence(&open(&tier(base_json), &opts));
+                base_cache.push((base_json.clone(), d));
+                d
+            }
+        };
+        let t = tier(a8_json);
+        let e = open(&t, &opts);
+        let report = e.tier.as_ref().unwrap();
+        for (name, format) in &report.formats {
+            assert!(format.ends_with("-a8"), "tier {}: {name} is {format}", t.name);
+        }
+        assert_eq!(report.weight_bytes, planned_matrix_bytes(&e, &t), "tier {}: stored vs planned bytes", t.name);
+        let d = divergence(&e);
+        println!(
+            "tier {}: mean KLD {:.5} (weight-only {:.5}), top-1 {:.3} (weight-only {:.3}), first divergence {:?}",
+            t.name,
+            d.mean_kl(),
+            base_d.mean_kl(),
+            d.top1(),
+            base_d.top1(),
+            d.first_divergent
+        );
+        assert!(d.mean_kl() < base_d.mean_kl() + 0.01 && d.top1() > base_d.top1() - 0.05, "tier {}: {d:?}", t.name);
+        assert!(greedy_text(&e, "The capital of France is", 2).starts_with(" Paris"), "tier {}", t.name);
+
+        // Decode (one token) against prefill (all tokens in one step) at the same position.
+        let ids = e.tokenizer.encode(PROMPTS[2]).unwrap();
+        let vocab = e.model.config.vocab;
+        let all = logits_all(&e, &ids);
+        let want = &all[(ids.len() - 1) * vocab..];
+        let mut kv = e.new_kv_cache(16 << 20).unwrap();
+        let mut seq = Default::default();
+        let mut ws = e.model.new_workspace();
+        let mut prefix = Vec::new();
+        e.model.forward(&mut ws, &mut kv, &mut seq, &ids[..ids.len() - 1], Logits::Last, &mut prefix).unwrap();
+        let mut got = Vec::new();
+        e.model.forward(&mut ws, &mut kv, &mut seq, &ids[ids.len() - 1..], Logits::Last, &mut got).unwrap();
+        let max_diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        println!("tier {}: decode vs prefill max |logit diff| {max_diff:.2e} (max |logit| {scale:.1})", t.name);
+        assert_eq!(max_diff, 0.0, "tier {}: decode vs prefill", t.name);
+    }
+}
+
 #[test]
 fn unsupported_tiers_are_clear_errors() {
     let cases = [
         (r#"{"name":"nv","weights":{"format":"nvfp4"}}"#, "nvfp4"),
-        (r#"{"name":"w8a8","weights":{"format":"int8","method":"smoothquant"},"activations":"int8"}"#, "W8A8"),
+        (
+            r#"{"name":"fp8a","weights":{"format":"fp8-e4m3","scaling":"per-channel"},"activations":"fp8-e4m3"}"#,
+            "fp8-e4m3 activations",
+        ),
         (r#"{"name":"f16","weights":{"format":"fp16"}}"#, "fp16"),
     ];
     for (json, needle) in cases {

@@ -15,7 +15,11 @@ use crate::quantized::{QuantizedMatrix, WeightFormat, quantize_rtn};
 /// Activation element type of a W8A8 layer (activations are quantized per token, dynamically).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivationFormat {
+    /// INT8, one scale per token (the SmoothQuant paper's per-token dynamic quantization).
     Int8,
+    /// INT8, one scale per token and block of 32 channels (llama.cpp's Q8_0 activations; the CPU engine's
+    /// W8A8/W4A8 tiers). Finer than per token, so it needs less smoothing.
+    Int8Block32,
     Fp8E4M3,
 }
 
@@ -69,6 +73,18 @@ pub fn fake_quantize_activations(x: &MatrixRef<'_>, format: ActivationFormat) ->
                 let s = crate::int8::int8_scale(amax(x.row(t)));
                 crate::int8::quantize_int8_slice(x.row(t), s, &mut codes);
                 crate::int8::dequantize_int8_slice(&codes, s, o);
+            }
+            Ok(out)
+        }
+        ActivationFormat::Int8Block32 => {
+            let mut out = x.data().to_vec();
+            let mut codes = [0i8; 32];
+            for row in out.chunks_mut(x.cols()) {
+                for block in row.chunks_mut(32) {
+                    let s = crate::int8::int8_scale(amax(block));
+                    crate::int8::quantize_int8_slice(block, s, &mut codes[..block.len()]);
+                    crate::int8::dequantize_int8_slice(&codes[..block.len()], s, block);
+                }
             }
             Ok(out)
         }

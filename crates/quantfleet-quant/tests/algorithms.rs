@@ -224,3 +224,29 @@ fn gptq_with_a_shared_hessian_equals_gptq_and_rejects_bad_hessians() {
     }
     assert!(matches!(gptq_with_hessian(&w, bad, &config), Err(QuantError::NotPositiveDefinite { .. })));
 }
+
+/// Per-block-32 activation quantization (the CPU engine's W8A8/W4A8 runtime) confines an outlier's coarse
+/// scale to its own block; per-token quantization spreads it over the whole row. Synthetic row: 256 values
+/// in [-1, 1] with one outlier of 60.
+#[test]
+fn block32_activation_quantization_confines_an_outlier() {
+    use quantfleet_quant::MatrixRef;
+    use quantfleet_quant::smoothquant::{ActivationFormat, fake_quantize_activations};
+    let mut x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    x[70] = 60.0;
+    let m = MatrixRef::new("x", &x, 1, 256).unwrap();
+    let err = |f| {
+        let q = fake_quantize_activations(&m, f).unwrap();
+        q.iter()
+            .zip(&x)
+            .enumerate()
+            .filter(|(i, _)| !(64..96).contains(i))
+            .map(|(_, (a, b))| (a - b).powi(2))
+            .sum::<f32>()
+    };
+    let (token, block) = (err(ActivationFormat::Int8), err(ActivationFormat::Int8Block32));
+    // Outside the outlier's block: per-token steps are 60/127, per-block steps about 1/127.
+    assert!(block * 100.0 < token, "block {block} vs token {token}");
+    let q = fake_quantize_activations(&m, ActivationFormat::Int8Block32).unwrap();
+    assert!((q[70] - 60.0).abs() < 1e-5, "the block maximum is exact");
+}

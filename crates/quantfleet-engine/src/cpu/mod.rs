@@ -120,7 +120,7 @@ impl CpuMatrix {
     pub fn format_name(&self) -> String {
         match self {
             CpuMatrix::Gguf { view, .. } => view.ty.name().to_owned(),
-            CpuMatrix::Packed(p) => p.format.name(),
+            CpuMatrix::Packed(p) => p.format_name(),
         }
     }
 }

@@ -15,31 +15,72 @@
 //! weights are dequantized through a 16-entry table per group ((n - z) * s for every nibble n, looked up
 //! by a permute), so no zero-point term is needed.
 //!
+//! INT8 activations (W8A8/W4A8 tiers, [`ActivationQuant::Int8`]): `prepare` quantizes the input per block of
+//! 32 (de-interleaved for INT4 like the f32 input) and the kernels take exact integer dot products per block
+//! (`x86::dot_i8_q8_avx2` / `dot_i4_q8_avx2`, the portable `dot_i8_q8` / `dot_i4_q8` beside them), scaled by
+//! the block's activation scale. Several tokens (a batch step, a prefill) run the same kernels per token
+//! over each task's rows, which stay in cache: batch-invariant by construction (see `matmul_q8`).
+//!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512: every weight is decoded once in registers
 //! and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of rows to f32
 //! and uses the shared GEMM kernels.
 //! `PackedMatrix::dot_reference` / `dequantize_row_reference` are the scalar references the tests use.
 
 use half::f16;
+#[cfg(target_arch = "x86_64")]
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
 use super::gemm::OutPtr;
 use super::matmul::{SimdLevel, gemm_dequantized};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use crate::packed::{PackedFormat, PackedMatrix};
+use crate::packed::{ACT_BLOCK, ActivationQuant, PackedFormat, PackedMatrix, quantize_activation_block};
 
 /// Rows per parallel task (as for the GGUF kernels).
 const ROWS_PER_TASK: usize = 32;
 
-/// The activation vector prepared for one matrix: divided by the AWQ input scales, and for INT4
-/// de-interleaved per 32 elements with per-group sums.
+/// The activation vector prepared for one matrix: divided by the AWQ/SmoothQuant input scales, and for INT4
+/// de-interleaved per 32 elements with per-group sums; or, with INT8 activations, quantized.
 pub(crate) struct Prepared {
     x: Vec<f32>,
     gsum: Vec<f32>,
     /// INT4 only: whether `x` is de-interleaved (needs `cols % 32 == 0`); otherwise the generic path runs.
     interleaved_fast: bool,
+    /// INT8 activations (`x` and `gsum` are then empty).
+    q8: Option<Q8Input>,
+}
+
+/// An input quantized for [`ActivationQuant::Int8`].
+struct Q8Input {
+    /// Codes, in the order of the weights' bytes (de-interleaved per 32 for INT4).
+    q: Vec<i8>,
+    /// One scale per block of 32.
+    d: Vec<f32>,
+    /// INT4: per weight group, sum over its blocks of d_b * sum(q_b) (the zero-point term). Empty otherwise.
+    gzero: Vec<f32>,
+}
+
+fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
+    let mut q = vec![0i8; xs.len()];
+    let mut d = vec![0.0f32; xs.len() / ACT_BLOCK];
+    for ((qb, xb), db) in q.chunks_exact_mut(ACT_BLOCK).zip(xs.chunks_exact(ACT_BLOCK)).zip(d.iter_mut()) {
+        *db = quantize_activation_block(xb, qb);
+    }
+    let mut gzero = Vec::new();
+    if let PackedFormat::Int4 { group, .. } = m.format {
+        for qb in q.chunks_exact_mut(32) {
+            let orig: [i8; 32] = (&*qb).try_into().expect("32-element block");
+            for j in 0..16 {
+                qb[j] = orig[2 * j];
+                qb[16 + j] = orig[2 * j + 1];
+            }
+        }
+        let block_terms: Vec<f32> =
+            q.chunks_exact(32).zip(&d).map(|(qb, &db)| db * qb.iter().map(|&c| c as i32).sum::<i32>() as f32).collect();
+        gzero = block_terms.chunks(group / 32).map(|g| g.iter().sum()).collect();
+    }
+    Q8Input { q, d, gzero }
 }
 
 pub(crate) fn prepare(m: &PackedMatrix, x: &[f32]) -> Prepared {
@@ -47,6 +88,11 @@ pub(crate) fn prepare(m: &PackedMatrix, x: &[f32]) -> Prepared {
         Some(s) => x.iter().zip(s).map(|(a, b)| a / b).collect(),
         None => x.to_vec(),
     };
+    if m.activations == ActivationQuant::Int8 {
+        // `validate` guarantees INT8/INT4 weights and cols % 32 == 0.
+        let q8 = prepare_q8(m, &xs);
+        return Prepared { x: Vec::new(), gsum: Vec::new(), interleaved_fast: false, q8: Some(q8) };
+    }
     let mut gsum = Vec::new();
     let mut interleaved_fast = false;
     if let PackedFormat::Int4 { group, .. } = m.format
@@ -63,7 +109,49 @@ pub(crate) fn prepare(m: &PackedMatrix, x: &[f32]) -> Prepared {
         xs = d;
         interleaved_fast = true;
     }
-    Prepared { x: xs, gsum, interleaved_fast }
+    Prepared { x: xs, gsum, interleaved_fast, q8: None }
+}
+
+/// INT8 row · INT8 activations, before the row scale: an exact i32 sum per block times the block's scale.
+#[inline(always)]
+fn dot_i8_q8(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for ((w, qb), &db) in row.chunks_exact(32).zip(q.chunks_exact(32)).zip(d) {
+        let mut s = 0i32;
+        for j in 0..32 {
+            s += (w[j] as i8 as i32) * qb[j] as i32;
+        }
+        acc += db * s as f32;
+    }
+    acc
+}
+
+/// INT4 row · INT8 activations de-interleaved per 32 (see [`Q8Input`]).
+#[inline(always)]
+fn dot_i4_q8(
+    row: &[u8],
+    q8: &Q8Input,
+    scales: &[f16],
+    zeros: Option<&[u8]>,
+    group: usize,
+    to_f32: &impl Fn(f16) -> f32,
+) -> f32 {
+    let (mut acc, mut zero_part) = (0.0f32, 0.0f32);
+    let blocks = row.chunks(group / 2).zip(q8.q.chunks(group)).zip(q8.d.chunks(group / 32));
+    for (g, ((gb, gq), gd)) in blocks.enumerate() {
+        let s = to_f32(scales[g]);
+        let mut sum = 0.0f32;
+        for ((b, qb), &db) in gb.chunks_exact(16).zip(gq.chunks_exact(32)).zip(gd) {
+            let mut si = 0i32;
+            for j in 0..16 {
+                si += (b[j] & 0x0f) as i32 * qb[j] as i32 + (b[j] >> 4) as i32 * qb[16 + j] as i32;
+            }
+            sum += db * si as f32;
+        }
+        acc += s * sum;
+        zero_part += s * zeros.map_or(8.0, |z| z[g] as f32) * q8.gzero[g];
+    }
+    acc - zero_part
 }
 
 #[inline(always)]
@@ -166,6 +254,17 @@ fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32:
     for (i, o) in out.iter_mut().enumerate() {
         let r = r0 + i;
         let row = m.row_data(r);
+        if let Some(q8) = &p.q8 {
+            *o = match m.format {
+                PackedFormat::Int4 { symmetric, group } => {
+                    let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
+                    dot_i4_q8(row, q8, &m.group_scales[r * gpr..(r + 1) * gpr], zeros, group, &to_f32)
+                }
+                // Only INT8 and INT4 matrices take INT8 activations (`PackedMatrix::validate`).
+                _ => dot_i8_q8(row, &q8.q, &q8.d) * m.row_scales[r],
+            };
+            continue;
+        }
         *o = match m.format {
             PackedFormat::Bf16 => dot_bf16(row, &p.x),
             PackedFormat::Fp8E4m3 => dot_bytes(row, &p.x, e4m3_to_f32) * m.row_scales[r],
@@ -202,6 +301,9 @@ fn x86_kind(m: &PackedMatrix) -> x86::PackedKind<'_> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
+    if let Some(q8) = &p.q8 {
+        return rows_q8_avx2(m, q8, r0, out);
+    }
     let int4 = matches!(m.format, PackedFormat::Int4 { .. });
     if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(16) {
         return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
@@ -222,9 +324,32 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     }
 }
 
+/// INT8-activation rows with the AVX2 integer kernels (also used at the AVX-512 level).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32]) {
+    let gpr = m.groups_per_row();
+    let scale_bits: &[u16] = m.group_scales.reinterpret_cast();
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = r0 + i;
+        let row = m.row_data(r);
+        *o = match m.format {
+            PackedFormat::Int4 { symmetric, group } => {
+                let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
+                let scales = &scale_bits[r * gpr..(r + 1) * gpr];
+                x86::dot_i4_q8_avx2(row, &q8.q, &q8.d, &q8.gzero, scales, zeros, group)
+            }
+            _ => x86::dot_i8_q8_avx2(row, &q8.q, &q8.d) * m.row_scales[r],
+        };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
+    if let Some(q8) = &p.q8 {
+        return rows_q8_avx2(m, q8, r0, out);
+    }
     rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()))
 }
 
@@ -303,6 +428,9 @@ pub(crate) fn dequantize_row_fast(m: &PackedMatrix, r: usize, out: &mut [f32]) {
 pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n_tokens * m.cols, "activation shape");
     assert_eq!(out.len(), n_tokens * m.rows, "output shape");
+    if m.activations == ActivationQuant::Int8 {
+        return matmul_q8(level, m, x, out);
+    }
     #[cfg(target_arch = "x86_64")]
     if level == SimdLevel::Avx512 && (2..=MULTI_MAX_TOKENS).contains(&n_tokens) && m.cols.is_multiple_of(32) {
         matmul_multi_avx512(m, x, n_tokens, out);
@@ -324,6 +452,31 @@ pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: us
     };
     let dequant = |r: usize, o: &mut [f32]| dequantize_row_fast(m, r, o);
     gemm_dequantized(level, m.rows, m.cols, &dequant, x, n_tokens, out);
+}
+
+/// INT8-activation products of several tokens (a batch step or a prefill): each task runs the integer
+/// kernels for every token over its rows, which stay in cache between tokens. Every token goes through the
+/// same kernel whatever the batch, so a token's output does not depend on how many tokens share the step
+/// (batch invariance): incremental decode reproduces the prefill's logits bit for bit. That matters more
+/// here than for f32 inputs: where a block holds an outlier, a rounding-level difference between two kernels
+/// can move a small activation across a quantization step (a full step of amax/127), and a prefill through the
+/// f32 GEMM on quantize-dequantized inputs drifted from decode by ~0.5 in the logits on the real model.
+fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
+    let (rows, cols) = (m.rows, m.cols);
+    let preps: Vec<Prepared> = x.chunks_exact(cols).map(|xt| prepare(m, xt)).collect();
+    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
+    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
+        let r0 = c * ROWS_PER_TASK;
+        let nr = ROWS_PER_TASK.min(rows - r0);
+        let mut tile = [0.0f32; ROWS_PER_TASK];
+        let o = out_ptr.with_row0(r0);
+        for (t, p) in preps.iter().enumerate() {
+            rows_dispatch(level, m, p, r0, &mut tile[..nr]);
+            for (r, &v) in tile[..nr].iter().enumerate() {
+                o.write(t, r, v);
+            }
+        }
+    });
 }
 
 /// Up to this many tokens (a decode step of a batch of sequences), the AVX-512 path decodes each weight once
@@ -436,6 +589,7 @@ mod tests {
             group_scales: Vec::new(),
             zeros: Vec::new(),
             input_scales: None,
+            activations: ActivationQuant::F32,
         };
         m.validate().unwrap();
         for level in levels() {
@@ -503,6 +657,74 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// INT8 activations (W8A8, W4A8): the integer kernels of every level, for one token, a batch step and a
+    /// prefill (the f32 GEMM on the quantize-dequantized input), with and without input scales, against the
+    /// scalar reference that quantize-dequantizes the input the same way. Shapes include a group cut short at
+    /// the row end (96 columns in groups of 64, 320 in groups of 128). Bound: 1e-5 * sum|w x^| + 1e-6; the
+    /// activation quantization itself moves outputs by about 1e-2 relative, so a kernel that skipped or
+    /// misplaced it fails.
+    #[test]
+    fn int8_activation_kernels_match_the_reference_on_every_level() {
+        let mut rng = Rng(0x0a8a_8a8a_1234_5678);
+        let formats =
+            [WeightFormat::Int8, int4(32, true), int4(32, false), int4(64, true), int4(128, false), int4(256, true)];
+        for f in formats {
+            for (rows, cols) in [(33, 64), (7, 96), (70, 320), (3, 32)] {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.2).collect();
+                let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
+                let mut m = PackedMatrix::from_quantized(&q).unwrap();
+                m.activations = ActivationQuant::Int8;
+                m.validate().unwrap();
+                for with_scales in [false, true] {
+                    m.input_scales = with_scales.then(|| (0..cols).map(|_| 0.25 + rng.uniform().abs() * 4.0).collect());
+                    let mut wrow = vec![0.0f32; cols];
+                    for n_tokens in [1, 3, 9, 20] {
+                        // Spread magnitudes so blocks get different scales; a zero block on token 0.
+                        let mut x: Vec<f32> =
+                            (0..n_tokens * cols).map(|i| rng.uniform() * (1 + i % 7) as f32).collect();
+                        x[..32].fill(0.0);
+                        for level in levels() {
+                            let mut out = vec![f32::NAN; n_tokens * rows];
+                            matmul(level, &m, &x, n_tokens, &mut out);
+                            for t in 0..n_tokens {
+                                let xt = &x[t * cols..(t + 1) * cols];
+                                let xq = m.effective_input(xt).unwrap();
+                                for r in 0..rows {
+                                    let want = m.dot_reference(r, xt).unwrap();
+                                    m.dequantize_row_reference(r, &mut wrow).unwrap();
+                                    let mag: f32 = wrow.iter().zip(&xq).map(|(a, b)| (a * b).abs()).sum();
+                                    let got = out[t * rows + r];
+                                    assert!(
+                                        (got - want).abs() <= 1e-5 * mag + 1e-6,
+                                        "{} {rows}x{cols} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}",
+                                        m.format_name()
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_activations_keep_a_nan_visible() {
+        let w: Vec<f32> = (0..4 * 64).map(|i| (i % 13) as f32 * 0.01 - 0.06).collect();
+        for f in [WeightFormat::Int8, int4(32, false)] {
+            let q = quantize_rtn(&MatrixRef::new("w", &w, 4, 64).unwrap(), &f).unwrap();
+            let mut m = PackedMatrix::from_quantized(&q).unwrap();
+            m.activations = ActivationQuant::Int8;
+            let mut x = vec![0.5f32; 64];
+            x[40] = f32::NAN;
+            for level in levels() {
+                let mut out = vec![0.0f32; 4];
+                matmul(level, &m, &x, 1, &mut out);
+                assert!(out.iter().all(|v| v.is_nan()), "{} {level:?}: {out:?}", m.format_name());
             }
         }
     }

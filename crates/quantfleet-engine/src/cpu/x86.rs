@@ -485,3 +485,97 @@ pub(crate) fn rows_multi_avx512<const NT: usize>(
         }
     }
 }
+
+// INT8-activation (W8A8, W4A8) kernels. Per block of 32 inputs the product is an exact integer dot product
+// (`maddubs`: unsigned x signed bytes into i16 pairs, then `madd` against ones into eight i32 lanes), which
+// is converted once and scaled by the block's activation scale: one FMA per 32 weights instead of four, and
+// the weights are never widened to f32. The products cannot overflow: |w| <= 128 and |q| <= 127 give i16
+// pairs of at most 2 * 128 * 127 = 32512; INT4 nibbles give at most 2 * 15 * 127.
+
+/// The eight i32 lanes of one 32-element INT8 block product, as f32. `maddubs` wants an unsigned left
+/// operand: |w| with the sign of w moved onto q (`sign`) leaves each product unchanged.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn i8_block_avx2(w: &[u8], q: &[i8]) -> __m256 {
+    assert!(w.len() >= 32 && q.len() >= 32);
+    // SAFETY: 32 bytes are readable behind both pointers (checked above); unaligned loads.
+    unsafe {
+        let w = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
+        let q = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// INT8 row · INT8 activations (codes `q`, one scale per 32 in `d`), before the row scale. Two accumulators,
+/// two blocks per iteration (see [`dot_q4_1_avx512`]).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn dot_i8_q8_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+    let n = (row.len() / 32).min(q.len() / 32).min(d.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut b = 0;
+    while b + 2 <= n {
+        let p0 = i8_block_avx2(&row[b * 32..], &q[b * 32..]);
+        let p1 = i8_block_avx2(&row[b * 32 + 32..], &q[b * 32 + 32..]);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), p0, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[b + 1]), p1, acc1);
+        b += 2;
+    }
+    if b < n {
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), i8_block_avx2(&row[b * 32..], &q[b * 32..]), acc0);
+    }
+    hsum256(_mm256_add_ps(acc0, acc1))
+}
+
+/// The eight i32 lanes of one 32-element INT4 block (16 bytes: low nibbles are the even elements, high
+/// nibbles the odd ones) times its INT8 activations de-interleaved the same way (16 even, then 16 odd), as
+/// f32: the raw nibbles 0..15, the zero point is applied per group by the caller.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn i4_block_avx2(w: &[u8], q: &[i8]) -> __m256 {
+    assert!(w.len() >= 16 && q.len() >= 32);
+    // SAFETY: 16 and 32 bytes are readable behind the pointers (checked above); unaligned loads.
+    unsafe {
+        let bytes = _mm_loadu_si128(w.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+        let q = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, q), _mm256_set1_epi16(1)))
+    }
+}
+
+/// INT4 row (groups of `group` with f16 scales as bits, zero points or 8) · INT8 activations: `q` codes
+/// de-interleaved per 32, `d` one scale per 32, `gzero[g]` = sum over the group's blocks of d_b * sum(q_b),
+/// so that the group contributes s_g * (sum_b d_b * (n . q)_b - z_g * gzero[g]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_i4_q8_avx2(
+    row: &[u8],
+    q: &[i8],
+    d: &[f32],
+    gzero: &[f32],
+    scales: &[u16],
+    zeros: Option<&[u8]>,
+    group: usize,
+) -> f32 {
+    let n = (row.len() / 16).min(q.len() / 32).min(d.len());
+    let per_group = group / 32;
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut zero_part = 0.0f32;
+    for (g, &bits) in scales.iter().enumerate() {
+        let s = f16_bits_to_f32(bits);
+        zero_part += s * zeros.map_or(8.0, |z| z[g] as f32) * gzero[g];
+        let end = ((g + 1) * per_group).min(n);
+        let mut b = g * per_group;
+        while b + 2 <= end {
+            let p0 = i4_block_avx2(&row[b * 16..], &q[b * 32..]);
+            let p1 = i4_block_avx2(&row[b * 16 + 16..], &q[b * 32 + 32..]);
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s * d[b]), p0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(s * d[b + 1]), p1, acc1);
+            b += 2;
+        }
+        if b < end {
+            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(s * d[b]), i4_block_avx2(&row[b * 16..], &q[b * 32..]), acc0);
+        }
+    }
+    hsum256(_mm256_add_ps(acc0, acc1)) - zero_part
+}

@@ -420,7 +420,10 @@ impl<D: Device> Backend for GpuBackend<D> {
     fn upload_packed(&self, p: PackedMatrix) -> Result<GpuMatrix<D>> {
         p.validate()?;
         if p.input_scales.is_some() {
-            return Err(unsupported("has no kernel for AWQ input scales".into()));
+            return Err(unsupported("has no kernel for AWQ/SmoothQuant input scales".into()));
+        }
+        if p.activations != crate::packed::ActivationQuant::F32 {
+            return Err(unsupported("has no INT8-activation (W8A8/W4A8) kernels".into()));
         }
         let storage_bytes = p.storage_bytes();
         let format = p.format.name();
