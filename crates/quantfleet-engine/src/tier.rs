@@ -263,7 +263,7 @@ fn quantize_group(
                 alpha: None,
                 // The search judges each alpha with the runtime's own activation quantization.
                 activations: ActivationFormat::Int8Block32,
-                weights: format.clone(),
+                weights: format,
                 max_tokens: opts.awq_tokens,
             };
             let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
