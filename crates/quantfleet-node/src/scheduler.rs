@@ -243,7 +243,13 @@ impl<B: Backend> EngineLoop<B> {
         let mut ws = self.engine.model.new_workspace();
         let mut logits = Vec::new();
         loop {
+            let before = running.len();
             let score = self.admit(&mut running);
+            if running.len() != before {
+                // Admission changes the gauges before this step's tokens reach any client: a reader that has
+                // seen a token never sees the state from before its sequence was admitted.
+                self.publish(&running);
+            }
             if self.sched.abort.load(Relaxed) {
                 for r in running.drain(..) {
                     self.end(r, StepEnd::Failed(Status::unavailable("node is shutting down: drain deadline passed")));
