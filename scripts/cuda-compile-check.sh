@@ -8,17 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NVRTC_WHEEL="nvidia-cuda-nvrtc==13.5.37"  # 13.x: must match cudarc's cuda-13040 feature (root Cargo.toml)
-CACHE="${QUANTFLEET_CACHE:-$HOME/.cache/quantfleet}/cuda"
-VENV="$CACHE/venv"
-STAMP="$VENV/.installed-$NVRTC_WHEEL"
-
-if [ ! -f "$STAMP" ]; then
-    echo "installing $NVRTC_WHEEL into $VENV" >&2
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$NVRTC_WHEEL"
-    touch "$STAMP"
-fi
-NVRTC_LIB="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')"
+PYTHON="$(scripts/venv.sh cuda/venv "$NVRTC_WHEEL")"
+NVRTC_LIB="$("$PYTHON" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')"
 [ -e "$NVRTC_LIB/libnvrtc.so.13" ] || { echo "libnvrtc.so.13 not found in $NVRTC_LIB" >&2; exit 1; }
 
 cargo clippy --locked -p quantfleet-kernels -p quantfleet-engine -p quantfleet-node -p quantfleet --features cuda \

@@ -23,8 +23,11 @@ step "CUDA: NVRTC compile check sm_80/sm_89/sm_90, lints of the cuda feature wit
 scripts/cuda-compile-check.sh
 
 QUANTFLEET_SMOLLM2_GGUF="$(scripts/fetch-model.sh)" && export QUANTFLEET_SMOLLM2_GGUF  # the real model for engine tests
-QUANTFLEET_OPENAI_PYTHON="$(scripts/openai-venv.sh)" && export QUANTFLEET_OPENAI_PYTHON  # the official openai client for the router test
-QUANTFLEET_GGUF_PYTHON="$(scripts/gguf-venv.sh)" && export QUANTFLEET_GGUF_PYTHON  # numpy + gguf: the engine's GGUF -> HF safetensors conversion
+# Python interpreters the tests drive, with pinned packages (venvs in the cache, installed once):
+# the official openai client for the router's streaming test; numpy + llama.cpp's gguf reader for the
+# engine's GGUF -> HF safetensors conversion (crates/quantfleet-engine/tools/gguf_to_hf.py).
+QUANTFLEET_OPENAI_PYTHON="$(scripts/venv.sh venv-openai openai==3.54.0)" && export QUANTFLEET_OPENAI_PYTHON
+QUANTFLEET_GGUF_PYTHON="$(scripts/venv.sh venv-gguf numpy==2.3.5 gguf==0.19.0)" && export QUANTFLEET_GGUF_PYTHON
 
 step "Helm chart: helm lint, helm template, a failing case per values.schema.json rule (helm built once from the Go module proxy)"
 scripts/helm-check.sh  # crates/quantfleet-operator/tests/chart.rs then installs the rendered chart on the control plane

@@ -5,7 +5,7 @@
 //! generations, tokenization and a precision tier must agree.
 //!
 //! The conversion runs once and is cached under $QUANTFLEET_CACHE/hf (keyed by the script's and the GGUF's
-//! digests); its python is QUANTFLEET_GGUF_PYTHON (scripts/gguf-venv.sh, exported by scripts/test.sh).
+//! digests); its python is QUANTFLEET_GGUF_PYTHON (a venv made and exported by scripts/test.sh).
 
 mod common;
 
@@ -44,8 +44,8 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| cache_dir().join("venv-gguf/bin/python"));
     assert!(
         p.is_file(),
-        "python with numpy and gguf not found at {}: run scripts/gguf-venv.sh (scripts/test.sh does) and/or set \
-         QUANTFLEET_GGUF_PYTHON to the path it prints",
+        "python with numpy and gguf not found at {}: scripts/test.sh installs them (scripts/venv.sh) and exports \
+         QUANTFLEET_GGUF_PYTHON",
         p.display()
     );
     p

@@ -19,7 +19,7 @@ small integer, plus a float16 offset). q_proj/k_proj rows are put back into the 
 layout: GGUF keeps the two elements a rotation mixes next to each other (rows 2i and 2i+1 of a head), HF keeps
 them half a head apart (rows i and i + head_dim/2); so HF row j*head_dim/2 + i is GGUF row 2i + j.
 
-Requires numpy and gguf==0.19.0 (scripts/gguf-venv.sh installs them).
+Requires numpy and gguf==0.19.0 (scripts/test.sh installs them with scripts/venv.sh).
 """
 import argparse
 import json

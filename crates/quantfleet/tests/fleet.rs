@@ -3,7 +3,7 @@
 //! code canary shadowing 10% to int4-awq). One test drives the scenarios in order, because the nodes take a
 //! while to load: each class lands on its tier; mirrors happen at exactly the configured share, do not
 //! change responses, and show up in /v1/canary/stats and /metrics; bad input gets OpenAI-style 4xx errors;
-//! the official `openai` Python client streams (QUANTFLEET_OPENAI_PYTHON, from scripts/openai-venv.sh);
+//! the official `openai` Python client streams (QUANTFLEET_OPENAI_PYTHON, a venv made by scripts/test.sh);
 //! killing a tier's node makes its classes fall back; SIGINT stops the router and every node.
 
 use serde_json::{Value, json};
@@ -106,7 +106,7 @@ impl Drop for Up {
 #[test]
 fn local_fleet_end_to_end() {
     let model = env_path("QUANTFLEET_SMOLLM2_GGUF", "run scripts/fetch-model.sh (scripts/test.sh exports it)");
-    let python = env_path("QUANTFLEET_OPENAI_PYTHON", "run scripts/openai-venv.sh (scripts/test.sh exports it)");
+    let python = env_path("QUANTFLEET_OPENAI_PYTHON", "scripts/test.sh installs it and exports the variable");
     let run_dir = std::env::temp_dir().join(format!("quantfleet-fleet-test-{}", std::process::id()));
     let up_log = run_dir.with_extension("log");
     let mut up = Up(Command::new(env!("CARGO_BIN_EXE_quantfleet"))
