@@ -384,7 +384,8 @@ mod tests {
     fn smaller_dtypes_get_more_blocks_from_the_same_budget() {
         let cpu = CpuBackend::new();
         // SmolLM2-135M's geometry: 30 layers, 3 KV heads of 64, 16-token blocks.
-        let l = KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_tokens: 16 };
+        let l = smollm2().1;
+        assert_eq!(l.block_tokens, 16);
         let budget = 64 << 20;
         let blocks = |d| KvCache::with_budget_dtype(&cpu, l, d, budget).unwrap().total_blocks();
         let (f32b, f16b, bf16b, fp8b, i8b) = (
@@ -402,8 +403,16 @@ mod tests {
         assert!(f32b < f16b && f16b < fp8b);
     }
 
-    fn smollm2_layout() -> KvLayout {
-        KvLayout { n_layers: 30, n_kv_heads: 3, head_dim: 64, block_tokens: DEFAULT_BLOCK_TOKENS }
+    /// SmolLM2-135M's published shape (the fit planner's test shape) and the engine's KV layout of it.
+    fn smollm2() -> (quantfleet_api::model::ModelArchitecture, KvLayout) {
+        let arch = quantfleet_api::plan::test_shapes::smollm2_135m();
+        let layout = KvLayout {
+            n_layers: arch.num_layers as usize,
+            n_kv_heads: arch.num_key_value_heads as usize,
+            head_dim: arch.head_dim as usize,
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+        };
+        (arch, layout)
     }
 
     fn kivi(sink: u32, residual: u32) -> KvDtype {
@@ -412,26 +421,15 @@ mod tests {
 
     /// The fit planner's KV plan for SmolLM2-135M's shape and a KIVI window.
     fn planner(sink: i32, residual: i32) -> quantfleet_api::plan::KvPlan {
-        use quantfleet_api::model::{KvCacheSpec, ModelArchitecture};
+        use quantfleet_api::model::KvCacheSpec;
         use quantfleet_api::vocab::{KvCacheDtype, KvCacheScheme};
-        let arch = ModelArchitecture {
-            num_layers: 30,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            vocab_size: 49152,
-            tied_embeddings: true,
-            max_position_embeddings: 8192,
-        };
         let spec = KvCacheSpec {
             dtype: KvCacheDtype::Int4,
             scheme: KvCacheScheme::Kivi,
             sink_tokens: sink,
             residual_tokens: residual,
         };
-        quantfleet_api::plan::kv_plan(&arch, &spec)
+        quantfleet_api::plan::kv_plan(&smollm2().0, &spec)
     }
 
     /// A KIVI cache's bytes per sequence against the fit planner's `bytes_for_context` (SmolLM2's shape,
@@ -440,7 +438,7 @@ mod tests {
     /// whenever the int4 part fills its blocks (length - 130 a multiple of 32).
     #[test]
     fn kivi_sequence_bytes_are_the_planners_rounded_up_to_blocks() {
-        let (l, dtype, plan) = (smollm2_layout(), kivi(4, 126), planner(4, 126));
+        let (l, dtype, plan) = (smollm2().1, kivi(4, 126), planner(4, 126));
         let cl = dtype.cache_layout(l);
         let block = dtype.block_bytes(&cl);
         assert_eq!(cl.block_tokens, KIVI_GROUP);

@@ -303,8 +303,9 @@ pub fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-#[cfg(test)]
-pub(crate) mod test_shapes {
+/// Published model shapes for unit tests, here and (feature `test-shapes`) in other crates.
+#[cfg(any(test, feature = "test-shapes"))]
+pub mod test_shapes {
     use crate::model::{KvCacheSpec, ModelArchitecture, TierSpec, WeightSpec};
     use crate::vocab::ActivationPrecision;
 
