@@ -238,12 +238,15 @@ fn quant_err(name: &str) -> impl Fn(quantfleet_quant::QuantError) -> EngineError
     move |e| EngineError::UnsupportedModel(format!("quantizing {name}: {e}"))
 }
 
-fn rtn(name: &str, m: &CpuMatrix, format: &WeightFormat) -> Result<PackedMatrix> {
+/// Runs `f` on the weights of matrix `name` as f32 (dequantized from whatever format holds them).
+fn with_weights<T>(name: &str, m: &CpuMatrix, f: impl FnOnce(&MatrixRef) -> Result<T>) -> Result<T> {
     let (rows, cols) = m.shape();
     let w = matrix_f32(m)?;
-    let q = quantize_rtn(&MatrixRef::new("weights", &w, rows, cols).map_err(quant_err(name))?, format)
-        .map_err(quant_err(name))?;
-    PackedMatrix::from_quantized(&q)
+    f(&MatrixRef::new("weights", &w, rows, cols).map_err(quant_err(name))?)
+}
+
+fn rtn(name: &str, m: &CpuMatrix, format: &WeightFormat) -> Result<PackedMatrix> {
+    with_weights(name, m, |w| PackedMatrix::from_quantized(&quantize_rtn(w, format).map_err(quant_err(name))?))
 }
 
 /// Quantizes matrices that read the same input `x` (`[tokens, cols]`) with the spec's method.
@@ -271,14 +274,14 @@ fn quantize_group(
                 .par_iter()
                 .zip(ms.par_iter())
                 .map(|(n, m)| {
-                    let w = matrix_f32(m)?;
-                    let wr = MatrixRef::new("weights", &w, m.shape().0, m.shape().1).map_err(quant_err(n))?;
-                    let r = smoothquant(&wr, &xr, &config).map_err(quant_err(n))?;
-                    let mut p = PackedMatrix::from_quantized(&r.weight)?;
-                    // Kept even when no smoothing won (all ones), so every SmoothQuant matrix stores the
-                    // same bytes (4 per input feature, as AWQ's scales).
-                    p.input_scales = Some(if r.alpha.is_some() { r.smoothing } else { vec![1.0; m.shape().1] });
-                    Ok(p)
+                    with_weights(n, m, |w| {
+                        let r = smoothquant(w, &xr, &config).map_err(quant_err(n))?;
+                        let mut p = PackedMatrix::from_quantized(&r.weight)?;
+                        // Kept even when no smoothing won (all ones), so every SmoothQuant matrix stores the
+                        // same bytes (4 per input feature, as AWQ's scales).
+                        p.input_scales = Some(if r.alpha.is_some() { r.smoothing } else { vec![1.0; w.cols()] });
+                        Ok(p)
+                    })
                 })
                 .collect()
         }
@@ -316,10 +319,9 @@ fn quantize_group(
                 .par_iter()
                 .zip(ms.par_iter())
                 .map(|(n, m)| {
-                    let w = matrix_f32(m)?;
-                    let wr = MatrixRef::new("weights", &w, m.shape().0, m.shape().1).map_err(quant_err(n))?;
-                    let q = gptq_with_hessian(&wr, h.clone(), &config).map_err(quant_err(n))?;
-                    PackedMatrix::from_quantized(&q)
+                    with_weights(n, m, |w| {
+                        PackedMatrix::from_quantized(&gptq_with_hessian(w, h.clone(), &config).map_err(quant_err(n))?)
+                    })
                 })
                 .collect()
         }
