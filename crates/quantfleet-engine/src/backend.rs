@@ -85,6 +85,14 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
 
+    /// Runs one forward pass. A backend whose operations fan out to a pool of worker threads runs the whole
+    /// pass on one of them, so that each operation forks locally (the pool's idle thread steals the other
+    /// half) instead of being handed to the pool by an outside thread that then sleeps until it is done: on
+    /// two cores that hand-off and wake-up, a couple of hundred times per token, cost more than the work.
+    fn run_pass<R: Send>(&self, pass: impl FnOnce() -> R + Send) -> R {
+        pass()
+    }
+
     /// Makes a weight tensor usable as a matrix; the CPU backend keeps it where it is (the model file's memory
     /// map), a GPU backend copies.
     fn upload_weight(&self, w: &WeightTensor) -> Result<Self::Matrix>;

@@ -230,6 +230,17 @@ impl<B: Backend> Llama<B> {
         which: Logits,
         logits_out: &mut Vec<f32>,
     ) -> Result<()> {
+        self.backend.run_pass(|| self.forward_pass(ws, kv, batch, which, logits_out))
+    }
+
+    fn forward_pass(
+        &self,
+        ws: &mut Workspace<B>,
+        kv: &mut KvCache<B>,
+        batch: &mut [BatchEntry<'_>],
+        which: Logits,
+        logits_out: &mut Vec<f32>,
+    ) -> Result<()> {
         let (c, be) = (&self.config, &self.backend);
         if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
             return Err(EngineError::InvalidRequest("forward needs at least one token per sequence".into()));

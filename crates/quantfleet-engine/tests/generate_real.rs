@@ -155,3 +155,28 @@ fn continuous_batching_matches_one_by_one_greedy_generation() {
     }
     assert_eq!(kv.free_blocks(), kv.total_blocks(), "every sequence's blocks returned");
 }
+
+/// Forward passes of one model from several threads at once (as tests, or several engine loops in one
+/// process, run them): each pass runs on a worker of the shared thread pool, and a worker waiting for its
+/// own tasks may run another thread's whole pass in between, so no pass may keep per-thread scratch
+/// borrowed across its parallel regions (this once panicked with "RefCell already borrowed"). Results equal
+/// the same generations run one after another.
+#[test]
+fn concurrent_generations_on_one_model_equal_sequential_ones() {
+    let e = engine();
+    let prompts =
+        ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Once upon a time", "Water boils at"];
+    let run = |p: &str| {
+        let mut kv = e.new_kv_cache(8 << 20).unwrap();
+        let prompt = e.tokenizer.encode(p).unwrap();
+        e.generate(&mut kv, &prompt, &greedy(8)).unwrap().tokens.iter().map(|t| (t.id, t.logprob)).collect::<Vec<_>>()
+    };
+    let sequential: Vec<_> = prompts.iter().map(|p| run(p)).collect();
+    for _ in 0..3 {
+        let concurrent: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = prompts.iter().map(|p| s.spawn(move || run(p))).collect();
+            handles.into_iter().map(|h| h.join().expect("generation thread")).collect()
+        });
+        assert_eq!(concurrent, sequential);
+    }
+}

@@ -160,18 +160,21 @@ pub(crate) fn matvec_many<O: AsMut<[f32]> + Send>(level: SimdLevel, ws: &[BlockM
     for (w, o) in ws.iter().zip(outs.iter_mut()) {
         assert_eq!((x.len(), o.as_mut().len()), (w.cols, w.rows), "matvec shape");
     }
-    XSUM_SCRATCH.with_borrow_mut(|xsum| {
-        if ws.iter().any(|w| w.ty == GgmlType::Q4_1) {
-            xsum.resize(x.len() / 32, 0.0);
-            block_sums(x, xsum);
-        }
-        let xsum: &[f32] = xsum;
-        outs.par_iter_mut().zip(ws.par_iter()).for_each(|(out, &w)| {
-            out.as_mut().par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, oc)| {
-                matvec_dispatch(level, w, c * ROWS_PER_TASK, x, xsum, oc);
-            });
+    // Taken out of the thread-local rather than borrowed across the parallel region: while this thread waits
+    // for its tasks it may run another job of the pool (another forward pass), which would find the
+    // scratch borrowed; it now finds it empty and allocates its own.
+    let mut xsum = XSUM_SCRATCH.take();
+    if ws.iter().any(|w| w.ty == GgmlType::Q4_1) {
+        xsum.resize(x.len() / 32, 0.0);
+        block_sums(x, &mut xsum);
+    }
+    let sums: &[f32] = &xsum;
+    outs.par_iter_mut().zip(ws.par_iter()).for_each(|(out, &w)| {
+        out.as_mut().par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, oc)| {
+            matvec_dispatch(level, w, c * ROWS_PER_TASK, x, sums, oc);
         });
     });
+    XSUM_SCRATCH.set(xsum);
 }
 
 /// The row loop, with the Q4_1 and Q8_0 dot kernels of one instruction set plugged in.

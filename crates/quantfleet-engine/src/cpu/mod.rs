@@ -147,6 +147,11 @@ impl Backend for CpuBackend {
         format!("cpu-{:?}", self.level).to_lowercase()
     }
 
+    /// The pass runs on a rayon worker (`scope` from outside the pool moves it there; inside, it runs in place).
+    fn run_pass<R: Send>(&self, pass: impl FnOnce() -> R + Send) -> R {
+        rayon::scope(|_| pass())
+    }
+
     fn upload_weight(&self, w: &WeightTensor) -> Result<CpuMatrix> {
         if w.dims.len() != 2 || !w.ggml_type.is_computable() {
             return Err(EngineError::UnsupportedModel(format!(
