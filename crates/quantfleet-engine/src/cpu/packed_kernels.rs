@@ -344,13 +344,31 @@ fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32]) {
     }
 }
 
+/// AVX2 rows: the hand-written kernels of `x86.rs`, as at the AVX-512 level.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     if let Some(q8) = &p.q8 {
         return rows_q8_avx2(m, q8, r0, out);
     }
-    rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()))
+    let int4 = matches!(m.format, PackedFormat::Int4 { .. });
+    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(8) {
+        return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
+    }
+    let kind = x86_kind(m);
+    let gpr = m.groups_per_row();
+    for (i, o) in out.iter_mut().enumerate() {
+        let r = r0 + i;
+        let row = m.row_data(r);
+        *o = match kind {
+            x86::PackedKind::Int4 { scales, zeros, group } => {
+                let z = zeros.map(|z| &z[r * gpr..(r + 1) * gpr]);
+                x86::dot_int4_avx2(row, &p.x, &p.gsum, &scales[r * gpr..(r + 1) * gpr], z, group)
+            }
+            x86::PackedKind::Bf16 => x86::dot_packed_avx2(kind, row, &p.x),
+            x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => x86::dot_packed_avx2(kind, row, &p.x) * s[r],
+        };
+    }
 }
 
 fn rows_dispatch(level: SimdLevel, m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
@@ -432,8 +450,11 @@ pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: us
         return matmul_q8(level, m, x, out);
     }
     #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx512 && (2..=MULTI_MAX_TOKENS).contains(&n_tokens) && m.cols.is_multiple_of(32) {
-        matmul_multi_avx512(m, x, n_tokens, out);
+    if matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512)
+        && (2..=MULTI_MAX_TOKENS).contains(&n_tokens)
+        && m.cols.is_multiple_of(32)
+    {
+        matmul_multi_x86(level, m, x, n_tokens, out);
         return;
     }
     if n_tokens < 4 || !m.cols.is_multiple_of(16) {
@@ -479,13 +500,16 @@ fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
     });
 }
 
-/// Up to this many tokens (a decode step of a batch of sequences), the AVX-512 path decodes each weight once
-/// for all tokens in registers (`x86::rows_multi_avx512`, 8 tokens per pass) instead of dequantizing tiles of
-/// rows to memory for the prefill GEMM, whose transposition and stores cost more than a few tokens' FMAs.
+/// Up to this many tokens (a decode step of a batch of sequences), the x86 paths decode each weight once
+/// for all tokens in registers (`x86::rows_multi_avx512`/`rows_multi_avx2`, 8 tokens per pass) instead of
+/// dequantizing tiles of rows to memory for the prefill GEMM, whose transposition and stores cost more than a
+/// few tokens' FMAs.
 const MULTI_MAX_TOKENS: usize = 16;
 
+/// Several tokens through the x86 multi-token kernels of `level` (AVX2 or AVX-512).
 #[cfg(target_arch = "x86_64")]
-fn matmul_multi_avx512(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+fn matmul_multi_x86(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    assert!(matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512), "x86 multi-token kernels at {level:?}");
     let cols = m.cols;
     // Per token: divided by the AWQ input scales, and for INT4 de-interleaved per 32 (see `prepare`).
     let mut xs = vec![0.0f32; x.len()];
@@ -518,19 +542,24 @@ fn matmul_multi_avx512(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [
             // Rows r0.., tokens t0..: the base moves to token t0 (the checked length shrinks accordingly).
             let o = out_ptr.with_row0(r0);
             let o = OutPtr { base: o.base.wrapping_add(t0 * rows), len: o.len - t0 * rows, ..o };
-            // SAFETY: this function is only called at SimdLevel::Avx512, which `detect` reports only where the
-            // CPU has AVX-512; tasks write disjoint row ranges of `out`.
+            macro_rules! by_tokens {
+                ($kernel:ident) => {
+                    match nt {
+                        8 => x86::$kernel::<8>(kind, &m.data, cols, r0, nr, xt, o),
+                        7 => x86::$kernel::<7>(kind, &m.data, cols, r0, nr, xt, o),
+                        6 => x86::$kernel::<6>(kind, &m.data, cols, r0, nr, xt, o),
+                        5 => x86::$kernel::<5>(kind, &m.data, cols, r0, nr, xt, o),
+                        4 => x86::$kernel::<4>(kind, &m.data, cols, r0, nr, xt, o),
+                        3 => x86::$kernel::<3>(kind, &m.data, cols, r0, nr, xt, o),
+                        2 => x86::$kernel::<2>(kind, &m.data, cols, r0, nr, xt, o),
+                        _ => x86::$kernel::<1>(kind, &m.data, cols, r0, nr, xt, o),
+                    }
+                };
+            }
+            // SAFETY: non-portable levels exist only where the CPU supports them (SimdLevel::detect/is_supported),
+            // and AVX-512 implies AVX2; tasks write disjoint row ranges of `out`.
             unsafe {
-                match nt {
-                    8 => x86::rows_multi_avx512::<8>(kind, &m.data, cols, r0, nr, xt, o),
-                    7 => x86::rows_multi_avx512::<7>(kind, &m.data, cols, r0, nr, xt, o),
-                    6 => x86::rows_multi_avx512::<6>(kind, &m.data, cols, r0, nr, xt, o),
-                    5 => x86::rows_multi_avx512::<5>(kind, &m.data, cols, r0, nr, xt, o),
-                    4 => x86::rows_multi_avx512::<4>(kind, &m.data, cols, r0, nr, xt, o),
-                    3 => x86::rows_multi_avx512::<3>(kind, &m.data, cols, r0, nr, xt, o),
-                    2 => x86::rows_multi_avx512::<2>(kind, &m.data, cols, r0, nr, xt, o),
-                    _ => x86::rows_multi_avx512::<1>(kind, &m.data, cols, r0, nr, xt, o),
-                }
+                if level == SimdLevel::Avx512 { by_tokens!(rows_multi_avx512) } else { by_tokens!(rows_multi_avx2) }
             }
             t0 += nt;
         }
