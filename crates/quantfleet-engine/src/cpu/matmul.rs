@@ -88,18 +88,51 @@ thread_local! {
 pub(crate) fn matmul(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n_tokens * w.cols, "activation shape");
     assert_eq!(out.len(), n_tokens * w.rows, "output shape");
-    // Below 4 tokens, dequantizing a tile costs more than it saves; K must suit the 16-lane kernels.
-    if n_tokens < 4 || !w.cols.is_multiple_of(16) {
-        for (xt, ot) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
-            matvec(level, w, xt, ot);
-        }
-        return;
+    if n_tokens == 1 {
+        return matvec(level, w, x, out);
+    }
+    // A batch decode step or a short prefill chunk: the one-token kernels token by token over each task's
+    // rows, which stay in L1 between tokens. Dequantizing tiles to f32 (with the scalar reference) cost more
+    // than it saved below a prefill's worth of tokens; K must also suit the 16-lane GEMM kernels.
+    if n_tokens <= DEQUANT_GEMM_MIN_TOKENS || !w.cols.is_multiple_of(16) {
+        return matmul_by_token(level, w, x, out);
     }
     // Cannot fail: row lengths were validated when the matrix was built.
     let dequant = |r: usize, o: &mut [f32]| {
         let _ = dequantize_row_reference(w.ty, w.row(r), o);
     };
     gemm_dequantized(level, w.rows, w.cols, &dequant, x, n_tokens, out);
+}
+
+/// From this many tokens on, GGUF matrices are dequantized tile by tile into the f32 GEMM.
+const DEQUANT_GEMM_MIN_TOKENS: usize = 16;
+
+/// `matmul` of a few tokens: one parallel region over row chunks; each task runs the one-token kernel of
+/// every token on its rows (so each token's result is exactly its one-token product).
+fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    let mut xsum = Vec::new();
+    if w.ty == GgmlType::Q4_1 {
+        xsum = vec![0.0f32; x.len() / 32];
+        for (xt, st) in x.chunks_exact(cols).zip(xsum.chunks_exact_mut(cols / 32)) {
+            block_sums(xt, st);
+        }
+    }
+    let (xsum, per_token_sums) = (&xsum, cols / 32);
+    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
+    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
+        let r0 = c * ROWS_PER_TASK;
+        let nr = ROWS_PER_TASK.min(rows - r0);
+        let mut tile = [0.0f32; ROWS_PER_TASK];
+        let o = out_ptr.with_row0(r0);
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            let st = xsum.get(t * per_token_sums..(t + 1) * per_token_sums).unwrap_or(&[]);
+            matvec_dispatch(level, w, r0, xt, st, &mut tile[..nr]);
+            for (r, &v) in tile[..nr].iter().enumerate() {
+                o.write(t, r, v);
+            }
+        }
+    });
 }
 
 /// Prefill product over any weight storage: each task dequantizes a chunk of rows with `dequant(row, out)`

@@ -752,10 +752,7 @@ pub(crate) fn dot_i4_q8_avx2(
     let per_group = group / 32;
     let ng = scales.len();
     assert!(
-        per_group.is_power_of_two()
-            && ng * per_group >= n
-            && gzero.len() >= ng
-            && zeros.is_none_or(|z| z.len() >= ng),
+        per_group.is_power_of_two() && ng * per_group >= n && gzero.len() >= ng && zeros.is_none_or(|z| z.len() >= ng),
         "dot_i4_q8 shapes"
     );
     let shift = per_group.trailing_zeros();
@@ -767,7 +764,9 @@ pub(crate) fn dot_i4_q8_avx2(
         unsafe {
             let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
             let z = match zeros {
-                Some(z) => _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(z.as_ptr().add(g) as *const __m128i))),
+                Some(z) => {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(z.as_ptr().add(g) as *const __m128i)))
+                }
                 None => _mm256_set1_ps(8.0),
             };
             zacc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(gzero.as_ptr().add(g)), zacc);
