@@ -491,6 +491,14 @@ fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
         let nr = ROWS_PER_TASK.min(rows - r0);
         let mut tile = [0.0f32; ROWS_PER_TASK];
         let o = out_ptr.with_row0(r0);
+        #[cfg(target_arch = "x86_64")]
+        if m.format == PackedFormat::Int8 && matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
+            for (chunk, ps) in preps.chunks(4).enumerate() {
+                // SAFETY: non-portable levels exist only where the CPU supports them, and AVX-512 implies AVX2.
+                unsafe { rows_i8_q8_multi_avx2(m, ps, r0, nr, o, chunk * 4) };
+            }
+            return;
+        }
         for (t, p) in preps.iter().enumerate() {
             rows_dispatch(level, m, p, r0, &mut tile[..nr]);
             for (r, &v) in tile[..nr].iter().enumerate() {
@@ -498,6 +506,31 @@ fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
             }
         }
     });
+}
+
+/// W8A8 rows `r0 .. r0 + nr` for up to 4 tokens (`preps`, tokens `t0..`) with the multi-token integer kernel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_i8_q8_multi_avx2(m: &PackedMatrix, preps: &[Prepared], r0: usize, nr: usize, out: OutPtr, t0: usize) {
+    let q8 = |i: usize| preps[i].q8.as_ref().expect("INT8-activation input");
+    for r in r0..r0 + nr {
+        let row = m.row_data(r);
+        macro_rules! tokens {
+            ($nt:literal) => {{
+                let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8(i).q[..]);
+                let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8(i).d[..]);
+                for (i, v) in x86::dot_i8_q8_multi_avx2::<$nt>(row, q, d).into_iter().enumerate() {
+                    out.write(t0 + i, r - r0, v * m.row_scales[r]);
+                }
+            }};
+        }
+        match preps.len() {
+            4 => tokens!(4),
+            3 => tokens!(3),
+            2 => tokens!(2),
+            _ => tokens!(1),
+        }
+    }
 }
 
 /// Up to this many tokens (a decode step of a batch of sequences), the x86 paths decode each weight once
@@ -691,8 +724,8 @@ mod tests {
     }
 
     /// INT8 activations (W8A8, W4A8): the integer kernels of every level, for one token, a batch step and a
-    /// prefill (the f32 GEMM on the quantize-dequantized input), with and without input scales, against the
-    /// scalar reference that quantize-dequantizes the input the same way. Shapes include a group cut short at
+    /// prefill, with and without input scales, against the scalar reference that quantize-dequantizes the
+    /// input the same way; and every token of a batch bit for bit equal to its one-token product. Shapes include a group cut short at
     /// the row end (96 columns in groups of 64, 320 in groups of 128). Bound: 1e-5 * sum|w x^| + 1e-6; the
     /// activation quantization itself moves outputs by about 1e-2 relative, so a kernel that skipped or
     /// misplaced it fails.
@@ -721,6 +754,17 @@ mod tests {
                             matmul(level, &m, &x, n_tokens, &mut out);
                             for t in 0..n_tokens {
                                 let xt = &x[t * cols..(t + 1) * cols];
+                                // Batch invariance: each token's row equals its one-token product bit for bit.
+                                let mut alone = vec![f32::NAN; rows];
+                                matmul(level, &m, xt, 1, &mut alone);
+                                let batched = &out[t * rows..(t + 1) * rows];
+                                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                                assert_eq!(
+                                    bits(batched),
+                                    bits(&alone),
+                                    "{} T={n_tokens} {level:?} token {t}",
+                                    m.format_name()
+                                );
                                 let xq = m.effective_input(xt).unwrap();
                                 for r in 0..rows {
                                     let want = m.dot_reference(r, xt).unwrap();

@@ -714,6 +714,45 @@ pub(crate) fn dot_i8_q8_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     hsum256(_mm256_add_ps(acc0, acc1))
 }
 
+/// [`dot_i8_q8_avx2`] of one row against `NT` tokens at once (a batch decode step, a prefill chunk): each
+/// 32-byte weight block is loaded and made unsigned once for all tokens. Per token the arithmetic is that of
+/// the one-token kernel, in the same order (exact block products, even blocks into one accumulator and odd
+/// into the other), so every token's result is bit for bit its one-token result: batch invariance holds.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn dot_i8_q8_multi_avx2<const NT: usize>(row: &[u8], q: [&[i8]; NT], d: [&[f32]; NT]) -> [f32; NT] {
+    let n = row.len() / 32;
+    assert!(q.iter().all(|q| q.len() >= n * 32) && d.iter().all(|d| d.len() >= n), "dot_i8_q8_multi shapes");
+    let rp = row.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    // SAFETY (both closures): b < n, so 32 bytes at b * 32 lie in the row and in every token's codes.
+    let weights = |b: usize| {
+        let w = unsafe { _mm256_loadu_si256(rp.add(b * 32) as *const __m256i) };
+        (_mm256_sign_epi8(w, w), w)
+    };
+    let product = |(wabs, w): (__m256i, __m256i), qt: &[i8], b: usize| {
+        let qv = unsafe { _mm256_loadu_si256(qt.as_ptr().add(b * 32) as *const __m256i) };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(qv, w)), ones))
+    };
+    let mut acc0 = [_mm256_setzero_ps(); NT];
+    let mut acc1 = [_mm256_setzero_ps(); NT];
+    let mut b = 0;
+    while b + 2 <= n {
+        let (w0, w1) = (weights(b), weights(b + 1));
+        for t in 0..NT {
+            acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b + 1]), product(w1, q[t], b + 1), acc1[t]);
+        }
+        b += 2;
+    }
+    if b < n {
+        let w0 = weights(b);
+        for t in 0..NT {
+            acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])))
+}
+
 /// The eight i32 lanes of one 32-element INT4 block (16 bytes: low nibbles are the even elements, high
 /// nibbles the odd ones) times its INT8 activations de-interleaved the same way (16 even, then 16 odd), as
 /// f32: the raw nibbles 0..15, the zero point is applied per group by the caller.
