@@ -11,19 +11,22 @@
 //!   the low nibbles of 16 bytes meet 16 contiguous activations and the high nibbles the next 16; the zero
 //!   point is applied once per group through the group's activation sum: s * (sum n x - z * sum x).
 //!
-//! With AVX-512, hand-written kernels (`x86.rs`) replace these loops, which LLVM vectorizes poorly: INT4
-//! weights are dequantized through a 16-entry table per group ((n - z) * s for every nibble n, looked up
-//! by a permute), so no zero-point term is needed.
+//! With AVX-512 and with AVX2, hand-written kernels (`x86.rs`) replace these loops, which LLVM vectorizes
+//! poorly (on an AVX2 machine INT8 decode ran at 4.7 GB/s, INT4 at 2.1). AVX-512 dequantizes INT4 through a
+//! 16-entry table per group ((n - z) * s for every nibble n, looked up by a permute), so no zero-point term
+//! is needed; AVX2's eight-lane permutes cannot, so its one-token INT4 kernel factors the zero point out as
+//! the portable one does.
 //!
 //! INT8 activations (W8A8/W4A8 tiers, [`ActivationQuant::Int8`]): `prepare` quantizes the input per block of
 //! 32 (de-interleaved for INT4 like the f32 input) and the kernels take exact integer dot products per block
 //! (`x86::dot_i8_q8_avx2` / `dot_i4_q8_avx2`, the portable `dot_i8_q8` / `dot_i4_q8` beside them), scaled by
-//! the block's activation scale. Several tokens (a batch step, a prefill) run the same kernels per token
-//! over each task's rows, which stay in cache: batch-invariant by construction (see `matmul_q8`).
+//! the block's activation scale. Several tokens (a batch step, a prefill) run over each task's rows, which
+//! stay in cache, with per-token arithmetic identical to one token's (INT8 weights: up to 4 tokens per
+//! weight load, `x86::dot_i8_q8_multi_avx2`): batch-invariant by construction (see `matmul_q8`).
 //!
-//! A few tokens (2-16, a decode step of a batch) with AVX-512: every weight is decoded once in registers
-//! and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of rows to f32
-//! and uses the shared GEMM kernels.
+//! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
+//! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
+//! rows to f32 and uses the shared GEMM kernels.
 //! `PackedMatrix::dot_reference` / `dequantize_row_reference` are the scalar references the tests use.
 
 use half::f16;
