@@ -148,6 +148,14 @@ impl OutPtr {
         Self { row0, ..self }
     }
 
+    /// Writes `values` to rows `0 .. values.len()` (after `row0`) of token `t`.
+    #[inline(always)]
+    pub(crate) fn write_rows(&self, t: usize, values: &[f32]) {
+        for (r, &v) in values.iter().enumerate() {
+            self.write(t, r, v);
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn write(&self, t: usize, r: usize, v: f32) {
         let i = t * self.stride + self.row0 + r;

@@ -128,9 +128,7 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
         for (t, xt) in x.chunks_exact(cols).enumerate() {
             let st = xsum.get(t * per_token_sums..(t + 1) * per_token_sums).unwrap_or(&[]);
             matvec_dispatch(level, w, r0, xt, st, &mut tile[..nr]);
-            for (r, &v) in tile[..nr].iter().enumerate() {
-                o.write(t, r, v);
-            }
+            o.write_rows(t, &tile[..nr]);
         }
     });
 }

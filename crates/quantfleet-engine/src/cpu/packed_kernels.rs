@@ -299,16 +299,21 @@ fn x86_kind(m: &PackedMatrix) -> x86::PackedKind<'_> {
     }
 }
 
-/// AVX-512 rows: the hand-written kernels of `x86.rs` (LLVM vectorizes the portable loops poorly: the INT8
-/// and FP8 decodes ran at a third of the BF16 speed), the portable body for shapes they do not take.
+/// The x86 rows of weight-only tiers: the hand-written one-token kernels `dot_packed` (BF16/FP8/INT8) and
+/// `dot_int4` of one instruction set (`lanes` wide), the portable body for shapes they do not take.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
-    if let Some(q8) = &p.q8 {
-        return rows_q8_avx2(m, q8, r0, out);
-    }
+#[inline(always)]
+fn rows_x86(
+    m: &PackedMatrix,
+    p: &Prepared,
+    r0: usize,
+    out: &mut [f32],
+    lanes: usize,
+    dot_packed: impl Fn(x86::PackedKind<'_>, &[u8], &[f32]) -> f32,
+    dot_int4: impl Fn(&[u8], &[f16], Option<&[u8]>, usize) -> f32,
+) {
     let int4 = matches!(m.format, PackedFormat::Int4 { .. });
-    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(16) {
+    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(lanes) {
         return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
     }
     let kind = x86_kind(m);
@@ -318,13 +323,28 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
         let row = m.row_data(r);
         *o = match kind {
             x86::PackedKind::Int4 { scales, zeros, group } => {
-                let z = zeros.map(|z| &z[r * gpr..(r + 1) * gpr]);
-                x86::dot_int4_avx512(row, &p.x, &scales[r * gpr..(r + 1) * gpr], z, group)
+                dot_int4(row, &scales[r * gpr..(r + 1) * gpr], zeros.map(|z| &z[r * gpr..(r + 1) * gpr]), group)
             }
-            x86::PackedKind::Bf16 => x86::dot_packed_avx512(kind, row, &p.x),
-            x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => x86::dot_packed_avx512(kind, row, &p.x) * s[r],
+            x86::PackedKind::Bf16 => dot_packed(kind, row, &p.x),
+            x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => dot_packed(kind, row, &p.x) * s[r],
         };
     }
+}
+
+/// AVX-512 rows: the hand-written kernels of `x86.rs` (LLVM vectorizes the portable loops poorly: the INT8
+/// and FP8 decodes ran at a third of the BF16 speed).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
+    if let Some(q8) = &p.q8 {
+        return rows_q8_avx2(m, q8, r0, out);
+    }
+    // Closures defined here have this function's CPU features, so they may call the kernels.
+    let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx512(kind, row, x);
+    let dot_int4 = |row: &[u8], scales: &[f16], zeros: Option<&[u8]>, group: usize| {
+        x86::dot_int4_avx512(row, &p.x, scales, zeros, group)
+    };
+    rows_x86(m, p, r0, out, 16, dot_packed, dot_int4)
 }
 
 /// INT8-activation rows with the AVX2 integer kernels (also used at the AVX-512 level).
@@ -354,24 +374,12 @@ fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     if let Some(q8) = &p.q8 {
         return rows_q8_avx2(m, q8, r0, out);
     }
-    let int4 = matches!(m.format, PackedFormat::Int4 { .. });
-    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(8) {
-        return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
-    }
-    let kind = x86_kind(m);
-    let gpr = m.groups_per_row();
-    for (i, o) in out.iter_mut().enumerate() {
-        let r = r0 + i;
-        let row = m.row_data(r);
-        *o = match kind {
-            x86::PackedKind::Int4 { scales, zeros, group } => {
-                let z = zeros.map(|z| &z[r * gpr..(r + 1) * gpr]);
-                x86::dot_int4_avx2(row, &p.x, &p.gsum, &scales[r * gpr..(r + 1) * gpr], z, group)
-            }
-            x86::PackedKind::Bf16 => x86::dot_packed_avx2(kind, row, &p.x),
-            x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => x86::dot_packed_avx2(kind, row, &p.x) * s[r],
-        };
-    }
+    // Closures defined here have this function's CPU features, so they may call the kernels.
+    let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx2(kind, row, x);
+    let dot_int4 = |row: &[u8], scales: &[f16], zeros: Option<&[u8]>, group: usize| {
+        x86::dot_int4_avx2(row, &p.x, &p.gsum, scales, zeros, group)
+    };
+    rows_x86(m, p, r0, out, 8, dot_packed, dot_int4)
 }
 
 fn rows_dispatch(level: SimdLevel, m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
@@ -504,9 +512,7 @@ fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
         }
         for (t, p) in preps.iter().enumerate() {
             rows_dispatch(level, m, p, r0, &mut tile[..nr]);
-            for (r, &v) in tile[..nr].iter().enumerate() {
-                o.write(t, r, v);
-            }
+            o.write_rows(t, &tile[..nr]);
         }
     });
 }

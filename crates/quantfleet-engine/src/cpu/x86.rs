@@ -226,9 +226,7 @@ pub(crate) fn gemm_kmajor32_avx512(wt: &[f32], nr: usize, x: &[f32], nt: usize, 
             _ => tile_kmajor::<1>(wt, rows, k),
         };
         for (j, lanes) in acc.iter().enumerate().take(n) {
-            for (r, &v) in lanes.iter().enumerate().take(nr) {
-                out.write(t + j, r, v);
-            }
+            out.write_rows(t + j, &lanes[..nr]);
         }
         t += n;
     }
