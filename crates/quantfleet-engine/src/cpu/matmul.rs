@@ -75,7 +75,17 @@ impl BlockMatrix<'_> {
 
 /// Rows per parallel task: small enough to balance two to a few dozen cores, large enough that a rayon task
 /// (about a microsecond of scheduling) does well over a hundred microseconds of work.
-const ROWS_PER_TASK: usize = 32;
+pub(crate) const ROWS_PER_TASK: usize = 32;
+
+/// Runs `task(r0, nr, out)` in parallel for each chunk of [`ROWS_PER_TASK`] rows (`r0 .. r0 + nr`) of the
+/// `[tokens, rows]` product `out`, with `out` positioned at the chunk's first row: tasks write disjoint rows.
+pub(crate) fn par_row_chunks(rows: usize, out: &mut [f32], task: impl Fn(usize, usize, OutPtr) + Sync) {
+    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
+    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
+        let r0 = c * ROWS_PER_TASK;
+        task(r0, ROWS_PER_TASK.min(rows - r0), out_ptr.with_row0(r0));
+    });
+}
 
 thread_local! {
     /// Per-thread scratch for dequantized weight rows; grows once, then is reused (no allocation per call).
@@ -119,12 +129,8 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
         }
     }
     let (xsum, per_token_sums) = (&xsum, cols / 32);
-    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
-    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
-        let r0 = c * ROWS_PER_TASK;
-        let nr = ROWS_PER_TASK.min(rows - r0);
+    par_row_chunks(rows, out, |r0, nr, o| {
         let mut tile = [0.0f32; ROWS_PER_TASK];
-        let o = out_ptr.with_row0(r0);
         for (t, xt) in x.chunks_exact(cols).enumerate() {
             let st = xsum.get(t * per_token_sums..(t + 1) * per_token_sums).unwrap_or(&[]);
             matvec_dispatch(level, w, r0, xt, st, &mut tile[..nr]);
@@ -146,15 +152,10 @@ pub(crate) fn gemm_dequantized(
     out: &mut [f32],
 ) {
     assert!(cols.is_multiple_of(16) && x.len() == n_tokens * cols && out.len() == n_tokens * rows, "gemm shapes");
-    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
-    let n_chunks = rows.div_ceil(ROWS_PER_TASK);
-    (0..n_chunks).into_par_iter().for_each(|c| {
-        let r0 = c * ROWS_PER_TASK;
-        let nr = ROWS_PER_TASK.min(rows - r0);
+    par_row_chunks(rows, out, |r0, nr, tile_out| {
         DEQUANT_SCRATCH.with_borrow_mut(|scratch| {
             let k = cols;
             scratch.resize(ROWS_PER_TASK * k + k, 0.0);
-            let tile_out = out_ptr.with_row0(r0);
             #[cfg(target_arch = "x86_64")]
             if level == SimdLevel::Avx512 {
                 // k-major tile (`wt[kk * 32 + r]`, padded rows zero) for the broadcast kernel.

@@ -35,13 +35,10 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::gemm::OutPtr;
-use super::matmul::{SimdLevel, gemm_dequantized};
+use super::matmul::{ROWS_PER_TASK, SimdLevel, gemm_dequantized, par_row_chunks};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use crate::packed::{ACT_BLOCK, ActivationQuant, PackedFormat, PackedMatrix, quantize_activation_block};
-
-/// Rows per parallel task (as for the GGUF kernels).
-const ROWS_PER_TASK: usize = 32;
 
 /// The activation vector prepared for one matrix: divided by the AWQ/SmoothQuant input scales, and for INT4
 /// de-interleaved per 32 elements with per-group sums; or, with INT8 activations, quantized.
@@ -496,12 +493,8 @@ pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: us
 fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
     let (rows, cols) = (m.rows, m.cols);
     let preps: Vec<Prepared> = x.chunks_exact(cols).map(|xt| prepare(m, xt)).collect();
-    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: rows, row0: 0, len: out.len() };
-    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
-        let r0 = c * ROWS_PER_TASK;
-        let nr = ROWS_PER_TASK.min(rows - r0);
+    par_row_chunks(rows, out, |r0, nr, o| {
         let mut tile = [0.0f32; ROWS_PER_TASK];
-        let o = out_ptr.with_row0(r0);
         #[cfg(target_arch = "x86_64")]
         if m.format == PackedFormat::Int8 && matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
             for (chunk, ps) in preps.chunks(4).enumerate() {
@@ -571,19 +564,16 @@ fn matmul_multi_x86(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usi
         }
     }
     let kind = x86_kind(m);
-    let out_ptr = OutPtr { base: out.as_mut_ptr(), stride: m.rows, row0: 0, len: out.len() };
     let rows = m.rows;
     let xs = &xs;
-    (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|c| {
-        let r0 = c * ROWS_PER_TASK;
-        let nr = ROWS_PER_TASK.min(rows - r0);
+    par_row_chunks(rows, out, |r0, nr, chunk_out| {
         let mut t0 = 0;
         while t0 < n_tokens {
             let nt = (n_tokens - t0).min(8);
             let xt = &xs[t0 * cols..(t0 + nt) * cols];
             // Rows r0.., tokens t0..: the base moves to token t0 (the checked length shrinks accordingly).
-            let o = out_ptr.with_row0(r0);
-            let o = OutPtr { base: o.base.wrapping_add(t0 * rows), len: o.len - t0 * rows, ..o };
+            let o =
+                OutPtr { base: chunk_out.base.wrapping_add(t0 * rows), len: chunk_out.len - t0 * rows, ..chunk_out };
             macro_rules! by_tokens {
                 ($kernel:ident) => {
                     match nt {
