@@ -28,6 +28,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The operator processes of `standby_takes_over_when_the_leader_dies` watch every namespace, so they also
+/// reconcile the PrecisionPolicy whose status the router test writes by hand (standing in for the operator)
+/// and can overwrite it: a CI run saw the router go back to a canary step the test had just promoted. The
+/// two tests take turns.
+static CLUSTER_WIDE_OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Operator processes, killed when dropped: also when the test fails half-way, so that none outlives its turn.
+struct Operators(Vec<Child>);
+
+impl Drop for Operators {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn operator(instance: &str, ns: &str, kubeconfig: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_quantfleet"))
         .args(["operator", "--node-image", "registry.invalid/quantfleet:test", "--metrics-addr", "127.0.0.1:0"])
@@ -73,11 +91,13 @@ async fn holder(leases: &Api<Lease>) -> Result<Option<String>, Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_when_the_leader_dies() -> Result<(), Error> {
+    let _turn = CLUSTER_WIDE_OPERATORS.lock().await;
     let env = TestEnv::new("op-process").await?;
     install_crds(&env.client, &repo_crds_dir()).await?;
     let ns = env.namespace().to_owned();
     let kubeconfig = control_plane()?.kubeconfig().to_path_buf();
-    let mut children = vec![operator("replica-a", &ns, &kubeconfig), operator("replica-b", &ns, &kubeconfig)];
+    let mut children =
+        Operators(vec![operator("replica-a", &ns, &kubeconfig), operator("replica-b", &ns, &kubeconfig)]);
     let leases: Api<Lease> = Api::namespaced(env.client.clone(), &ns);
     let models: Api<QuantizedModel> = Api::namespaced(env.client.clone(), &ns);
 
@@ -92,8 +112,8 @@ async fn standby_takes_over_when_the_leader_dies() -> Result<(), Error> {
     wait_reconciled(&models, "first").await?;
 
     let index = if leader == "replica-a" { 0 } else { 1 };
-    children[index].kill().expect("killing the leader");
-    children[index].wait().expect("reaping the leader");
+    children.0[index].kill().expect("killing the leader");
+    children.0[index].wait().expect("reaping the leader");
     let standby = if index == 0 { "replica-b" } else { "replica-a" };
     until("the standby to take the lease over", Duration::from_secs(60), || async {
         Ok(match holder(&leases).await? {
@@ -105,10 +125,7 @@ async fn standby_takes_over_when_the_leader_dies() -> Result<(), Error> {
     models.create(&PostParams::default(), &misfit("second")).await.map_err(Error::kube("creating model"))?;
     wait_reconciled(&models, "second").await?;
 
-    for child in &mut children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(children);
     env.cleanup().await
 }
 
@@ -375,6 +392,7 @@ fn kubeconfig_as(admin: &Path, user: &str, out: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_follows_its_policy_and_endpoint_slices_live() -> Result<(), Error> {
+    let _turn = CLUSTER_WIDE_OPERATORS.lock().await;
     let env = TestEnv::new("router-k8s").await?;
     install_crds(&env.client, &repo_crds_dir()).await?;
     let ns = env.namespace().to_owned();
