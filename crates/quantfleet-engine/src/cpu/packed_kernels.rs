@@ -515,23 +515,23 @@ fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma")]
 fn rows_i8_q8_multi_avx2(m: &PackedMatrix, preps: &[Prepared], r0: usize, nr: usize, out: OutPtr, t0: usize) {
     let q8 = |i: usize| preps[i].q8.as_ref().expect("INT8-activation input");
-    for r in r0..r0 + nr {
-        let row = m.row_data(r);
-        macro_rules! tokens {
-            ($nt:literal) => {{
-                let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8(i).q[..]);
-                let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8(i).d[..]);
-                for (i, v) in x86::dot_i8_q8_multi_avx2::<$nt>(row, q, d).into_iter().enumerate() {
+    macro_rules! tokens {
+        ($nt:literal) => {{
+            // The tokens' codes and scales, gathered once for all rows.
+            let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8(i).q[..]);
+            let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8(i).d[..]);
+            for r in r0..r0 + nr {
+                for (i, v) in x86::dot_i8_q8_multi_avx2::<$nt>(m.row_data(r), q, d).into_iter().enumerate() {
                     out.write(t0 + i, r - r0, v * m.row_scales[r]);
                 }
-            }};
-        }
-        match preps.len() {
-            4 => tokens!(4),
-            3 => tokens!(3),
-            2 => tokens!(2),
-            _ => tokens!(1),
-        }
+            }
+        }};
+    }
+    match preps.len() {
+        4 => tokens!(4),
+        3 => tokens!(3),
+        2 => tokens!(2),
+        _ => tokens!(1),
     }
 }
 
