@@ -77,6 +77,21 @@ impl KvDtype {
         Ok(self.blocks_for(layout, tokens)? * self.block_bytes(&self.cache_layout(*layout)))
     }
 
+    /// Checks the rules of a KIVI cache's full-precision window, which do not depend on the model's shape
+    /// (a tier spec is checked with it before its model loads); other dtypes have no window.
+    pub fn check_window(self) -> Result<()> {
+        if let KvDtype::Int4Kivi { residual_tokens, .. } = self
+            && (residual_tokens as usize) < KIVI_GROUP
+        {
+            return Err(EngineError::UnsupportedModel(format!(
+                "int4 KIVI KV cache: residualTokens is {residual_tokens}, it must be at least {KIVI_GROUP}: keys \
+                 are quantized per channel over groups of {KIVI_GROUP} tokens, so the newest tokens wait in \
+                 fp16 until their group is complete"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             KvDtype::F32 => "f32",
@@ -150,14 +165,8 @@ impl KiviGeometry {
                 "a KIVI KV cache needs blocks of {KIVI_GROUP} tokens and a non-empty head: {layout:?}"
             )));
         }
+        dtype.check_window()?;
         let (sink, residual) = (sink_tokens as usize, residual_tokens as usize);
-        if residual < KIVI_GROUP {
-            return Err(EngineError::UnsupportedModel(format!(
-                "int4 KIVI KV cache: residualTokens is {residual}, it must be at least {KIVI_GROUP}: keys are \
-                 quantized per channel over groups of {KIVI_GROUP} tokens, so the newest tokens wait in fp16 \
-                 until their group is complete"
-            )));
-        }
         let row_words = layout.n_layers * 2 * layout.n_kv_heads * layout.head_dim;
         let window_rows = Self::block_words(&layout) / row_words;
         Ok(Self { layout, sink, residual, window_rows, window_blocks: (sink + residual).div_ceil(window_rows) })
@@ -378,6 +387,23 @@ mod tests {
         kv.release(&mut b);
         assert_eq!(kv.free_blocks(), 3);
         assert!(KvCache::with_budget(&cpu, layout(), block_bytes - 1).is_err());
+    }
+
+    /// A KIVI window shorter than one key group is refused from the tier spec alone, before any model loads,
+    /// with the tier's name and the rule; the smallest valid window and other dtypes pass.
+    #[test]
+    fn kivi_window_rules_are_checked_from_the_tier_spec() {
+        let tier = |kv: &str| -> quantfleet_api::model::TierSpec {
+            serde_json::from_str(&format!(r#"{{"name":"t","weights":{{"format":"bf16"}},"kvCache":{kv}}}"#)).unwrap()
+        };
+        let err = crate::tier::kv_dtype(&tier(r#"{"dtype":"int4","scheme":"kivi","residualTokens":31}"#)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, EngineError::UnsupportedModel(_)), "{err:?}");
+        assert!(msg.contains("tier t") && msg.contains("residualTokens is 31"), "{msg}");
+        let ok = crate::tier::kv_dtype(&tier(r#"{"dtype":"int4","scheme":"kivi","sinkTokens":0,"residualTokens":32}"#));
+        assert_eq!(ok.unwrap(), KvDtype::Int4Kivi { sink_tokens: 0, residual_tokens: 32 });
+        assert!(KvDtype::Int4Kivi { sink_tokens: 2, residual_tokens: 31 }.check_window().is_err());
+        assert!(KvDtype::Fp8E4m3.check_window().is_ok());
     }
 
     #[test]

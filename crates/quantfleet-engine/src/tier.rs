@@ -142,11 +142,8 @@ pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
                 residual_tokens: window("residualTokens", kv.residual_tokens)?,
             };
             // The window's rules do not depend on the model's shape: check them now, before loading.
-            let any = crate::backend::KvLayout { n_layers: 1, n_kv_heads: 1, head_dim: 64, block_tokens: 16 };
-            dtype.blocks_for(&any, 0).map_err(|e| match e {
-                EngineError::UnsupportedModel(m) | EngineError::InvalidRequest(m) => {
-                    EngineError::UnsupportedModel(format!("tier {}: {m}", tier.name))
-                }
+            dtype.check_window().map_err(|e| match e {
+                EngineError::UnsupportedModel(m) => EngineError::UnsupportedModel(format!("tier {}: {m}", tier.name)),
                 other => other,
             })?;
             return Ok(dtype);
