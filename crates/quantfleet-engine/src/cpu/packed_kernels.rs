@@ -18,11 +18,11 @@
 //! the portable one does.
 //!
 //! INT8 activations (W8A8/W4A8 tiers, [`ActivationQuant::Int8`]): `prepare` quantizes the input per block of
-//! 32 (de-interleaved for INT4 like the f32 input) and the kernels take exact integer dot products per block
-//! (`x86::dot_i8_q8_avx2` / `dot_i4_q8_avx2`, the portable `dot_i8_q8` / `dot_i4_q8` beside them), scaled by
-//! the block's activation scale. Several tokens (a batch step, a prefill) run over each task's rows, which
-//! stay in cache, with per-token arithmetic identical to one token's (INT8 weights: up to 4 tokens per
-//! weight load, `x86::dot_i8_q8_multi_avx2`): batch-invariant by construction (see `matmul_q8`).
+//! 32 (for INT4 put in pair order, `i4_q8_offsets`) and the kernels take exact integer dot products per
+//! block (`x86::dot_i8_q8_multi_avx2` / `dot_i4_q8_avx2`, with AVX-512 VNNI their `_vnni` forms; the portable
+//! `dot_i8_q8` / `dot_i4_q8` beside them), scaled by the block's activation scale. Several tokens (a batch
+//! step, a prefill) run over each task's rows, up to 4 tokens per weight load, with per-token arithmetic
+//! identical to one token's: batch-invariant by construction (see `matmul_q8`).
 //!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
 //! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
@@ -53,7 +53,7 @@ pub(crate) struct Prepared {
 
 /// An input quantized for [`ActivationQuant::Int8`].
 struct Q8Input {
-    /// Codes, in the order of the weights' bytes (de-interleaved per 32 for INT4).
+    /// Codes, in the order of the weights' bytes; for INT4, in pair order (see [`i4_q8_offsets`]).
     q: Vec<i8>,
     /// One scale per block of 32.
     d: Vec<f32>,
@@ -61,24 +61,43 @@ struct Q8Input {
     gzero: Vec<f32>,
 }
 
-fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
-    let mut q = vec![0i8; xs.len()];
-    let mut d = vec![0.0f32; xs.len() / ACT_BLOCK];
-    for ((qb, xb), db) in q.chunks_exact_mut(ACT_BLOCK).zip(xs.chunks_exact(ACT_BLOCK)).zip(d.iter_mut()) {
-        *db = quantize_activation_block(xb, qb);
+/// Where INT4 block `b` of `n` finds its activation codes in a [`Q8Input`]: the offsets of its 16 even
+/// elements (the weights' low nibbles) and of its 16 odd elements (high nibbles). Blocks go in pairs, each
+/// pair's 64 codes being the evens of both blocks then the odds of both, so that one 32-byte load of the
+/// pair's weights meets 32 contiguous codes per nibble half (`x86::i4_q8_body`); an unpaired last block
+/// keeps its evens then its odds.
+#[inline(always)]
+fn i4_q8_offsets(b: usize, n: usize) -> (usize, usize) {
+    if b + 1 - b % 2 < n {
+        let base = 64 * (b / 2) + 16 * (b % 2);
+        (base, base + 32)
+    } else {
+        (32 * b, 32 * b + 16)
     }
-    let mut gzero = Vec::new();
-    if let PackedFormat::Int4 { group, .. } = m.format {
-        for qb in q.chunks_exact_mut(32) {
-            let orig: [i8; 32] = (&*qb).try_into().expect("32-element block");
-            for j in 0..16 {
-                qb[j] = orig[2 * j];
-                qb[16 + j] = orig[2 * j + 1];
-            }
+}
+
+fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
+    let n = xs.len() / ACT_BLOCK;
+    let mut q = vec![0i8; xs.len()];
+    let mut d = vec![0.0f32; n];
+    let PackedFormat::Int4 { group, .. } = m.format else {
+        for ((qb, xb), db) in q.chunks_exact_mut(ACT_BLOCK).zip(xs.chunks_exact(ACT_BLOCK)).zip(d.iter_mut()) {
+            *db = quantize_activation_block(xb, qb);
         }
-        let block_terms: Vec<f32> =
-            q.chunks_exact(32).zip(&d).map(|(qb, &db)| db * qb.iter().map(|&c| c as i32).sum::<i32>() as f32).collect();
-        gzero = block_terms.chunks(group / 32).map(|g| g.iter().sum()).collect();
+        return Q8Input { q, d, gzero: Vec::new() };
+    };
+    // INT4: each block quantized aside, its codes placed in pair order and its zero-point term d * sum(q)
+    // added to its group's.
+    let mut gzero = vec![0.0f32; n.div_ceil(group / ACT_BLOCK)];
+    let mut block = [0i8; ACT_BLOCK];
+    for (b, xb) in xs.chunks_exact(ACT_BLOCK).enumerate() {
+        d[b] = quantize_activation_block(xb, &mut block);
+        gzero[b / (group / ACT_BLOCK)] += d[b] * block.iter().map(|&c| c as i32).sum::<i32>() as f32;
+        let (even, odd) = i4_q8_offsets(b, n);
+        for j in 0..16 {
+            q[even + j] = block[2 * j];
+            q[odd + j] = block[2 * j + 1];
+        }
     }
     Q8Input { q, d, gzero }
 }
@@ -126,7 +145,7 @@ fn dot_i8_q8(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     acc
 }
 
-/// INT4 row · INT8 activations de-interleaved per 32 (see [`Q8Input`]).
+/// INT4 row · INT8 activations in pair order (see [`i4_q8_offsets`]).
 #[inline(always)]
 fn dot_i4_q8(
     row: &[u8],
@@ -137,14 +156,17 @@ fn dot_i4_q8(
     to_f32: &impl Fn(f16) -> f32,
 ) -> f32 {
     let (mut acc, mut zero_part) = (0.0f32, 0.0f32);
-    let blocks = row.chunks(group / 2).zip(q8.q.chunks(group)).zip(q8.d.chunks(group / 32));
-    for (g, ((gb, gq), gd)) in blocks.enumerate() {
+    let n = row.len() / 16;
+    let per_group = group / 32;
+    for (g, (gb, gd)) in row.chunks(group / 2).zip(q8.d.chunks(per_group)).enumerate() {
         let s = to_f32(scales[g]);
         let mut sum = 0.0f32;
-        for ((b, qb), &db) in gb.chunks_exact(16).zip(gq.chunks_exact(32)).zip(gd) {
+        for (i, (w, &db)) in gb.chunks_exact(16).zip(gd).enumerate() {
+            let (even, odd) = i4_q8_offsets(g * per_group + i, n);
+            let (qe, qo) = (&q8.q[even..even + 16], &q8.q[odd..odd + 16]);
             let mut si = 0i32;
             for j in 0..16 {
-                si += (b[j] & 0x0f) as i32 * qb[j] as i32 + (b[j] >> 4) as i32 * qb[16 + j] as i32;
+                si += (w[j] & 0x0f) as i32 * qe[j] as i32 + (w[j] >> 4) as i32 * qo[j] as i32;
             }
             sum += db * si as f32;
         }
@@ -334,7 +356,7 @@ fn rows_x86(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     if let Some(q8) = &p.q8 {
-        return rows_q8_avx2(m, q8, r0, out);
+        return rows_q8_avx2(m, q8, r0, out, x86::has_vnni());
     }
     // Closures defined here have this function's CPU features, so they may call the kernels.
     let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx512(kind, row, x);
@@ -344,23 +366,65 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     rows_x86(m, p, r0, out, 16, dot_packed, dot_int4)
 }
 
-/// INT8-activation rows with the AVX2 integer kernels (also used at the AVX-512 level).
+/// INT8-activation rows of one token with the x86 integer kernels: AVX2's, or with `vnni` (the AVX-512
+/// level on a CPU with AVX-512 VNNI) the `vpdpbusd` forms, which give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32]) {
+fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32], vnni: bool) {
+    let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
+    rows_q8_multi_avx2(m, &[q8], r0, out.len, out, 0, vnni);
+}
+
+/// INT8-activation rows `r0 .. r0 + nr` for up to 4 tokens (`q8s`, tokens `t0..` of `out`): each weight
+/// block is loaded and decoded once for all of them (`x86::dot_i8_q8_multi_avx2`, `x86::dot_i4_q8_avx2`, or
+/// their VNNI forms with `vnni`), with per-token arithmetic that does not depend on how many tokens share the
+/// call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, out: OutPtr, t0: usize, vnni: bool) {
     let gpr = m.groups_per_row();
     let scale_bits: &[u16] = m.group_scales.reinterpret_cast();
-    for (i, o) in out.iter_mut().enumerate() {
-        let r = r0 + i;
-        let row = m.row_data(r);
-        *o = match m.format {
-            PackedFormat::Int4 { symmetric, group } => {
-                let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
-                let scales = &scale_bits[r * gpr..(r + 1) * gpr];
-                x86::dot_i4_q8_avx2(row, &q8.q, &q8.d, &q8.gzero, scales, zeros, group)
+    macro_rules! tokens {
+        ($nt:literal) => {{
+            // The tokens' codes and scales, gathered once for all rows.
+            let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8s[i].q[..]);
+            let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].d[..]);
+            let gzero: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].gzero[..]);
+            for r in r0..r0 + nr {
+                let row = m.row_data(r);
+                let v = match m.format {
+                    PackedFormat::Int4 { symmetric, group } => {
+                        let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
+                        let scales = &scale_bits[r * gpr..(r + 1) * gpr];
+                        if vnni {
+                            // SAFETY: `vnni` is set only on a CPU with AVX-512 VNNI and VL.
+                            unsafe { x86::dot_i4_q8_vnni::<$nt>(row, q, d, gzero, scales, zeros, group) }
+                        } else {
+                            x86::dot_i4_q8_avx2::<$nt>(row, q, d, gzero, scales, zeros, group)
+                        }
+                    }
+                    // Only INT8 and INT4 matrices take INT8 activations (`PackedMatrix::validate`).
+                    _ => {
+                        let v = if vnni {
+                            // SAFETY: as above.
+                            unsafe { x86::dot_i8_q8_multi_vnni::<$nt>(row, q, d) }
+                        } else {
+                            x86::dot_i8_q8_multi_avx2::<$nt>(row, q, d)
+                        };
+                        v.map(|v| v * m.row_scales[r])
+                    }
+                };
+                for (i, v) in v.into_iter().enumerate() {
+                    out.write(t0 + i, r - r0, v);
+                }
             }
-            _ => x86::dot_i8_q8_avx2(row, &q8.q, &q8.d) * m.row_scales[r],
-        };
+        }};
+    }
+    match q8s.len() {
+        4 => tokens!(4),
+        3 => tokens!(3),
+        2 => tokens!(2),
+        _ => tokens!(1),
     }
 }
 
@@ -369,7 +433,7 @@ fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     if let Some(q8) = &p.q8 {
-        return rows_q8_avx2(m, q8, r0, out);
+        return rows_q8_avx2(m, q8, r0, out, false);
     }
     // Closures defined here have this function's CPU features, so they may call the kernels.
     let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx2(kind, row, x);
@@ -493,46 +557,25 @@ pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: us
 fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
     let (rows, cols) = (m.rows, m.cols);
     let preps: Vec<Prepared> = x.chunks_exact(cols).map(|xt| prepare(m, xt)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
+        let q8s: Vec<&Q8Input> = preps.iter().map(|p| p.q8.as_ref().expect("INT8-activation input")).collect();
+        let vnni = level == SimdLevel::Avx512 && x86::has_vnni();
+        par_row_chunks(rows, out, |r0, nr, o| {
+            for (chunk, qs) in q8s.chunks(4).enumerate() {
+                // SAFETY: non-portable levels exist only where the CPU supports them, and AVX-512 implies AVX2.
+                unsafe { rows_q8_multi_avx2(m, qs, r0, nr, o, chunk * 4, vnni) };
+            }
+        });
+        return;
+    }
     par_row_chunks(rows, out, |r0, nr, o| {
         let mut tile = [0.0f32; ROWS_PER_TASK];
-        #[cfg(target_arch = "x86_64")]
-        if m.format == PackedFormat::Int8 && matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
-            for (chunk, ps) in preps.chunks(4).enumerate() {
-                // SAFETY: non-portable levels exist only where the CPU supports them, and AVX-512 implies AVX2.
-                unsafe { rows_i8_q8_multi_avx2(m, ps, r0, nr, o, chunk * 4) };
-            }
-            return;
-        }
         for (t, p) in preps.iter().enumerate() {
             rows_dispatch(level, m, p, r0, &mut tile[..nr]);
             o.write_rows(t, &tile[..nr]);
         }
     });
-}
-
-/// W8A8 rows `r0 .. r0 + nr` for up to 4 tokens (`preps`, tokens `t0..`) with the multi-token integer kernel.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn rows_i8_q8_multi_avx2(m: &PackedMatrix, preps: &[Prepared], r0: usize, nr: usize, out: OutPtr, t0: usize) {
-    let q8 = |i: usize| preps[i].q8.as_ref().expect("INT8-activation input");
-    macro_rules! tokens {
-        ($nt:literal) => {{
-            // The tokens' codes and scales, gathered once for all rows.
-            let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8(i).q[..]);
-            let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8(i).d[..]);
-            for r in r0..r0 + nr {
-                for (i, v) in x86::dot_i8_q8_multi_avx2::<$nt>(m.row_data(r), q, d).into_iter().enumerate() {
-                    out.write(t0 + i, r - r0, v * m.row_scales[r]);
-                }
-            }
-        }};
-    }
-    match preps.len() {
-        4 => tokens!(4),
-        3 => tokens!(3),
-        2 => tokens!(2),
-        _ => tokens!(1),
-    }
 }
 
 /// Up to this many tokens (a decode step of a batch of sequences), the x86 paths decode each weight once
@@ -781,6 +824,69 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// AVX-512 VNNI's W4A8 and W8A8 kernels against AVX2's, bit for bit, for one and four tokens, symmetric and
+    /// asymmetric, with full 8-block runs, a leftover pair and an unpaired last block (skipped without VNNI).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_integer_kernels_agree_bit_for_bit() {
+        if !(SimdLevel::Avx2Fma.is_supported() && x86::has_vnni()) {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        let mut rng = Rng(0x005e_ed0f_7a11);
+        for (f, cols) in [(int4(32, true), 608), (int4(64, false), 352), (int4(128, true), 288)] {
+            let rows = 5;
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.3).collect();
+            let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
+            let mut m = PackedMatrix::from_quantized(&q).unwrap();
+            m.activations = ActivationQuant::Int8;
+            let PackedFormat::Int4 { symmetric, group } = m.format else { unreachable!() };
+            let inputs: Vec<Q8Input> = (0..4)
+                .map(|t| prepare_q8(&m, &(0..cols).map(|_| rng.uniform() * (1 + t) as f32).collect::<Vec<_>>()))
+                .collect();
+            let gpr = m.groups_per_row();
+            let bits: &[u16] = m.group_scales.reinterpret_cast();
+            for r in 0..rows {
+                let (scales, row) = (&bits[r * gpr..(r + 1) * gpr], m.row_data(r));
+                let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
+                let q: [&[i8]; 4] = std::array::from_fn(|t| &inputs[t].q[..]);
+                let d: [&[f32]; 4] = std::array::from_fn(|t| &inputs[t].d[..]);
+                let gz: [&[f32]; 4] = std::array::from_fn(|t| &inputs[t].gzero[..]);
+                // SAFETY: AVX2 and AVX-512 VNNI are present (checked above).
+                let (a, v) = unsafe {
+                    (
+                        x86::dot_i4_q8_avx2::<4>(row, q, d, gz, scales, zeros, group),
+                        x86::dot_i4_q8_vnni::<4>(row, q, d, gz, scales, zeros, group),
+                    )
+                };
+                assert_eq!(a.map(f32::to_bits), v.map(f32::to_bits), "{} cols {cols} row {r}", m.format_name());
+                // SAFETY: as above.
+                let one = unsafe { x86::dot_i4_q8_vnni::<1>(row, [q[2]], [d[2]], [gz[2]], scales, zeros, group) };
+                assert_eq!(one[0].to_bits(), v[2].to_bits(), "{} cols {cols} row {r}: token 2 alone", m.format_name());
+            }
+        }
+        // W8A8: the same for the INT8 kernel (an odd block count leaves an unpaired block).
+        let (rows, cols) = (5, 608);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.3).collect();
+        let qw = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Int8).unwrap();
+        let mut m = PackedMatrix::from_quantized(&qw).unwrap();
+        m.activations = ActivationQuant::Int8;
+        let inputs: Vec<Q8Input> =
+            (0..3).map(|_| prepare_q8(&m, &(0..cols).map(|_| rng.uniform()).collect::<Vec<_>>())).collect();
+        let q: [&[i8]; 3] = std::array::from_fn(|t| &inputs[t].q[..]);
+        let d: [&[f32]; 3] = std::array::from_fn(|t| &inputs[t].d[..]);
+        for r in 0..rows {
+            // SAFETY: AVX2 and AVX-512 VNNI are present (checked above).
+            let (a, v) = unsafe {
+                (
+                    x86::dot_i8_q8_multi_avx2::<3>(m.row_data(r), q, d),
+                    x86::dot_i8_q8_multi_vnni::<3>(m.row_data(r), q, d),
+                )
+            };
+            assert_eq!(a.map(f32::to_bits), v.map(f32::to_bits), "int8 row {r}");
         }
     }
 

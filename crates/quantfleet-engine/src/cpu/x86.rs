@@ -678,128 +678,139 @@ pub(crate) fn rows_multi_avx2<const NT: usize>(
 // the weights are never widened to f32. The products cannot overflow: |w| <= 128 and |q| <= 127 give i16
 // pairs of at most 2 * 128 * 127 = 32512; INT4 nibbles give at most 2 * 15 * 127.
 
-/// The eight i32 lanes of one 32-element INT8 block product, as f32. `maddubs` wants an unsigned left
-/// operand: |w| with the sign of w moved onto q (`sign`) leaves each product unchanged.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn i8_block_avx2(w: &[u8], q: &[i8]) -> __m256 {
-    assert!(w.len() >= 32 && q.len() >= 32);
-    // SAFETY: 32 bytes are readable behind both pointers (checked above); unaligned loads.
-    unsafe {
-        let w = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
-        let q = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-}
-
-/// INT8 row · INT8 activations (codes `q`, one scale per 32 in `d`), before the row scale. Two accumulators,
-/// two blocks per iteration (see [`dot_q4_1_avx512`]).
-#[target_feature(enable = "avx2,fma")]
-pub(crate) fn dot_i8_q8_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
-    let n = (row.len() / 32).min(q.len() / 32).min(d.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
-    while b + 2 <= n {
-        let p0 = i8_block_avx2(&row[b * 32..], &q[b * 32..]);
-        let p1 = i8_block_avx2(&row[b * 32 + 32..], &q[b * 32 + 32..]);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), p0, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d[b + 1]), p1, acc1);
-        b += 2;
-    }
-    if b < n {
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d[b]), i8_block_avx2(&row[b * 32..], &q[b * 32..]), acc0);
-    }
-    hsum256(_mm256_add_ps(acc0, acc1))
-}
-
-/// [`dot_i8_q8_avx2`] of one row against `NT` tokens at once (a batch decode step, a prefill chunk): each
-/// 32-byte weight block is loaded and made unsigned once for all tokens. Per token the arithmetic is that of
-/// the one-token kernel, in the same order (exact block products, even blocks into one accumulator and odd
-/// into the other), so every token's result is bit for bit its one-token result: batch invariance holds.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) fn dot_i8_q8_multi_avx2<const NT: usize>(row: &[u8], q: [&[i8]; NT], d: [&[f32]; NT]) -> [f32; NT] {
+/// INT8 row · `NT` tokens' INT8 activations (codes `q`, one scale per 32 in `d`), before the row scale: one
+/// token in decode, up to four in a batch step or a prefill chunk, each 32-byte weight block loaded and made
+/// unsigned once for all of them (`maddubs` and `vpdpbusd` want an unsigned left operand: |w| with the sign
+/// of w moved onto q leaves each product unchanged). `dot(u, s)` sums the byte products four to an i32 lane
+/// (AVX2: `maddubs` then `madd`, exact since pairs stay below 2 * 127 * 127; VNNI: `vpdpbusd`), the same
+/// lanes either way. Per token the arithmetic is the same whatever `NT` (exact block products, even blocks
+/// into one accumulator and odd into the other), so a token's result in a batch is bit for bit its result
+/// alone: batch invariance holds.
+///
+/// # Safety
+/// The caller has AVX2 and FMA, and whatever `dot` uses.
+#[inline(always)]
+unsafe fn i8_q8_body<const NT: usize>(
+    row: &[u8],
+    q: [&[i8]; NT],
+    d: [&[f32]; NT],
+    dot: impl Fn(__m256i, __m256i) -> __m256i,
+) -> [f32; NT] {
     let n = row.len() / 32;
     assert!(q.iter().all(|q| q.len() >= n * 32) && d.iter().all(|d| d.len() >= n), "dot_i8_q8_multi shapes");
     let rp = row.as_ptr();
-    let ones = _mm256_set1_epi16(1);
-    // SAFETY (both closures): b < n, so 32 bytes at b * 32 lie in the row and in every token's codes.
-    let weights = |b: usize| {
-        let w = unsafe { _mm256_loadu_si256(rp.add(b * 32) as *const __m256i) };
-        (_mm256_sign_epi8(w, w), w)
-    };
-    let product = |(wabs, w): (__m256i, __m256i), qt: &[i8], b: usize| {
-        let qv = unsafe { _mm256_loadu_si256(qt.as_ptr().add(b * 32) as *const __m256i) };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(qv, w)), ones))
-    };
-    let mut acc0 = [_mm256_setzero_ps(); NT];
-    let mut acc1 = [_mm256_setzero_ps(); NT];
-    let mut b = 0;
-    while b + 2 <= n {
-        let (w0, w1) = (weights(b), weights(b + 1));
-        for t in 0..NT {
-            acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
-            acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b + 1]), product(w1, q[t], b + 1), acc1[t]);
+    // SAFETY (whole body): b < n wherever a block is read, so 32 bytes at b * 32 lie in the row and in every
+    // token's codes (asserted above); loads are unaligned; the caller guarantees the CPU features.
+    unsafe {
+        let weights = |b: usize| {
+            let w = _mm256_loadu_si256(rp.add(b * 32) as *const __m256i);
+            (_mm256_sign_epi8(w, w), w)
+        };
+        let product = |(wabs, w): (__m256i, __m256i), qt: &[i8], b: usize| {
+            let qv = _mm256_loadu_si256(qt.as_ptr().add(b * 32) as *const __m256i);
+            _mm256_cvtepi32_ps(dot(wabs, _mm256_sign_epi8(qv, w)))
+        };
+        let mut acc0 = [_mm256_setzero_ps(); NT];
+        let mut acc1 = [_mm256_setzero_ps(); NT];
+        let mut b = 0;
+        while b + 2 <= n {
+            let (w0, w1) = (weights(b), weights(b + 1));
+            for t in 0..NT {
+                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+                acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b + 1]), product(w1, q[t], b + 1), acc1[t]);
+            }
+            b += 2;
         }
-        b += 2;
-    }
-    if b < n {
-        let w0 = weights(b);
-        for t in 0..NT {
-            acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+        if b < n {
+            let w0 = weights(b);
+            for t in 0..NT {
+                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+            }
         }
+        std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])))
     }
-    std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])))
 }
 
-/// The eight i32 lanes of one 32-element INT4 block (16 bytes: low nibbles are the even elements, high
-/// nibbles the odd ones) times its INT8 activations de-interleaved the same way (16 even, then 16 odd), as
-/// f32: the raw nibbles 0..15, the zero point is applied per group by the caller.
+/// [`i8_q8_body`] with AVX2's `maddubs` + `madd`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn dot_i8_q8_multi_avx2<const NT: usize>(row: &[u8], q: [&[i8]; NT], d: [&[f32]; NT]) -> [f32; NT] {
+    let dot = |u: __m256i, s: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+    // SAFETY: this function has the body's features.
+    unsafe { i8_q8_body(row, q, d, dot) }
+}
+
+/// [`i8_q8_body`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same lanes, so the same bits.
+#[target_feature(enable = "avx512vnni,avx512vl,avx2,fma")]
+pub(crate) fn dot_i8_q8_multi_vnni<const NT: usize>(row: &[u8], q: [&[i8]; NT], d: [&[f32]; NT]) -> [f32; NT] {
+    let dot = |u: __m256i, s: __m256i| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+    // SAFETY: this function has the body's features and VNNI for `dot`.
+    unsafe { i8_q8_body(row, q, d, dot) }
+}
+
+/// Integer products of INT4 blocks with INT8 activations: `pair(lo, hi, q0, q1)` returns eight i32 lanes
+/// holding `lo . q0 + hi . q1` summed four bytes to a lane (`lo`, `hi` unsigned nibbles, `q0`, `q1` signed
+/// codes), which is exact either way: `maddubs` pairs stay below 2 * 15 * 127 and their sum below i16::MAX.
+/// AVX2 multiplies and widens in three steps; AVX-512 VNNI's `vpdpbusd` does it in one per operand pair.
+/// Both give the same lanes, so the two kernels agree bit for bit.
+macro_rules! i4_pair_avx2 {
+    () => {
+        |lo: __m256i, hi: __m256i, q0: __m256i, q1: __m256i| {
+            let sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, q0), _mm256_maddubs_epi16(hi, q1));
+            _mm256_madd_epi16(sum16, _mm256_set1_epi16(1))
+        }
+    };
+}
+macro_rules! i4_pair_vnni {
+    () => {
+        |lo: __m256i, hi: __m256i, q0: __m256i, q1: __m256i| {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, q0), hi, q1)
+        }
+    };
+}
+
+/// The body of [`dot_i4_q8_avx2`] and [`dot_i4_q8_vnni`]: one INT4 row against `NT` tokens' INT8 activations.
+///
+/// The activations come in the pair order of `packed_kernels::prepare_q8`: for blocks 2p and 2p + 1 (64
+/// codes at 64 p) the even elements of both blocks, then their odd elements, so one 32-byte load of the
+/// row (two blocks of 16 bytes) splits into low nibbles (both blocks' even elements) and high nibbles (their
+/// odd elements) that meet 32 contiguous codes each; a last unpaired block keeps evens then odds. Lanes 0-3
+/// of a pair's product belong to its first block and lanes 4-7 to its second, so one multiply by the
+/// blocks' scales (group scale times activation scale, permuted into place) and one FMA apply both.
+/// Each token's arithmetic (pairs alternating between two accumulators, the zero-point term summed eight
+/// groups at a time) does not depend on `NT`: a token's result is the same in a batch as alone.
 ///
 /// # Safety
-/// 16 bytes are readable at `w` and 32 at `q`; the caller has AVX2.
+/// The caller has AVX2, FMA and F16C, and whatever `pair` uses.
 #[inline(always)]
-unsafe fn i4_block_avx2(w: *const u8, q: *const i8) -> __m256 {
-    // SAFETY: as documented above; unaligned loads.
-    unsafe {
-        let bytes = _mm_loadu_si128(w as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
-        let q = _mm256_loadu_si256(q as *const __m256i);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, q), _mm256_set1_epi16(1)))
-    }
-}
-
-/// INT4 row (groups of `group` with f16 scales as bits, zero points or 8) · INT8 activations: `q` codes
-/// de-interleaved per 32, `d` one scale per 32, `gzero[g]` = sum over the group's blocks of d_b * sum(q_b),
-/// so that the group contributes s_g * (sum_b d_b * (n . q)_b - z_g * gzero[g]). Eight blocks at a time:
-/// their scales (group scale times activation scale) in one conversion and one multiply, then the blocks in
-/// pairs into two accumulators whatever the group size (with groups of 32 a loop per group chained every FMA
-/// on one); the zero-point terms are summed eight groups at a time.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_i4_q8_avx2(
+#[allow(clippy::too_many_arguments)]
+unsafe fn i4_q8_body<const NT: usize>(
     row: &[u8],
-    q: &[i8],
-    d: &[f32],
-    gzero: &[f32],
+    q: [&[i8]; NT],
+    d: [&[f32]; NT],
+    gzero: [&[f32]; NT],
     scales: &[u16],
     zeros: Option<&[u8]>,
     group: usize,
-) -> f32 {
-    let n = (row.len() / 16).min(q.len() / 32).min(d.len());
+    pair: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+) -> [f32; NT] {
+    let n = row.len() / 16;
     let per_group = group / 32;
     let ng = scales.len();
     assert!(
-        per_group.is_power_of_two() && ng * per_group >= n && gzero.len() >= ng && zeros.is_none_or(|z| z.len() >= ng),
+        per_group.is_power_of_two()
+            && ng * per_group >= n
+            && zeros.is_none_or(|z| z.len() >= ng)
+            && (0..NT).all(|t| q[t].len() >= n * 32 && d[t].len() >= n && gzero[t].len() >= ng),
         "dot_i4_q8 shapes"
     );
     let shift = per_group.trailing_zeros();
-    let zero_of = |g: usize| zeros.map_or(8.0, |z| z[g] as f32);
-    let mut zacc = _mm256_setzero_ps();
-    let mut g = 0;
-    while g + 8 <= ng {
-        // SAFETY: g + 8 <= ng: eight scales, gzero terms and zero points are in bounds (asserted above).
-        unsafe {
+    // SAFETY (whole body): every pointer offset below is bounded by the lengths asserted above; loads are
+    // unaligned; the caller guarantees the CPU features.
+    unsafe {
+        // The zero-point terms: s_g * z_g * gzero[g] per group, eight groups at a time.
+        let mut zacc = [_mm256_setzero_ps(); NT];
+        let mut g = 0;
+        while g + 8 <= ng {
             let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
             let z = match zeros {
                 Some(z) => {
@@ -807,45 +818,115 @@ pub(crate) fn dot_i4_q8_avx2(
                 }
                 None => _mm256_set1_ps(8.0),
             };
-            zacc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(gzero.as_ptr().add(g)), zacc);
+            let sz = _mm256_mul_ps(s, z);
+            for t in 0..NT {
+                zacc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gzero[t].as_ptr().add(g)), zacc[t]);
+            }
+            g += 8;
         }
-        g += 8;
-    }
-    let mut zero_part = hsum256(zacc);
-    for g in g..ng {
-        zero_part += f16_bits_to_f32(scales[g]) * zero_of(g) * gzero[g];
-    }
-    let (rp, qp) = (row.as_ptr(), q.as_ptr());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut b = 0;
-    while b + 8 <= n {
-        let mut bits = [0u16; 8];
-        for (i, v) in bits.iter_mut().enumerate() {
-            *v = scales[(b + i) >> shift];
-        }
-        let mut bs = [0.0f32; 8];
-        // SAFETY: b + 8 <= n <= d.len(); the arrays hold 8 values each.
-        unsafe {
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
-            _mm256_storeu_ps(bs.as_mut_ptr(), _mm256_mul_ps(s, _mm256_loadu_ps(d.as_ptr().add(b))));
-        }
-        for i in (0..8).step_by(2) {
-            let (b0, b1) = (b + i, b + i + 1);
-            // SAFETY: b1 < n: 16 bytes at b * 16 lie in the row and 32 codes at b * 32 in q.
-            unsafe {
-                let p0 = i4_block_avx2(rp.add(b0 * 16), qp.add(b0 * 32));
-                let p1 = i4_block_avx2(rp.add(b1 * 16), qp.add(b1 * 32));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(bs[i]), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(bs[i + 1]), p1, acc1);
+        let mut zero_part: [f32; NT] = std::array::from_fn(|t| hsum256(zacc[t]));
+        for g in g..ng {
+            let sz = f16_bits_to_f32(scales[g]) * zeros.map_or(8.0, |z| z[g] as f32);
+            for t in 0..NT {
+                zero_part[t] += sz * gzero[t][g];
             }
         }
-        b += 8;
+
+        let rp = row.as_ptr();
+        let mask = _mm256_set1_epi8(0x0f);
+        // Lane i of the pair's product takes the scale of block i / 4 of the pair: pair k of eight blocks
+        // reads scales 2k and 2k + 1.
+        let spread = |k: i32| _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
+        let idx = [spread(0), spread(1), spread(2), spread(3)];
+        let mut acc0 = [_mm256_setzero_ps(); NT];
+        let mut acc1 = [_mm256_setzero_ps(); NT];
+        let mut b = 0;
+        while b + 8 <= n {
+            let s8 = if per_group == 1 {
+                _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(b) as *const __m128i))
+            } else {
+                let bits: [u16; 8] = std::array::from_fn(|i| scales[(b + i) >> shift]);
+                _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i))
+            };
+            let bs: [__m256; NT] = std::array::from_fn(|t| _mm256_mul_ps(s8, _mm256_loadu_ps(d[t].as_ptr().add(b))));
+            for (k, &spread_k) in idx.iter().enumerate() {
+                let bb = b + 2 * k;
+                let w = _mm256_loadu_si256(rp.add(bb * 16) as *const __m256i);
+                let (lo, hi) = (_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16(w, 4), mask));
+                for t in 0..NT {
+                    let qp = q[t].as_ptr().add(bb * 32) as *const __m256i;
+                    let prod = _mm256_cvtepi32_ps(pair(lo, hi, _mm256_loadu_si256(qp), _mm256_loadu_si256(qp.add(1))));
+                    let scale = _mm256_permutevar8x32_ps(bs[t], spread_k);
+                    if k % 2 == 0 {
+                        acc0[t] = _mm256_fmadd_ps(scale, prod, acc0[t]);
+                    } else {
+                        acc1[t] = _mm256_fmadd_ps(scale, prod, acc1[t]);
+                    }
+                }
+            }
+            b += 8;
+        }
+        // The remaining pairs, then an unpaired last block, one block scale at a time.
+        let block_scale = |t: usize, b: usize| f16_bits_to_f32(scales[b >> shift]) * d[t][b];
+        while b + 2 <= n {
+            let w = _mm256_loadu_si256(rp.add(b * 16) as *const __m256i);
+            let (lo, hi) = (_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16(w, 4), mask));
+            for t in 0..NT {
+                let qp = q[t].as_ptr().add(b * 32) as *const __m256i;
+                let prod = _mm256_cvtepi32_ps(pair(lo, hi, _mm256_loadu_si256(qp), _mm256_loadu_si256(qp.add(1))));
+                let (s0, s1) = (_mm256_set1_ps(block_scale(t, b)), _mm256_set1_ps(block_scale(t, b + 1)));
+                acc0[t] = _mm256_fmadd_ps(_mm256_blend_ps::<0xf0>(s0, s1), prod, acc0[t]);
+            }
+            b += 2;
+        }
+        if b < n {
+            let bytes = _mm_loadu_si128(rp.add(b * 16) as *const __m128i);
+            let m128 = _mm_set1_epi8(0x0f);
+            let nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), m128), _mm_and_si128(bytes, m128));
+            for t in 0..NT {
+                let qv = _mm256_loadu_si256(q[t].as_ptr().add(b * 32) as *const __m256i);
+                let prod = _mm256_cvtepi32_ps(pair(nib, _mm256_setzero_si256(), qv, _mm256_setzero_si256()));
+                acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(t, b)), prod, acc1[t]);
+            }
+        }
+        std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])) - zero_part[t])
     }
-    for b in b..n {
-        let scale = f16_bits_to_f32(scales[b >> shift]) * d[b];
-        // SAFETY: b < n, as above.
-        let p = unsafe { i4_block_avx2(rp.add(b * 16), qp.add(b * 32)) };
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(scale), p, acc0);
-    }
-    hsum256(_mm256_add_ps(acc0, acc1)) - zero_part
+}
+
+/// INT4 row (groups of `group` with f16 scales as bits, zero points or 8) · `NT` tokens' INT8 activations:
+/// codes `q` in pair order (see [`i4_q8_body`]), `d` one scale per 32, `gzero[g]` = sum over group g's
+/// blocks of d_b * sum(q_b), so that the group contributes s_g * (sum_b d_b * (n . q)_b - z_g * gzero[g]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_i4_q8_avx2<const NT: usize>(
+    row: &[u8],
+    q: [&[i8]; NT],
+    d: [&[f32]; NT],
+    gzero: [&[f32]; NT],
+    scales: &[u16],
+    zeros: Option<&[u8]>,
+    group: usize,
+) -> [f32; NT] {
+    // SAFETY: this function has the body's features; `pair` uses AVX2 only.
+    unsafe { i4_q8_body(row, q, d, gzero, scales, zeros, group, i4_pair_avx2!()) }
+}
+
+/// [`dot_i4_q8_avx2`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same lanes, so the same bits.
+#[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+pub(crate) fn dot_i4_q8_vnni<const NT: usize>(
+    row: &[u8],
+    q: [&[i8]; NT],
+    d: [&[f32]; NT],
+    gzero: [&[f32]; NT],
+    scales: &[u16],
+    zeros: Option<&[u8]>,
+    group: usize,
+) -> [f32; NT] {
+    // SAFETY: this function has the body's features and VNNI for `pair`.
+    unsafe { i4_q8_body(row, q, d, gzero, scales, zeros, group, i4_pair_vnni!()) }
+}
+
+/// Whether the CPU has AVX-512 VNNI (with VL, for its 256-bit forms): the AVX-512 level's integer kernels
+/// then use `vpdpbusd`.
+pub(crate) fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
