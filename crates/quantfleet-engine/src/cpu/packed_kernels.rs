@@ -59,6 +59,9 @@ struct Q8Input {
     d: Vec<f32>,
     /// INT4: per weight group, sum over its blocks of d_b * sum(q_b) (the zero-point term). Empty otherwise.
     gzero: Vec<f32>,
+    /// Symmetric INT4: 8 * sum(q_b) of every block as i32 lanes for the x86 kernels (`x86::I4Act`): eight
+    /// lanes per pair of blocks, the first block's in lane 0 and the second's in lane 4. Empty otherwise.
+    corr: Vec<i32>,
 }
 
 /// Where INT4 block `b` of `n` finds its activation codes in a [`Q8Input`]: the offsets of its 16 even
@@ -80,26 +83,31 @@ fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
     let n = xs.len() / ACT_BLOCK;
     let mut q = vec![0i8; xs.len()];
     let mut d = vec![0.0f32; n];
-    let PackedFormat::Int4 { group, .. } = m.format else {
+    let PackedFormat::Int4 { group, symmetric } = m.format else {
         for ((qb, xb), db) in q.chunks_exact_mut(ACT_BLOCK).zip(xs.chunks_exact(ACT_BLOCK)).zip(d.iter_mut()) {
             *db = quantize_activation_block(xb, qb);
         }
-        return Q8Input { q, d, gzero: Vec::new() };
+        return Q8Input { q, d, gzero: Vec::new(), corr: Vec::new() };
     };
     // INT4: each block quantized aside, its codes placed in pair order and its zero-point term d * sum(q)
-    // added to its group's.
+    // added to its group's (symmetric: 8 * sum(q) also kept as an integer correction).
     let mut gzero = vec![0.0f32; n.div_ceil(group / ACT_BLOCK)];
+    let mut corr = if symmetric { vec![0i32; 8 * n.div_ceil(2)] } else { Vec::new() };
     let mut block = [0i8; ACT_BLOCK];
     for (b, xb) in xs.chunks_exact(ACT_BLOCK).enumerate() {
         d[b] = quantize_activation_block(xb, &mut block);
-        gzero[b / (group / ACT_BLOCK)] += d[b] * block.iter().map(|&c| c as i32).sum::<i32>() as f32;
+        let sum = block.iter().map(|&c| c as i32).sum::<i32>();
+        gzero[b / (group / ACT_BLOCK)] += d[b] * sum as f32;
+        if symmetric {
+            corr[8 * (b / 2) + 4 * (b % 2)] = 8 * sum;
+        }
         let (even, odd) = i4_q8_offsets(b, n);
         for j in 0..16 {
             q[even + j] = block[2 * j];
             q[odd + j] = block[2 * j + 1];
         }
     }
-    Q8Input { q, d, gzero }
+    Q8Input { q, d, gzero, corr }
 }
 
 pub(crate) fn prepare(m: &PackedMatrix, x: &[f32]) -> Prepared {
@@ -389,18 +397,23 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
             // The tokens' codes and scales, gathered once for all rows.
             let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8s[i].q[..]);
             let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].d[..]);
-            let gzero: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].gzero[..]);
+            let act: [x86::I4Act<'_>; $nt] = std::array::from_fn(|i| x86::I4Act {
+                q: &q8s[i].q,
+                d: &q8s[i].d,
+                gzero: &q8s[i].gzero,
+                corr: &q8s[i].corr,
+            });
             for r in r0..r0 + nr {
                 let row = m.row_data(r);
                 let v = match m.format {
                     PackedFormat::Int4 { symmetric, group } => {
                         let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
-                        let scales = &scale_bits[r * gpr..(r + 1) * gpr];
+                        let row = x86::I4Row { bytes: row, scales: &scale_bits[r * gpr..(r + 1) * gpr], zeros, group };
                         if vnni {
                             // SAFETY: `vnni` is set only on a CPU with AVX-512 VNNI and VL.
-                            unsafe { x86::dot_i4_q8_vnni::<$nt>(row, q, d, gzero, scales, zeros, group) }
+                            unsafe { x86::dot_i4_q8_vnni::<$nt>(row, act) }
                         } else {
-                            x86::dot_i4_q8_avx2::<$nt>(row, q, d, gzero, scales, zeros, group)
+                            x86::dot_i4_q8_avx2::<$nt>(row, act)
                         }
                     }
                     // Only INT8 and INT4 matrices take INT8 activations (`PackedMatrix::validate`).
@@ -850,21 +863,19 @@ mod tests {
             let gpr = m.groups_per_row();
             let bits: &[u16] = m.group_scales.reinterpret_cast();
             for r in 0..rows {
-                let (scales, row) = (&bits[r * gpr..(r + 1) * gpr], m.row_data(r));
                 let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
-                let q: [&[i8]; 4] = std::array::from_fn(|t| &inputs[t].q[..]);
-                let d: [&[f32]; 4] = std::array::from_fn(|t| &inputs[t].d[..]);
-                let gz: [&[f32]; 4] = std::array::from_fn(|t| &inputs[t].gzero[..]);
+                let row = x86::I4Row { bytes: m.row_data(r), scales: &bits[r * gpr..(r + 1) * gpr], zeros, group };
+                let act: [x86::I4Act<'_>; 4] = std::array::from_fn(|t| x86::I4Act {
+                    q: &inputs[t].q,
+                    d: &inputs[t].d,
+                    gzero: &inputs[t].gzero,
+                    corr: &inputs[t].corr,
+                });
                 // SAFETY: AVX2 and AVX-512 VNNI are present (checked above).
-                let (a, v) = unsafe {
-                    (
-                        x86::dot_i4_q8_avx2::<4>(row, q, d, gz, scales, zeros, group),
-                        x86::dot_i4_q8_vnni::<4>(row, q, d, gz, scales, zeros, group),
-                    )
-                };
+                let (a, v) = unsafe { (x86::dot_i4_q8_avx2::<4>(row, act), x86::dot_i4_q8_vnni::<4>(row, act)) };
                 assert_eq!(a.map(f32::to_bits), v.map(f32::to_bits), "{} cols {cols} row {r}", m.format_name());
                 // SAFETY: as above.
-                let one = unsafe { x86::dot_i4_q8_vnni::<1>(row, [q[2]], [d[2]], [gz[2]], scales, zeros, group) };
+                let one = unsafe { x86::dot_i4_q8_vnni::<1>(row, [act[2]]) };
                 assert_eq!(one[0].to_bits(), v[2].to_bits(), "{} cols {cols} row {r}: token 2 alone", m.format_name());
             }
         }

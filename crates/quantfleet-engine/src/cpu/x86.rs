@@ -702,32 +702,42 @@ unsafe fn i8_q8_body<const NT: usize>(
     // SAFETY (whole body): b < n wherever a block is read, so 32 bytes at b * 32 lie in the row and in every
     // token's codes (asserted above); loads are unaligned; the caller guarantees the CPU features.
     unsafe {
-        let weights = |b: usize| {
-            let w = _mm256_loadu_si256(rp.add(b * 32) as *const __m256i);
-            (_mm256_sign_epi8(w, w), w)
-        };
-        let product = |(wabs, w): (__m256i, __m256i), qt: &[i8], b: usize| {
-            let qv = _mm256_loadu_si256(qt.as_ptr().add(b * 32) as *const __m256i);
-            _mm256_cvtepi32_ps(dot(wabs, _mm256_sign_epi8(qv, w)))
-        };
+        // Macros, not closures: see `i4_q8_body`.
+        macro_rules! weights {
+            ($b:expr) => {{
+                let w = _mm256_loadu_si256(rp.add($b * 32) as *const __m256i);
+                (_mm256_sign_epi8(w, w), w)
+            }};
+        }
+        macro_rules! product {
+            ($w:expr, $qt:expr, $b:expr) => {{
+                let (wabs, w): (__m256i, __m256i) = $w;
+                let qv = _mm256_loadu_si256($qt.as_ptr().add($b * 32) as *const __m256i);
+                _mm256_cvtepi32_ps(dot(wabs, _mm256_sign_epi8(qv, w)))
+            }};
+        }
         let mut acc0 = [_mm256_setzero_ps(); NT];
         let mut acc1 = [_mm256_setzero_ps(); NT];
         let mut b = 0;
         while b + 2 <= n {
-            let (w0, w1) = (weights(b), weights(b + 1));
+            let (w0, w1) = (weights!(b), weights!(b + 1));
             for t in 0..NT {
-                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
-                acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b + 1]), product(w1, q[t], b + 1), acc1[t]);
+                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product!(w0, q[t], b), acc0[t]);
+                acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b + 1]), product!(w1, q[t], b + 1), acc1[t]);
             }
             b += 2;
         }
         if b < n {
-            let w0 = weights(b);
+            let w0 = weights!(b);
             for t in 0..NT {
-                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product(w0, q[t], b), acc0[t]);
+                acc0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[t][b]), product!(w0, q[t], b), acc0[t]);
             }
         }
-        std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])))
+        let mut out = [0.0f32; NT];
+        for t in 0..NT {
+            out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t]));
+        }
+        out
     }
 }
 
@@ -768,6 +778,38 @@ macro_rules! i4_pair_vnni {
     };
 }
 
+/// One INT4 row for the W4A8 kernels: its bytes (16 per block of 32), f16 group scales as bits, zero points
+/// (None: symmetric, zero point 8) and group size.
+#[derive(Clone, Copy)]
+pub(crate) struct I4Row<'a> {
+    pub bytes: &'a [u8],
+    pub scales: &'a [u16],
+    pub zeros: Option<&'a [u8]>,
+    pub group: usize,
+}
+
+/// One token's INT8 activations for the W4A8 kernels (`packed_kernels::Q8Input`): codes `q` in pair order,
+/// `d` one scale per block; `gzero[g]` = sum over group g's blocks of d_b * sum(q_b), for asymmetric rows;
+/// `corr`, for symmetric rows, eight i32 lanes per pair of blocks (and for an unpaired last block) holding
+/// 8 * sum(q_b) of the pair's first block in lane 0 and of its second in lane 4.
+#[derive(Clone, Copy)]
+pub(crate) struct I4Act<'a> {
+    pub q: &'a [i8],
+    pub d: &'a [f32],
+    pub gzero: &'a [f32],
+    pub corr: &'a [i32],
+}
+
+/// The f16 scale bits of blocks `$b .. $b + $nb` (`$nb` <= 8, zero past it; block i in group `i >> $shift`)
+/// as eight 16-bit lanes built in registers: a vector load from eight scalar stores would wait on store
+/// forwarding (it cost a fifth of the kernel's time).
+macro_rules! scale_bits8 {
+    ($scales:expr, $b:expr, $nb:expr, $shift:expr) => {{
+        let s = |i: usize| if i < $nb { $scales[($b + i) >> $shift] as i16 } else { 0 };
+        _mm_setr_epi16(s(0), s(1), s(2), s(3), s(4), s(5), s(6), s(7))
+    }};
+}
+
 /// The body of [`dot_i4_q8_avx2`] and [`dot_i4_q8_vnni`]: one INT4 row against `NT` tokens' INT8 activations.
 ///
 /// The activations come in the pair order of `packed_kernels::prepare_q8`: for blocks 2p and 2p + 1 (64
@@ -776,63 +818,85 @@ macro_rules! i4_pair_vnni {
 /// odd elements) that meet 32 contiguous codes each; a last unpaired block keeps evens then odds. Lanes 0-3
 /// of a pair's product belong to its first block and lanes 4-7 to its second, so one multiply by the
 /// blocks' scales (group scale times activation scale, permuted into place) and one FMA apply both.
-/// Each token's arithmetic (pairs alternating between two accumulators, the zero-point term summed eight
-/// groups at a time) does not depend on `NT`: a token's result is the same in a batch as alone.
+///
+/// The zero point: a symmetric row's is 8 for every group, so `corr` subtracts 8 * sum(q_b) from each
+/// block's integer product before the conversion, and the block contributes s * d_b * ((n - 8) . q_b)
+/// exactly as integers. An asymmetric row's zero points vary per group; the term s_g * z_g * gzero[g] is
+/// subtracted once per row, eight groups at a time.
+///
+/// Each token's arithmetic (pairs alternating between two accumulators) does not depend on `NT`: a token's
+/// result is the same in a batch as alone.
 ///
 /// # Safety
 /// The caller has AVX2, FMA and F16C, and whatever `pair` uses.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn i4_q8_body<const NT: usize>(
-    row: &[u8],
-    q: [&[i8]; NT],
-    d: [&[f32]; NT],
-    gzero: [&[f32]; NT],
-    scales: &[u16],
-    zeros: Option<&[u8]>,
-    group: usize,
+    row: I4Row<'_>,
+    act: [I4Act<'_>; NT],
     pair: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
 ) -> [f32; NT] {
-    let n = row.len() / 16;
+    let I4Row { bytes, scales, zeros, group } = row;
+    let n = bytes.len() / 16;
     let per_group = group / 32;
     let ng = scales.len();
     assert!(
         per_group.is_power_of_two()
             && ng * per_group >= n
             && zeros.is_none_or(|z| z.len() >= ng)
-            && (0..NT).all(|t| q[t].len() >= n * 32 && d[t].len() >= n && gzero[t].len() >= ng),
+            && act.iter().all(|a| a.q.len() >= n * 32 && a.d.len() >= n)
+            && act.iter().all(|a| if zeros.is_some() {
+                a.gzero.len() >= ng
+            } else {
+                a.corr.len() >= 8 * n.div_ceil(2)
+            }),
         "dot_i4_q8 shapes"
     );
     let shift = per_group.trailing_zeros();
-    // SAFETY (whole body): every pointer offset below is bounded by the lengths asserted above; loads are
-    // unaligned; the caller guarantees the CPU features.
+    // SAFETY (whole body): every pointer offset below is bounded by the lengths asserted above (pair or
+    // block b of n: 16 bytes at 16 b of the row, 32 codes at 32 b, 8 corrections at 4 b); loads are unaligned;
+    // the caller guarantees the CPU features.
     unsafe {
-        // The zero-point terms: s_g * z_g * gzero[g] per group, eight groups at a time.
-        let mut zacc = [_mm256_setzero_ps(); NT];
-        let mut g = 0;
-        while g + 8 <= ng {
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
-            let z = match zeros {
-                Some(z) => {
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(z.as_ptr().add(g) as *const __m128i)))
+        let mut zero_part = [0.0f32; NT];
+        if let Some(z) = zeros {
+            let mut zacc = [_mm256_setzero_ps(); NT];
+            let mut g = 0;
+            while g + 8 <= ng {
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(g) as *const __m128i));
+                let zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(z.as_ptr().add(g) as *const __m128i)));
+                let sz = _mm256_mul_ps(s, zv);
+                for t in 0..NT {
+                    zacc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(act[t].gzero.as_ptr().add(g)), zacc[t]);
                 }
-                None => _mm256_set1_ps(8.0),
-            };
-            let sz = _mm256_mul_ps(s, z);
-            for t in 0..NT {
-                zacc[t] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gzero[t].as_ptr().add(g)), zacc[t]);
+                g += 8;
             }
-            g += 8;
-        }
-        let mut zero_part: [f32; NT] = std::array::from_fn(|t| hsum256(zacc[t]));
-        for g in g..ng {
-            let sz = f16_bits_to_f32(scales[g]) * zeros.map_or(8.0, |z| z[g] as f32);
             for t in 0..NT {
-                zero_part[t] += sz * gzero[t][g];
+                zero_part[t] = hsum256(zacc[t]);
+            }
+            for g in g..ng {
+                let sz = f16_bits_to_f32(scales[g]) * z[g] as f32;
+                for (zp, a) in zero_part.iter_mut().zip(&act) {
+                    *zp += sz * a.gzero[g];
+                }
             }
         }
-
-        let rp = row.as_ptr();
+        // The integer product of the pair or block at `$b` for token `$t`, corrected for a symmetric zero
+        // point. Macros, not closures, here and below: a closure LLVM declines to inline is compiled without
+        // the caller's CPU features, and its intrinsics become calls (4 tokens/s instead of 90).
+        macro_rules! product {
+            ($t:expr, $b:expr, $lo:expr, $hi:expr, $q1:expr) => {{
+                let qp = act[$t].q.as_ptr().add($b * 32) as *const __m256i;
+                let q1 = if $q1 { _mm256_loadu_si256(qp.add(1)) } else { _mm256_setzero_si256() };
+                let p = pair($lo, $hi, _mm256_loadu_si256(qp), q1);
+                let p = match zeros {
+                    Some(_) => p,
+                    None => {
+                        _mm256_sub_epi32(p, _mm256_loadu_si256(act[$t].corr.as_ptr().add($b * 4) as *const __m256i))
+                    }
+                };
+                _mm256_cvtepi32_ps(p)
+            }};
+        }
+        let rp = bytes.as_ptr();
         let mask = _mm256_set1_epi8(0x0f);
         // Lane i of the pair's product takes the scale of block i / 4 of the pair: pair k of eight blocks
         // reads scales 2k and 2k + 1.
@@ -840,89 +904,85 @@ unsafe fn i4_q8_body<const NT: usize>(
         let idx = [spread(0), spread(1), spread(2), spread(3)];
         let mut acc0 = [_mm256_setzero_ps(); NT];
         let mut acc1 = [_mm256_setzero_ps(); NT];
+        // `$npairs` pairs from block `$b`, with the scales `$bs` of blocks `$b..` (group scale times
+        // activation scale, one vector per token).
+        macro_rules! pairs {
+            ($b:expr, $bs:expr, $npairs:expr) => {
+                for (k, &spread_k) in idx[..$npairs].iter().enumerate() {
+                    let bb = $b + 2 * k;
+                    let w = _mm256_loadu_si256(rp.add(bb * 16) as *const __m256i);
+                    let (lo, hi) = (_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16(w, 4), mask));
+                    for t in 0..NT {
+                        let scale = _mm256_permutevar8x32_ps($bs[t], spread_k);
+                        if k % 2 == 0 {
+                            acc0[t] = _mm256_fmadd_ps(scale, product!(t, bb, lo, hi, true), acc0[t]);
+                        } else {
+                            acc1[t] = _mm256_fmadd_ps(scale, product!(t, bb, lo, hi, true), acc1[t]);
+                        }
+                    }
+                }
+            };
+        }
+        // Eight blocks at a time: their scales in one conversion and one multiply per token.
         let mut b = 0;
         while b + 8 <= n {
             let s8 = if per_group == 1 {
                 _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(b) as *const __m128i))
             } else {
-                let bits: [u16; 8] = std::array::from_fn(|i| scales[(b + i) >> shift]);
-                _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i))
+                _mm256_cvtph_ps(scale_bits8!(scales, b, 8, shift))
             };
-            let bs: [__m256; NT] = std::array::from_fn(|t| _mm256_mul_ps(s8, _mm256_loadu_ps(d[t].as_ptr().add(b))));
-            for (k, &spread_k) in idx.iter().enumerate() {
-                let bb = b + 2 * k;
-                let w = _mm256_loadu_si256(rp.add(bb * 16) as *const __m256i);
-                let (lo, hi) = (_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16(w, 4), mask));
-                for t in 0..NT {
-                    let qp = q[t].as_ptr().add(bb * 32) as *const __m256i;
-                    let prod = _mm256_cvtepi32_ps(pair(lo, hi, _mm256_loadu_si256(qp), _mm256_loadu_si256(qp.add(1))));
-                    let scale = _mm256_permutevar8x32_ps(bs[t], spread_k);
-                    if k % 2 == 0 {
-                        acc0[t] = _mm256_fmadd_ps(scale, prod, acc0[t]);
-                    } else {
-                        acc1[t] = _mm256_fmadd_ps(scale, prod, acc1[t]);
-                    }
-                }
+            let mut bs = [_mm256_setzero_ps(); NT];
+            for t in 0..NT {
+                bs[t] = _mm256_mul_ps(s8, _mm256_loadu_ps(act[t].d.as_ptr().add(b)));
             }
+            pairs!(b, bs, 4);
             b += 8;
         }
-        // The remaining pairs, then an unpaired last block, one block scale at a time.
-        let block_scale = |t: usize, b: usize| f16_bits_to_f32(scales[b >> shift]) * d[t][b];
-        while b + 2 <= n {
-            let w = _mm256_loadu_si256(rp.add(b * 16) as *const __m256i);
-            let (lo, hi) = (_mm256_and_si256(w, mask), _mm256_and_si256(_mm256_srli_epi16(w, 4), mask));
-            for t in 0..NT {
-                let qp = q[t].as_ptr().add(b * 32) as *const __m256i;
-                let prod = _mm256_cvtepi32_ps(pair(lo, hi, _mm256_loadu_si256(qp), _mm256_loadu_si256(qp.add(1))));
-                let (s0, s1) = (_mm256_set1_ps(block_scale(t, b)), _mm256_set1_ps(block_scale(t, b + 1)));
-                acc0[t] = _mm256_fmadd_ps(_mm256_blend_ps::<0xf0>(s0, s1), prod, acc0[t]);
-            }
-            b += 2;
-        }
         if b < n {
-            let bytes = _mm_loadu_si128(rp.add(b * 16) as *const __m128i);
-            let m128 = _mm_set1_epi8(0x0f);
-            let nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), m128), _mm_and_si128(bytes, m128));
+            // The last 1-7 blocks the same way, their scales zero past the end (a masked load of the
+            // activation scales); then an unpaired last block.
+            let nb = n - b;
+            let s8 = _mm256_cvtph_ps(scale_bits8!(scales, b, nb, shift));
+            let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let mut bs = [_mm256_setzero_ps(); NT];
             for t in 0..NT {
-                let qv = _mm256_loadu_si256(q[t].as_ptr().add(b * 32) as *const __m256i);
-                let prod = _mm256_cvtepi32_ps(pair(nib, _mm256_setzero_si256(), qv, _mm256_setzero_si256()));
-                acc1[t] = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(t, b)), prod, acc1[t]);
+                bs[t] = _mm256_mul_ps(s8, _mm256_maskload_ps(act[t].d.as_ptr().add(b), live));
+            }
+            pairs!(b, bs, nb / 2);
+            if nb % 2 == 1 {
+                // Evens then odds of its own: all eight lanes belong to it.
+                let bl = n - 1;
+                let bytes = _mm_loadu_si128(rp.add(bl * 16) as *const __m128i);
+                let m128 = _mm_set1_epi8(0x0f);
+                let nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), m128), _mm_and_si128(bytes, m128));
+                let last = _mm256_set1_epi32(nb as i32 - 1);
+                for t in 0..NT {
+                    let scale = _mm256_permutevar8x32_ps(bs[t], last);
+                    acc1[t] = _mm256_fmadd_ps(scale, product!(t, bl, nib, _mm256_setzero_si256(), false), acc1[t]);
+                }
             }
         }
-        std::array::from_fn(|t| hsum256(_mm256_add_ps(acc0[t], acc1[t])) - zero_part[t])
+        let mut out = [0.0f32; NT];
+        for t in 0..NT {
+            out[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t])) - zero_part[t];
+        }
+        out
     }
 }
 
-/// INT4 row (groups of `group` with f16 scales as bits, zero points or 8) · `NT` tokens' INT8 activations:
-/// codes `q` in pair order (see [`i4_q8_body`]), `d` one scale per 32, `gzero[g]` = sum over group g's
-/// blocks of d_b * sum(q_b), so that the group contributes s_g * (sum_b d_b * (n . q)_b - z_g * gzero[g]).
+/// INT4 row · `NT` tokens' INT8 activations (see [`i4_q8_body`]): the group contributes
+/// s_g * sum_b d_b * ((n - z_g) . q_b).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_i4_q8_avx2<const NT: usize>(
-    row: &[u8],
-    q: [&[i8]; NT],
-    d: [&[f32]; NT],
-    gzero: [&[f32]; NT],
-    scales: &[u16],
-    zeros: Option<&[u8]>,
-    group: usize,
-) -> [f32; NT] {
+pub(crate) fn dot_i4_q8_avx2<const NT: usize>(row: I4Row<'_>, act: [I4Act<'_>; NT]) -> [f32; NT] {
     // SAFETY: this function has the body's features; `pair` uses AVX2 only.
-    unsafe { i4_q8_body(row, q, d, gzero, scales, zeros, group, i4_pair_avx2!()) }
+    unsafe { i4_q8_body(row, act, i4_pair_avx2!()) }
 }
 
 /// [`dot_i4_q8_avx2`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same lanes, so the same bits.
 #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
-pub(crate) fn dot_i4_q8_vnni<const NT: usize>(
-    row: &[u8],
-    q: [&[i8]; NT],
-    d: [&[f32]; NT],
-    gzero: [&[f32]; NT],
-    scales: &[u16],
-    zeros: Option<&[u8]>,
-    group: usize,
-) -> [f32; NT] {
+pub(crate) fn dot_i4_q8_vnni<const NT: usize>(row: I4Row<'_>, act: [I4Act<'_>; NT]) -> [f32; NT] {
     // SAFETY: this function has the body's features and VNNI for `pair`.
-    unsafe { i4_q8_body(row, q, d, gzero, scales, zeros, group, i4_pair_vnni!()) }
+    unsafe { i4_q8_body(row, act, i4_pair_vnni!()) }
 }
 
 /// Whether the CPU has AVX-512 VNNI (with VL, for its 256-bit forms): the AVX-512 level's integer kernels
