@@ -7,7 +7,7 @@
 #
 #   scripts/bench-engine.sh [tier_bench options: --prompt 128 --gen 64 --batch 8 --reps 3 --threads 2 --tier NAME]
 #
-# llama.cpp is built once from the PyPI llama-cpp-python sdist (scripts/build-llama-cpp.sh, ~15 min cold);
+# llama.cpp is built once from the PyPI llama-cpp-python sdist (scripts/build-llama-cpp.sh, ~15 min cold on an idle machine);
 # its requantized GGUFs are cached in $QUANTFLEET_CACHE/bench-gguf.
 set -euo pipefail
 cd "$(dirname "$0")/.."
