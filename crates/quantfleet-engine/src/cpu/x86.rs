@@ -900,8 +900,12 @@ unsafe fn i4_q8_body<const NT: usize>(
         let mask = _mm256_set1_epi8(0x0f);
         // Lane i of the pair's product takes the scale of block i / 4 of the pair: pair k of eight blocks
         // reads scales 2k and 2k + 1.
-        let spread = |k: i32| _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
-        let idx = [spread(0), spread(1), spread(2), spread(3)];
+        let idx = [
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+            _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
+            _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
+        ];
         let mut acc0 = [_mm256_setzero_ps(); NT];
         let mut acc1 = [_mm256_setzero_ps(); NT];
         // `$npairs` pairs from block `$b`, with the scales `$bs` of blocks `$b..` (group scale times
