@@ -132,7 +132,7 @@ impl KvStore {
         match &self.data {
             KvData::F32(_) => unreachable!(),
             KvData::Kivi(_) => unreachable!("attention decodes KIVI caches through Tile::keys_t / Tile::values"),
-            KvData::F16(v) => v[run].convert_to_f32_slice(out),
+            KvData::F16(v) => f16_run_to_f32(&v[run], out),
             KvData::Bf16(v) => v[run].convert_to_f32_slice(out),
             KvData::Fp8(v) => {
                 out.iter_mut().zip(&v[run]).enumerate().for_each(|(i, (o, &c))| *o = e4m3_to_f32(c) * scale(i))
@@ -145,13 +145,32 @@ impl KvStore {
     }
 }
 
+/// Decodes a run of f16 KV elements with F16C where the CPU has it (eight per instruction, inlined into the
+/// attention kernels); `half`'s slice conversion makes a call per eight elements.
+#[inline(always)]
+fn f16_run_to_f32(src: &[f16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has F16C and AVX (F16C implies it), checked just above.
+        return unsafe { super::x86::f16_run_to_f32(src, out) };
+    }
+    src.convert_to_f32_slice(out)
+}
+
 /// Slots per block for which scores are accumulated in registers (one AVX-512 vector).
 const LANES: usize = 16;
 
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// Per-thread buffers of one attention task, reused across tasks.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
     /// Decoded K and V runs of one block (quantized caches only).
-    static KV_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Copies K and V rows (`[n, n_kv * hd]`) into their slots, converting to the cache's dtype.
@@ -250,14 +269,16 @@ pub(crate) fn attention(
                 q_row0: span.row0 + r0,
                 q_width: width,
             };
-            SCORES.with_borrow_mut(|scores| match level {
+            // The scratch buffers are borrowed here, outside the kernels: a closure inside a
+            // `target_feature` function is compiled as a function of its own, without the features.
+            SCRATCH.with_borrow_mut(|s| match level {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: non-portable levels exist only where the CPU supports them (SimdLevel::detect).
-                SimdLevel::Avx512 => unsafe { attend_avx512(&tile, scores, &mut o) },
+                SimdLevel::Avx512 => unsafe { attend_avx512(&tile, s, &mut o) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                SimdLevel::Avx2Fma => unsafe { attend_avx2(&tile, scores, &mut o) },
-                _ => attend(&tile, scores, &mut o),
+                SimdLevel::Avx2Fma => unsafe { attend_avx2(&tile, s, &mut o) },
+                _ => attend_blocks(SimdLevel::Portable, &tile, s, &mut o),
             });
             o
         })
@@ -334,34 +355,50 @@ impl Tile<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn attend_avx512(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(tile, scores, out)
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn attend_avx512(tile: &Tile, s: &mut Scratch, out: &mut [f32]) {
+    attend_blocks(SimdLevel::Avx512, tile, s, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn attend_avx2(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(tile, scores, out)
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_avx2(tile: &Tile, s: &mut Scratch, out: &mut [f32]) {
+    attend_blocks(SimdLevel::Avx2Fma, tile, s, out)
+}
+
+/// `acc[s] = sum_d (q[d] * scale) * keys_t[d * LANES + s]`, accumulated in `d` order with a separate multiply
+/// and add on every level (the same bits as the portable loop). LLVM keeps the portable loop's 16 sums in
+/// 16 scalar registers, so the x86 levels spell out the vector.
+#[inline(always)]
+fn block_scores(level: SimdLevel, keys_t: &[f32], q: &[f32], scale: f32) -> [f32; LANES] {
+    assert_eq!(keys_t.len(), LANES * q.len(), "one transposed block of keys");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the x86 levels are only passed by kernels compiled for (and dispatched on) those features.
+        SimdLevel::Avx512 => unsafe { super::x86::block_scores16_avx512(keys_t, q, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2Fma => unsafe { super::x86::block_scores16_avx2(keys_t, q, scale) },
+        _ => {
+            let mut acc = [0.0f32; LANES];
+            for (col, &qd) in keys_t.chunks_exact(LANES).zip(q) {
+                let qd = qd * scale;
+                for (a, &kv) in acc.iter_mut().zip(col) {
+                    *a += qd * kv;
+                }
+            }
+            acc
+        }
+    }
 }
 
 /// Walks the sequence block by block: within a block one head's keys (transposed) and values are each one
 /// contiguous run of `block_tokens * head_dim`, so both passes stream memory linearly, and each block is
 /// fetched once for every query of the tile. Per query the arithmetic (and its order) is that of attending
-/// it alone.
+/// it alone. `level` is a constant in each caller, so the kernel choices below fold away.
 #[inline(always)]
-fn attend(tile: &Tile, scores: &mut Vec<f32>, out: &mut [f32]) {
-    KV_SCRATCH.with_borrow_mut(|(ks, vs)| attend_blocks(tile, scores, out, ks, vs))
-}
-
-#[inline(always)]
-fn attend_blocks(
-    tile: &Tile,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-    k_scratch: &mut Vec<f32>,
-    v_scratch: &mut Vec<f32>,
-) {
+fn attend_blocks(level: SimdLevel, tile: &Tile, s: &mut Scratch, out: &mut [f32]) {
+    let Scratch { scores, keys: k_scratch, values: v_scratch } = s;
     let l = tile.layout;
     let (hd, bt) = (l.head_dim, l.block_tokens);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -387,13 +424,7 @@ fn attend_blocks(
                 // The default block size: the 16 scores live in one register for the whole loop over d
                 // (through memory, each step would wait on the previous step's store). Lanes past `len` are
                 // computed from unused slots and dropped.
-                let mut acc = [0.0f32; LANES];
-                for (col, &qd) in keys_t.chunks_exact(LANES).zip(q) {
-                    let qd = qd * scale;
-                    for (a, &kv) in acc.iter_mut().zip(col) {
-                        *a += qd * kv;
-                    }
-                }
+                let acc = block_scores(level, &keys_t[..LANES * q.len()], q, scale);
                 sc.copy_from_slice(&acc[..len]);
             } else {
                 for (d, &qd) in q.iter().enumerate() {

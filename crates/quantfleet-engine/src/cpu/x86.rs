@@ -21,6 +21,60 @@ pub(crate) fn f16_bits_to_f32(bits: u16) -> f32 {
     unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
 }
 
+/// `out[i] = src[i]` for f16 elements (`out` at least as long as `src`), eight per F16C conversion.
+#[inline]
+#[target_feature(enable = "avx,f16c")]
+pub(crate) fn f16_run_to_f32(src: &[half::f16], out: &mut [f32]) {
+    let out = &mut out[..src.len()];
+    let mut dst = out.chunks_exact_mut(8);
+    let mut from = src.chunks_exact(8);
+    for (o, h) in (&mut dst).zip(&mut from) {
+        // SAFETY: 8 f16 (16 bytes) are read and 8 f32 written, both chunks exactly that long; unaligned ops.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i))) }
+    }
+    for (o, h) in dst.into_remainder().iter_mut().zip(from.remainder()) {
+        *o = f16_bits_to_f32(h.to_bits());
+    }
+}
+
+/// Attention scores of 16 key slots: `acc[s] = sum_d (q[d] * scale) * keys_t[16 d + s]` in `d` order, a
+/// multiply then an add (no FMA), as the portable loop computes them. `keys_t.len() == 16 * q.len()`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn block_scores16_avx512(keys_t: &[f32], q: &[f32], scale: f32) -> [f32; 16] {
+    let mut acc = _mm512_setzero_ps();
+    for (col, &qd) in keys_t.chunks_exact(16).zip(q) {
+        // SAFETY: `col` is exactly 16 floats; unaligned load.
+        let k = unsafe { _mm512_loadu_ps(col.as_ptr()) };
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(qd * scale), k));
+    }
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+/// [`block_scores16_avx512`] in two 8-lane halves.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) fn block_scores16_avx2(keys_t: &[f32], q: &[f32], scale: f32) -> [f32; 16] {
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (col, &qd) in keys_t.chunks_exact(16).zip(q) {
+        let qd = _mm256_set1_ps(qd * scale);
+        // SAFETY: `col` is exactly 16 floats; unaligned loads.
+        let (k0, k1) = unsafe { (_mm256_loadu_ps(col.as_ptr()), _mm256_loadu_ps(col.as_ptr().add(8))) };
+        lo = _mm256_add_ps(lo, _mm256_mul_ps(qd, k0));
+        hi = _mm256_add_ps(hi, _mm256_mul_ps(qd, k1));
+    }
+    let mut out = [0.0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe {
+        _mm256_storeu_ps(out.as_mut_ptr(), lo);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
+    }
+    out
+}
+
 /// One Q4_1 block times its 32 activations, before scaling: (sum q_lo*x_lo + q_hi*x_hi) as 16 lanes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
