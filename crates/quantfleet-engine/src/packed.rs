@@ -15,6 +15,10 @@
 //!   run time, per token in blocks of 32 input features ([`quantize_activation_block`]), and multiply in
 //!   integers; a product then computes `row · x̂` where x̂ is the quantize-dequantized input.
 //!
+//! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations into groups
+//!   of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]); the bytes and scales are the same
+//!   values in another order.
+//!
 //! The storage bytes match the fit planner's conventions (`quantfleet_api::plan::matrix_bytes`), plus the
 //! AWQ input scales (4 bytes per input feature), which the planner does not count.
 
@@ -56,6 +60,21 @@ pub enum ActivationQuant {
     /// `d = amax / 127`, codes `round(x / d)` (ties to even). The block size and rounding of llama.cpp's
     /// Q8_0 activations, so the integer dot products match its `Q8_0 x Q8_0` / `Q4_0 x Q8_0` kernels in bits.
     Int8,
+}
+
+/// The order of an INT4 matrix's bytes, group scales and zero points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PackedLayout {
+    /// Row after row, as the module docs describe: what the quantizer produces and every backend reads.
+    #[default]
+    Rows,
+    /// INT4 with INT8 activations, for the CPU's integer kernels, whose vector lanes are rows: rows in groups
+    /// of eight (`rows % 8 == 0`, `cols % 32 == 0`). Row group `R` and block `b` (columns `32 b .. 32 b + 32`)
+    /// take the 128 bytes at `128 (R * cols / 32 + b)`, four runs of 32; byte `4 i + j` of run `v` holds, for
+    /// row `8 R + i`, the code of column `32 b + 4 v + j` in its low nibble and of column `32 b + 16 + 4 v + j`
+    /// in its high nibble. Scales (and zero points) of row group `R`, weight group `g`: the eight rows' at
+    /// `8 (R * groups_per_row + g) + i`.
+    Int4Rows8,
 }
 
 /// Input features per INT8 activation block.
@@ -123,6 +142,8 @@ pub struct PackedMatrix {
     pub input_scales: Option<Vec<f32>>,
     /// Run-time quantization of the input (INT8 and INT4 weights only; `cols` a multiple of [`ACT_BLOCK`]).
     pub activations: ActivationQuant,
+    /// The order of `data`, `group_scales` and `zeros` (INT4 only; see [`PackedLayout`]).
+    pub layout: PackedLayout,
 }
 
 fn bad(what: String) -> EngineError {
@@ -144,6 +165,7 @@ impl PackedMatrix {
             zeros: Vec::new(),
             input_scales: None,
             activations: ActivationQuant::F32,
+            layout: PackedLayout::Rows,
         };
         let m = match q {
             QuantizedMatrix::Bf16 { values, .. } => {
@@ -230,6 +252,21 @@ impl PackedMatrix {
                 }
             }
         }
+        if self.layout == PackedLayout::Int4Rows8
+            && !(matches!(self.format, PackedFormat::Int4 { .. })
+                && self.activations == ActivationQuant::Int8
+                && self.rows.is_multiple_of(8)
+                && self.cols.is_multiple_of(32))
+        {
+            return Err(bad(format!(
+                "the interleaved layout needs INT4 weights, INT8 activations, rows % 8 == 0 and cols % 32 == 0 \
+                 ({} {}, {} x {})",
+                self.format_name(),
+                if self.activations == ActivationQuant::Int8 { "" } else { "without INT8 activations" },
+                self.rows,
+                self.cols
+            )));
+        }
         if let Some(s) = &self.input_scales {
             expect("input scales", self.cols, s.len())?;
             if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
@@ -260,9 +297,65 @@ impl PackedMatrix {
             + 4 * self.input_scales.as_ref().map_or(0, Vec::len)
     }
 
+    /// The bytes of row `r` (the row layout only: an interleaved row is not contiguous).
     pub fn row_data(&self, r: usize) -> &[u8] {
+        assert_eq!(self.layout, PackedLayout::Rows, "row_data of an interleaved matrix");
         let rb = self.row_bytes();
         &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Where the code of (row `r`, column `c`) of an INT4 matrix is: its byte and whether it is the high
+    /// nibble; and the index of its group's scale and zero point.
+    fn int4_position(&self, r: usize, c: usize) -> (usize, bool, usize) {
+        let PackedFormat::Int4 { group, .. } = self.format else { unreachable!("INT4 only") };
+        let gpr = self.groups_per_row();
+        match self.layout {
+            PackedLayout::Rows => (r * self.row_bytes() + c / 2, c % 2 == 1, r * gpr + c / group),
+            PackedLayout::Int4Rows8 => {
+                let (rg, i, b, k) = (r / 8, r % 8, c / 32, c % 32);
+                let (v, j) = ((k % 16) / 4, k % 4);
+                let byte = 128 * (rg * self.cols / 32 + b) + 32 * v + 4 * i + j;
+                (byte, k >= 16, 8 * (rg * gpr + c / group) + i)
+            }
+        }
+    }
+
+    /// This INT4 matrix with INT8 activations in [`PackedLayout::Int4Rows8`] (the same values re-ordered); an
+    /// error if it does not qualify (see the layout). Re-interleaving an interleaved matrix returns it as is.
+    pub fn interleave_rows8(self) -> Result<Self> {
+        if self.layout == PackedLayout::Int4Rows8 {
+            return Ok(self);
+        }
+        let mut out = PackedMatrix {
+            data: vec![0; self.data.len()],
+            group_scales: vec![f16::ZERO; self.group_scales.len()],
+            zeros: vec![0; self.zeros.len()],
+            layout: PackedLayout::Int4Rows8,
+            ..self.clone()
+        };
+        out.validate()?;
+        let (rb, gpr, blocks) = (self.row_bytes(), self.groups_per_row(), self.cols / 32);
+        let code = |r: usize, c: usize| (self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f;
+        for (rg, dst) in out.data.chunks_exact_mut(128 * blocks).enumerate() {
+            for (b, run) in dst.chunks_exact_mut(32).enumerate().map(|(k, run)| (k / 4, (k % 4, run))) {
+                let (v, run) = run;
+                for (i, bytes) in run.chunks_exact_mut(4).enumerate() {
+                    for (j, byte) in bytes.iter_mut().enumerate() {
+                        let c = 32 * b + 4 * v + j;
+                        *byte = code(8 * rg + i, c) | (code(8 * rg + i, c + 16) << 4);
+                    }
+                }
+            }
+            for g in 0..gpr {
+                for i in 0..8 {
+                    out.group_scales[8 * (rg * gpr + g) + i] = self.group_scales[(8 * rg + i) * gpr + g];
+                    if !self.zeros.is_empty() {
+                        out.zeros[8 * (rg * gpr + g) + i] = self.zeros[(8 * rg + i) * gpr + g];
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Scalar reference: row `r` of the stored matrix (Q(W diag(s)) for AWQ: input scales NOT applied).
@@ -270,6 +363,15 @@ impl PackedMatrix {
     pub fn dequantize_row_reference(&self, r: usize, out: &mut [f32]) -> Result<()> {
         if r >= self.rows || out.len() != self.cols {
             return Err(bad(format!("row {r} into {} values of a {} x {} matrix", out.len(), self.rows, self.cols)));
+        }
+        if let PackedFormat::Int4 { symmetric, .. } = self.format {
+            for (c, o) in out.iter_mut().enumerate() {
+                let (byte, high, g) = self.int4_position(r, c);
+                let nibble = (self.data[byte] >> (4 * high as u8)) & 0x0f;
+                let zero = if symmetric { 8 } else { self.zeros[g] };
+                *o = (nibble as f32 - zero as f32) * self.group_scales[g].to_f32();
+            }
+            return Ok(());
         }
         let row = self.row_data(r);
         match self.format {
@@ -288,15 +390,7 @@ impl PackedMatrix {
                     *o = (c as i8) as f32 * self.row_scales[r];
                 }
             }
-            PackedFormat::Int4 { group, symmetric } => {
-                let gpr = self.groups_per_row();
-                for (c, o) in out.iter_mut().enumerate() {
-                    let nibble = (row[c / 2] >> (4 * (c % 2))) & 0x0f;
-                    let g = r * gpr + c / group;
-                    let zero = if symmetric { 8 } else { self.zeros[g] };
-                    *o = (nibble as f32 - zero as f32) * self.group_scales[g].to_f32();
-                }
-            }
+            PackedFormat::Int4 { .. } => unreachable!("decoded above"),
         }
         Ok(())
     }
@@ -338,6 +432,44 @@ impl PackedMatrix {
 mod tests {
     use super::*;
     use quantfleet_quant::{Fp8Scaling, Int4Config, MatrixRef, WeightFormat, quantize_rtn};
+
+    /// The CPU's interleaved INT4 layout holds the same values: every row dequantizes as in the row layout
+    /// (the re-ordering loops and the reference's addressing are written independently), for symmetric and
+    /// asymmetric groups of 32-256, a group cut short at the row end included; matrices it does not fit are
+    /// refused with a clear error. SYNTHETIC weights.
+    #[test]
+    fn interleaved_int4_rows_hold_the_same_values() {
+        for (group, symmetric, rows, cols) in
+            [(32, true, 16, 64), (64, false, 24, 96), (128, true, 8, 320), (256, false, 16, 288)]
+        {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.01).collect();
+            let mut cfg = if symmetric { Int4Config::symmetric(group) } else { Int4Config::asymmetric(group) }.unwrap();
+            cfg.scales = quantfleet_quant::ScaleStorage::F16;
+            let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Int4(cfg)).unwrap();
+            let mut m = PackedMatrix::from_quantized(&q).unwrap();
+            m.activations = ActivationQuant::Int8;
+            let i = m.clone().interleave_rows8().unwrap();
+            assert_eq!((i.layout, i.storage_bytes()), (PackedLayout::Int4Rows8, m.storage_bytes()));
+            assert_ne!(i.data, m.data, "the bytes are re-ordered");
+            let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+            for r in 0..rows {
+                m.dequantize_row_reference(r, &mut a).unwrap();
+                i.dequantize_row_reference(r, &mut b).unwrap();
+                assert_eq!(a, b, "g{group} sym={symmetric} row {r}");
+            }
+            assert_eq!(i.clone().interleave_rows8().unwrap(), i, "interleaving twice changes nothing");
+        }
+        let w: Vec<f32> = (0..12 * 64).map(|i| (i % 13) as f32 * 0.1).collect();
+        let mut cfg = Int4Config::symmetric(32).unwrap();
+        cfg.scales = quantfleet_quant::ScaleStorage::F16;
+        let q = quantize_rtn(&MatrixRef::new("w", &w, 12, 64).unwrap(), &WeightFormat::Int4(cfg)).unwrap();
+        let mut m = PackedMatrix::from_quantized(&q).unwrap();
+        let err = m.clone().interleave_rows8().unwrap_err().to_string();
+        assert!(err.contains("interleaved layout needs"), "{err}");
+        m.activations = ActivationQuant::Int8;
+        let err = m.interleave_rows8().unwrap_err().to_string();
+        assert!(err.contains("12 x 64"), "12 rows are not whole groups of 8: {err}");
+    }
 
     #[test]
     fn reference_dequantization_equals_the_quant_crate_for_every_format() {

@@ -23,7 +23,7 @@ use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{self, KvDtype};
-use crate::packed::PackedMatrix;
+use crate::packed::{ActivationQuant, PackedFormat, PackedMatrix};
 use crate::weights::{WeightBytes, WeightTensor};
 use matmul::BlockMatrix;
 
@@ -166,9 +166,15 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix::Gguf { view, file: Arc::clone(store) })
     }
 
+    /// INT4 matrices with INT8 activations are re-ordered into groups of eight interleaved rows for the x86
+    /// integer kernels (`PackedLayout::Int4Rows8`), where the rows allow it (a multiple of 8).
     fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {
         m.validate()?;
-        Ok(CpuMatrix::Packed(m))
+        let interleave = matches!(self.level, SimdLevel::Avx2Fma | SimdLevel::Avx512)
+            && matches!(m.format, PackedFormat::Int4 { .. })
+            && m.activations == ActivationQuant::Int8
+            && m.rows.is_multiple_of(8);
+        Ok(CpuMatrix::Packed(if interleave { m.interleave_rows8()? } else { m }))
     }
 
     fn matrix_storage_bytes(&self, m: &CpuMatrix) -> usize {

@@ -1043,6 +1043,149 @@ pub(crate) fn dot_i4_q8_vnni<const NT: usize>(row: I4Row<'_>, act: [I4Act<'_>; N
     unsafe { i4_q8_body(row, act, i4_pair_vnni!()) }
 }
 
+/// Eight interleaved INT4 rows for the W4A8 kernels (`PackedLayout::Int4Rows8`): the row group's 128 bytes
+/// per block of 32 columns, and its f16 scale bits and zero points (None: symmetric), eight per weight group.
+#[derive(Clone, Copy)]
+pub(crate) struct I4Rows8<'a> {
+    pub bytes: &'a [u8],
+    pub scales: &'a [u16],
+    pub zeros: Option<&'a [u8]>,
+    pub group: usize,
+}
+
+/// `acc + lo . q0 + hi . q1` per i32 lane, four u8 x i8 products per lane and input pair, with AVX2
+/// (`maddubs` sums two products into i16 lanes, which cannot saturate for 4-bit weights: 4 x 15 x 127 fits)
+/// or with VNNI's `vpdpbusd`; the sums are exact integers, so the two give the same bits.
+macro_rules! i4x8_pair_avx2 {
+    () => {
+        |acc: __m256i, lo: __m256i, hi: __m256i, q0: __m256i, q1: __m256i| {
+            let sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, q0), _mm256_maddubs_epi16(hi, q1));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(sum16, _mm256_set1_epi16(1)))
+        }
+    };
+}
+macro_rules! i4x8_pair_vnni {
+    () => {
+        |acc: __m256i, lo: __m256i, hi: __m256i, q0: __m256i, q1: __m256i| {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, q0), hi, q1)
+        }
+    };
+}
+
+/// The body of [`dot_i4x8_q8_avx2`] and [`dot_i4x8_q8_vnni`]: eight interleaved INT4 rows against `NT`
+/// tokens' INT8 activations in column order, one output row per vector lane.
+///
+/// A block's four 32-byte runs split into low nibbles (for each row, 4 codes of columns `4 v ..` of the
+/// block) and high nibbles (columns `16 + 4 v ..`); each meets the token's 4 codes of those columns
+/// broadcast to every lane, so a run's two multiply-adds give all eight rows their products, with no
+/// horizontal sums and one scale multiply per block for the eight rows. A symmetric row's zero point 8 is the
+/// exact integer correction 8 * sum(q_b) per block (`corr`, the same for every row); an asymmetric row's is
+/// the float term s_g * z_g * gzero[g] per group, as in [`i4_q8_body`].
+///
+/// Each token's arithmetic (blocks in order into one accumulator) does not depend on `NT`.
+///
+/// # Safety
+/// The caller has AVX2, FMA and F16C, and whatever `pair` uses.
+#[inline(always)]
+unsafe fn i4x8_q8_body<const NT: usize>(
+    rows: I4Rows8<'_>,
+    act: [I4Act<'_>; NT],
+    pair: impl Fn(__m256i, __m256i, __m256i, __m256i, __m256i) -> __m256i,
+) -> [[f32; 8]; NT] {
+    let I4Rows8 { bytes, scales, zeros, group } = rows;
+    let n = bytes.len() / 128;
+    let per_group = group / 32;
+    let ng = n.div_ceil(per_group.max(1));
+    assert!(
+        per_group >= 1
+            && scales.len() >= 8 * ng
+            && zeros.is_none_or(|z| z.len() >= 8 * ng)
+            && act.iter().all(|a| a.q.len() >= n * 32 && a.d.len() >= n)
+            && act.iter().all(|a| if zeros.is_some() {
+                a.gzero.len() >= ng
+            } else {
+                a.corr.len() >= 8 * n.div_ceil(2)
+            }),
+        "dot_i4x8_q8 shapes"
+    );
+    // SAFETY (whole body): block b < n reads 128 bytes at 128 b, codes 32 b .. 32 b + 32, scale b and the
+    // correction at 8 (b / 2) + 4 (b % 2); group g < ng reads 8 scales and zero points at 8 g: all within the
+    // lengths asserted above; loads are unaligned; the caller guarantees the CPU features.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); NT];
+        let mut zacc = [_mm256_setzero_ps(); NT];
+        for g in 0..ng {
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(8 * g) as *const __m128i));
+            for b in g * per_group..n.min((g + 1) * per_group) {
+                let wp = bytes.as_ptr().add(128 * b) as *const __m256i;
+                let (w0, w1) = (_mm256_loadu_si256(wp), _mm256_loadu_si256(wp.add(1)));
+                let (w2, w3) = (_mm256_loadu_si256(wp.add(2)), _mm256_loadu_si256(wp.add(3)));
+                // Macros, not closures: see `i4_q8_body`.
+                macro_rules! lo {
+                    ($w:expr) => {
+                        _mm256_and_si256($w, mask)
+                    };
+                }
+                macro_rules! hi {
+                    ($w:expr) => {
+                        _mm256_and_si256(_mm256_srli_epi16($w, 4), mask)
+                    };
+                }
+                let (l0, l1, l2, l3) = (lo!(w0), lo!(w1), lo!(w2), lo!(w3));
+                let (h0, h1, h2, h3) = (hi!(w0), hi!(w1), hi!(w2), hi!(w3));
+                for t in 0..NT {
+                    let qp = act[t].q.as_ptr().add(32 * b) as *const i32;
+                    macro_rules! q4 {
+                        ($k:expr) => {
+                            _mm256_set1_epi32(qp.add($k).read_unaligned())
+                        };
+                    }
+                    // Two chains of two runs each, added: shorter dependency chains than one of four.
+                    let p0 = pair(pair(_mm256_setzero_si256(), l0, h0, q4!(0), q4!(4)), l1, h1, q4!(1), q4!(5));
+                    let p1 = pair(pair(_mm256_setzero_si256(), l2, h2, q4!(2), q4!(6)), l3, h3, q4!(3), q4!(7));
+                    let mut p = _mm256_add_epi32(p0, p1);
+                    if zeros.is_none() {
+                        p = _mm256_sub_epi32(
+                            p,
+                            _mm256_set1_epi32(*act[t].corr.get_unchecked(8 * (b / 2) + 4 * (b % 2))),
+                        );
+                    }
+                    let sd = _mm256_mul_ps(s, _mm256_set1_ps(*act[t].d.get_unchecked(b)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sd, acc[t]);
+                }
+            }
+            if let Some(z) = zeros {
+                let zf =
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(z.as_ptr().add(8 * g) as *const __m128i)));
+                let sz = _mm256_mul_ps(s, zf);
+                for t in 0..NT {
+                    zacc[t] = _mm256_fmadd_ps(sz, _mm256_set1_ps(*act[t].gzero.get_unchecked(g)), zacc[t]);
+                }
+            }
+        }
+        let mut out = [[0.0f32; 8]; NT];
+        for t in 0..NT {
+            _mm256_storeu_ps(out[t].as_mut_ptr(), _mm256_sub_ps(acc[t], zacc[t]));
+        }
+        out
+    }
+}
+
+/// Eight interleaved INT4 rows · `NT` tokens' INT8 activations (see [`i4x8_q8_body`]), row `i` in lane `i`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_i4x8_q8_avx2<const NT: usize>(rows: I4Rows8<'_>, act: [I4Act<'_>; NT]) -> [[f32; 8]; NT] {
+    // SAFETY: this function has the body's features; `pair` uses AVX2 only.
+    unsafe { i4x8_q8_body(rows, act, i4x8_pair_avx2!()) }
+}
+
+/// [`dot_i4x8_q8_avx2`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same integers, so the same bits.
+#[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
+pub(crate) fn dot_i4x8_q8_vnni<const NT: usize>(rows: I4Rows8<'_>, act: [I4Act<'_>; NT]) -> [[f32; 8]; NT] {
+    // SAFETY: this function has the body's features and VNNI for `pair`.
+    unsafe { i4x8_q8_body(rows, act, i4x8_pair_vnni!()) }
+}
+
 /// Whether the CPU has AVX-512 VNNI (with VL, for its 256-bit forms): the AVX-512 level's integer kernels
 /// then use `vpdpbusd`.
 pub(crate) fn has_vnni() -> bool {
