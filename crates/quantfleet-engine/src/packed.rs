@@ -83,7 +83,7 @@ pub const ACT_BLOCK: usize = 32;
 /// Quantizes one block of activations (see [`ActivationQuant::Int8`]); returns the block's scale. An
 /// all-zero block has scale 0 and zero codes; a block holding a NaN or an infinity gets a NaN scale, so the
 /// product is NaN as it would be in f32 (the node's NaN guard must still see it).
-#[inline]
+#[inline(always)]
 pub fn quantize_activation_block(x: &[f32], q: &mut [i8]) -> f32 {
     let mut amax = 0.0f32;
     let mut finite = true;

@@ -156,6 +156,15 @@ impl OutPtr {
         }
     }
 
+    /// A pointer to `n` consecutive rows from row `r` of token `t` (bounds checked), for vector stores.
+    #[inline(always)]
+    pub(crate) fn rows_ptr(&self, t: usize, r: usize, n: usize) -> *mut f32 {
+        let i = t * self.stride + self.row0 + r;
+        assert!(i + n <= self.len, "gemm output rows {i}..{} out of {}", i + n, self.len);
+        // SAFETY: in bounds (checked above); the caller writes only this tile's rows.
+        unsafe { self.base.add(i) }
+    }
+
     #[inline(always)]
     pub(crate) fn write(&self, t: usize, r: usize, v: f32) {
         let i = t * self.stride + self.row0 + r;

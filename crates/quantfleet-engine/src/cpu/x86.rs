@@ -1091,7 +1091,9 @@ unsafe fn i4x8_q8_body<const NT: usize>(
     rows: I4Rows8<'_>,
     act: [I4Act<'_>; NT],
     pair: impl Fn(__m256i, __m256i, __m256i, __m256i, __m256i) -> __m256i,
-) -> [[f32; 8]; NT] {
+    out: OutPtr,
+    (t0, r): (usize, usize),
+) {
     let I4Rows8 { bytes, scales, zeros, group } = rows;
     let n = bytes.len() / 128;
     let per_group = group / 32;
@@ -1164,26 +1166,36 @@ unsafe fn i4x8_q8_body<const NT: usize>(
                 }
             }
         }
-        let mut out = [[0.0f32; 8]; NT];
         for t in 0..NT {
-            _mm256_storeu_ps(out[t].as_mut_ptr(), _mm256_sub_ps(acc[t], zacc[t]));
+            // Rows r .. r + 8 of token t0 + t are contiguous in the output.
+            _mm256_storeu_ps(out.rows_ptr(t0 + t, r, 8), _mm256_sub_ps(acc[t], zacc[t]));
         }
-        out
     }
 }
 
-/// Eight interleaved INT4 rows · `NT` tokens' INT8 activations (see [`i4x8_q8_body`]), row `i` in lane `i`.
+/// Eight interleaved INT4 rows · `NT` tokens' INT8 activations (see [`i4x8_q8_body`]), stored as rows
+/// `r .. r + 8` of tokens `t0 .. t0 + NT` of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_i4x8_q8_avx2<const NT: usize>(rows: I4Rows8<'_>, act: [I4Act<'_>; NT]) -> [[f32; 8]; NT] {
+pub(crate) fn dot_i4x8_q8_avx2<const NT: usize>(
+    rows: I4Rows8<'_>,
+    act: [I4Act<'_>; NT],
+    out: OutPtr,
+    at: (usize, usize),
+) {
     // SAFETY: this function has the body's features; `pair` uses AVX2 only.
-    unsafe { i4x8_q8_body(rows, act, i4x8_pair_avx2!()) }
+    unsafe { i4x8_q8_body(rows, act, i4x8_pair_avx2!(), out, at) }
 }
 
 /// [`dot_i4x8_q8_avx2`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same integers, so the same bits.
 #[target_feature(enable = "avx512vnni,avx512vl,avx2,fma,f16c")]
-pub(crate) fn dot_i4x8_q8_vnni<const NT: usize>(rows: I4Rows8<'_>, act: [I4Act<'_>; NT]) -> [[f32; 8]; NT] {
+pub(crate) fn dot_i4x8_q8_vnni<const NT: usize>(
+    rows: I4Rows8<'_>,
+    act: [I4Act<'_>; NT],
+    out: OutPtr,
+    at: (usize, usize),
+) {
     // SAFETY: this function has the body's features and VNNI for `pair`.
-    unsafe { i4x8_q8_body(rows, act, i4x8_pair_vnni!()) }
+    unsafe { i4x8_q8_body(rows, act, i4x8_pair_vnni!(), out, at) }
 }
 
 /// Whether the CPU has AVX-512 VNNI (with VL, for its 256-bit forms): the AVX-512 level's integer kernels
