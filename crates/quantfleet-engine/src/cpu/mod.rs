@@ -96,6 +96,14 @@ impl CpuMatrix {
         }
     }
 
+    /// The packed matrix (None for a GGUF one).
+    fn packed(&self) -> Option<&PackedMatrix> {
+        match self {
+            CpuMatrix::Packed(p) => Some(p),
+            CpuMatrix::Gguf { .. } => None,
+        }
+    }
+
     /// The element type and bytes of a GGUF matrix (None for a packed one).
     pub fn gguf_data(&self) -> Option<(crate::dtype::GgmlType, &[u8])> {
         self.block().map(|b| (b.ty, b.data))
@@ -265,7 +273,20 @@ impl Backend for CpuBackend {
             return Err(shape_err("matmul_many", "one output per matrix".into()));
         }
         if x.rows != 1 || ws.is_empty() || ws.len() > MAX_FUSED {
-            // Several tokens: each product is large enough to fill the pool on its own.
+            // Several tokens: each product is large enough to fill the pool on its own. Packed matrices go
+            // together, so that the tokens' INT8 activations are quantized once for all of them.
+            if let Some(packed) = ws.iter().map(|w| w.packed()).collect::<Option<Vec<&PackedMatrix>>>() {
+                for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                    let (rows, cols) = w.shape();
+                    if cols != x.cols {
+                        return Err(shape_err("matmul_many", format!("x has {} columns, W has {}", x.cols, cols)));
+                    }
+                    self.resize(out, x.rows, rows)?;
+                }
+                let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o.data[..]).collect();
+                packed_kernels::matmul_many(self.level, &packed, &x.data, x.rows, &mut slices);
+                return Ok(());
+            }
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
                 self.matmul(w, x, out)?;
             }

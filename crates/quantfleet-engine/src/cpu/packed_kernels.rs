@@ -59,7 +59,8 @@ pub(crate) struct Prepared {
 
 /// An input quantized for [`ActivationQuant::Int8`].
 struct Q8Input {
-    /// Codes, in the order of the weights' bytes; for INT4, in pair order (see [`i4_q8_offsets`]).
+    /// Codes, in the order of the weights' bytes: for row-layout INT4 in pair order (see
+    /// [`i4_q8_offsets`]), for interleaved INT4 (`PackedLayout::Int4Rows8`) and INT8 in column order.
     q: Vec<i8>,
     /// One scale per block of 32.
     d: Vec<f32>,
@@ -518,16 +519,36 @@ fn rows_dispatch(level: SimdLevel, m: &PackedMatrix, p: &Prepared, r0: usize, ou
     }
 }
 
+/// Whether `prepare` gives `a` and `b` the same prepared input for the same `x`: everything it reads of the
+/// matrix (format with group size and symmetry, activation quantization, layout, input scales) is equal.
+/// Q, K and V (and gate and up) share their input, so their products prepare it once.
+fn same_preparation(a: &PackedMatrix, b: &PackedMatrix) -> bool {
+    (a.format, a.activations, a.layout, a.cols) == (b.format, b.activations, b.layout, b.cols)
+        && a.input_scales == b.input_scales
+}
+
 /// `outs[i] = ms[i] · x` (one token) in one parallel region.
 pub(crate) fn matvec_many<O: AsMut<[f32]> + Send>(level: SimdLevel, ms: &[&PackedMatrix], x: &[f32], outs: &mut [O]) {
     assert_eq!(ms.len(), outs.len(), "one output per matrix");
-    let preps: Vec<Prepared> = ms.iter().map(|m| prepare(m, x)).collect();
+    // One preparation per distinct input; `which[i]` is matrix i's.
+    let mut preps: Vec<Prepared> = Vec::with_capacity(ms.len());
+    let mut which = Vec::with_capacity(ms.len());
+    for (i, m) in ms.iter().enumerate() {
+        match (0..i).find(|&j| same_preparation(ms[j], m)) {
+            Some(j) => which.push(which[j]),
+            None => {
+                which.push(preps.len());
+                preps.push(prepare(m, x));
+            }
+        }
+    }
     for (m, o) in ms.iter().zip(outs.iter_mut()) {
         assert_eq!((x.len(), o.as_mut().len()), (m.cols, m.rows), "matvec shape");
     }
-    outs.par_iter_mut().zip(ms.par_iter().zip(preps.par_iter())).for_each(|(out, (m, p))| {
+    let preps = &preps;
+    outs.par_iter_mut().zip(ms.par_iter().zip(which.par_iter())).for_each(|(out, (m, &k))| {
         out.as_mut().par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(c, oc)| {
-            rows_dispatch(level, m, p, c * ROWS_PER_TASK, oc);
+            rows_dispatch(level, m, &preps[k], c * ROWS_PER_TASK, oc);
         });
     });
 }
@@ -618,9 +639,38 @@ pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: us
 /// can move a small activation across a quantization step (a full step of amax/127), and a prefill through the
 /// f32 GEMM on quantize-dequantized inputs drifted from decode by ~0.5 in the logits on the real model.
 fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
-    let (rows, cols) = (m.rows, m.cols);
-    // Each token's input is quantized on its own, so the tokens are prepared in parallel.
-    let preps: Vec<Prepared> = x.par_chunks_exact(cols).map(|xt| prepare(m, xt)).collect();
+    matmul_q8_prepared(level, m, &prepare_tokens(m, x), out)
+}
+
+/// Each token's input prepared for `m`: every token is quantized on its own, so in parallel.
+fn prepare_tokens(m: &PackedMatrix, x: &[f32]) -> Vec<Prepared> {
+    x.par_chunks_exact(m.cols).map(|xt| prepare(m, xt)).collect()
+}
+
+/// Several INT8-activation products of the same tokens `x` (Q, K and V of a prefill): the tokens are
+/// prepared once for every matrix that prepares them alike ([`same_preparation`]). `outs[i]` is
+/// `[n_tokens, ms[i].rows]`.
+pub(crate) fn matmul_many(level: SimdLevel, ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ms.len(), outs.len(), "one output per matrix");
+    let mut shared: Option<(usize, Vec<Prepared>)> = None;
+    for (i, (m, out)) in ms.iter().zip(outs.iter_mut()).enumerate() {
+        assert_eq!((x.len(), out.len()), (n_tokens * m.cols, n_tokens * m.rows), "matmul shape");
+        if m.activations != ActivationQuant::Int8 {
+            matmul(level, m, x, n_tokens, out);
+            continue;
+        }
+        if !shared.as_ref().is_some_and(|(j, _)| same_preparation(ms[*j], m)) {
+            shared = Some((i, prepare_tokens(m, x)));
+        }
+        let (_, preps) = shared.as_ref().expect("prepared just above");
+        matmul_q8_prepared(level, m, preps, out);
+    }
+}
+
+/// [`matmul_q8`] over tokens already prepared for `m` (or for a matrix that prepares them alike).
+fn matmul_q8_prepared(level: SimdLevel, m: &PackedMatrix, preps: &[Prepared], out: &mut [f32]) {
+    let rows = m.rows;
+    assert_eq!(out.len(), preps.len() * rows, "output shape");
     #[cfg(target_arch = "x86_64")]
     if matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
         let q8s: Vec<&Q8Input> = preps.iter().map(|p| p.q8.as_ref().expect("INT8-activation input")).collect();
@@ -893,6 +943,77 @@ mod tests {
                                     }
                                 }
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Matrices that prepare their input alike share one preparation (`matvec_many`, `matmul_many`): the
+    /// products must equal each matrix's own, bit for bit, on every level, for a mix of formats, layouts
+    /// and input scales where some share and some do not. SYNTHETIC weights.
+    #[test]
+    fn shared_input_preparation_changes_no_bits() {
+        let mut rng = Rng(0x5a4e_d0be_ef00);
+        let cols = 96;
+        let mut make = |f: &WeightFormat, rows: usize, a8: bool, scales: bool| {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.2).collect();
+            let mut m =
+                PackedMatrix::from_quantized(&quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), f).unwrap())
+                    .unwrap();
+            m.activations = if a8 { ActivationQuant::Int8 } else { ActivationQuant::F32 };
+            m.input_scales = scales.then(|| (0..cols).map(|i| 0.5 + (i % 5) as f32).collect());
+            m
+        };
+        let ms = vec![
+            make(&int4(32, true), 16, true, false),
+            make(&int4(32, true), 24, true, false),
+            make(&WeightFormat::Int8, 8, true, false),
+            make(&int4(32, false), 16, true, false),
+            make(&int4(32, true), 16, true, true),
+            make(&int4(32, true), 16, false, false),
+        ];
+        let x: Vec<f32> = (0..5 * cols).map(|i| rng.uniform() * (1 + i % 3) as f32).collect();
+        for level in levels() {
+            let mut variants = vec![ms.clone()];
+            if level != SimdLevel::Portable {
+                // As the x86 backend stores them: the W4A8 matrices interleaved (the F32 one stays in rows).
+                variants.push(
+                    ms.iter()
+                        .map(|m| {
+                            let w4a8 =
+                                matches!(m.format, PackedFormat::Int4 { .. }) && m.activations == ActivationQuant::Int8;
+                            if w4a8 { m.clone().interleave_rows8().unwrap() } else { m.clone() }
+                        })
+                        .collect(),
+                );
+            }
+            for ms in &variants {
+                let refs: Vec<&PackedMatrix> = ms.iter().collect();
+                for n_tokens in [1, 5] {
+                    let xs = &x[..n_tokens * cols];
+                    let alone: Vec<Vec<u32>> = refs
+                        .iter()
+                        .map(|m| {
+                            let mut o = vec![f32::NAN; n_tokens * m.rows];
+                            matmul(level, m, xs, n_tokens, &mut o);
+                            o.iter().map(|v| v.to_bits()).collect()
+                        })
+                        .collect();
+                    let mut outs: Vec<Vec<f32>> = refs.iter().map(|m| vec![f32::NAN; n_tokens * m.rows]).collect();
+                    let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                    matmul_many(level, &refs, xs, n_tokens, &mut slices);
+                    for (i, (o, a)) in outs.iter().zip(&alone).enumerate() {
+                        let bits: Vec<u32> = o.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(&bits, a, "{level:?} matmul_many matrix {i} T={n_tokens}");
+                    }
+                    if n_tokens == 1 {
+                        let mut outs: Vec<Vec<f32>> = refs.iter().map(|m| vec![f32::NAN; m.rows]).collect();
+                        matvec_many(level, &refs, xs, &mut outs);
+                        for (i, (o, a)) in outs.iter().zip(&alone).enumerate() {
+                            let bits: Vec<u32> = o.iter().map(|v| v.to_bits()).collect();
+                            assert_eq!(&bits, a, "{level:?} matvec_many matrix {i}");
                         }
                     }
                 }
