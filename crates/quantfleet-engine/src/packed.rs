@@ -326,19 +326,25 @@ impl PackedMatrix {
         if self.layout == PackedLayout::Int4Rows8 {
             return Ok(self);
         }
+        // The metadata moves over; only the re-ordered arrays are new (no transient copy of the matrix).
         let mut out = PackedMatrix {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
             data: vec![0; self.data.len()],
+            row_scales: self.row_scales.clone(),
             group_scales: vec![f16::ZERO; self.group_scales.len()],
             zeros: vec![0; self.zeros.len()],
+            input_scales: self.input_scales.clone(),
+            activations: self.activations,
             layout: PackedLayout::Int4Rows8,
-            ..self.clone()
         };
         out.validate()?;
         let (rb, gpr, blocks) = (self.row_bytes(), self.groups_per_row(), self.cols / 32);
         let code = |r: usize, c: usize| (self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f;
         for (rg, dst) in out.data.chunks_exact_mut(128 * blocks).enumerate() {
-            for (b, run) in dst.chunks_exact_mut(32).enumerate().map(|(k, run)| (k / 4, (k % 4, run))) {
-                let (v, run) = run;
+            for (k, run) in dst.chunks_exact_mut(32).enumerate() {
+                let (b, v) = (k / 4, k % 4);
                 for (i, bytes) in run.chunks_exact_mut(4).enumerate() {
                     for (j, byte) in bytes.iter_mut().enumerate() {
                         let c = 32 * b + 4 * v + j;

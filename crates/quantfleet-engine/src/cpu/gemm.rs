@@ -167,9 +167,7 @@ impl OutPtr {
 
     #[inline(always)]
     pub(crate) fn write(&self, t: usize, r: usize, v: f32) {
-        let i = t * self.stride + self.row0 + r;
-        assert!(i < self.len, "gemm output index {i} out of {}", self.len);
-        // SAFETY: in bounds (checked above); the element belongs to this tile's rows only.
-        unsafe { *self.base.add(i) = v };
+        // SAFETY: `rows_ptr` checked that the element is in bounds; it belongs to this tile's rows only.
+        unsafe { *self.rows_ptr(t, r, 1) = v };
     }
 }

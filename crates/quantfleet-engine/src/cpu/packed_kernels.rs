@@ -424,9 +424,7 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
     let scale_bits: &[u16] = m.group_scales.reinterpret_cast();
     macro_rules! tokens {
         ($nt:literal) => {{
-            // The tokens' codes and scales, gathered once for all rows.
-            let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8s[i].q[..]);
-            let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].d[..]);
+            // The tokens' INT4-kernel inputs, gathered once for all rows.
             let act: [x86::I4Act<'_>; $nt] = std::array::from_fn(|i| x86::I4Act {
                 q: &q8s[i].q,
                 d: &q8s[i].d,
@@ -454,6 +452,9 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
                 }
                 return;
             }
+            // The INT8 kernel's codes and scales, gathered once for all rows.
+            let q: [&[i8]; $nt] = std::array::from_fn(|i| &q8s[i].q[..]);
+            let d: [&[f32]; $nt] = std::array::from_fn(|i| &q8s[i].d[..]);
             for r in r0..r0 + nr {
                 let row = m.row_data(r);
                 let v = match m.format {
