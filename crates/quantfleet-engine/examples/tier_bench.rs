@@ -391,13 +391,17 @@ fn kernels() -> Res<()> {
     int4.scales = ScaleStorage::F16;
     let mut int4_g32_sym = Int4Config::symmetric(32)?;
     int4_g32_sym.scales = ScaleStorage::F16;
-    let (f32_in, int8_in) = (ActivationQuant::F32, ActivationQuant::Int8);
+    let (f32_in, bf16_in, int8_in) = (ActivationQuant::F32, ActivationQuant::Bf16, ActivationQuant::Int8);
+    // The tiers' matrices ("-abf16": the input rounded to bf16, as weight-only tiers run their BF16 and INT4
+    // weights) and, for comparison, BF16 and INT4 weights with f32 inputs.
     let formats = [
-        ("bf16", WeightFormat::Bf16, f32_in),
+        ("bf16-af32", WeightFormat::Bf16, f32_in),
+        ("bf16-abf16", WeightFormat::Bf16, bf16_in),
         ("fp8", WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }, f32_in),
         ("int8", WeightFormat::Int8, f32_in),
         ("int8-a8", WeightFormat::Int8, int8_in),
-        ("int4-g128", WeightFormat::Int4(int4), f32_in),
+        ("int4-g128-af32", WeightFormat::Int4(int4), f32_in),
+        ("int4-g128-abf16", WeightFormat::Int4(int4), bf16_in),
         ("int4-a8-g32s", WeightFormat::Int4(int4_g32_sym), int8_in),
     ];
     println!(
@@ -405,7 +409,7 @@ fn kernels() -> Res<()> {
         rayon::current_num_threads(),
         be.level()
     );
-    println!("{:<13} {:>12} {:>10} {:>10} {:>10} {:>10}", "FORMAT", "SHAPE", "1 tok us", "GB/s", "8 tok us", "us/tok");
+    println!("{:<16} {:>12} {:>10} {:>10} {:>10} {:>10}", "FORMAT", "SHAPE", "1 tok us", "GB/s", "8 tok us", "us/tok");
     for (rows, cols) in [(64usize, 576usize), (576, 576), (1536, 576), (576, 1536), (49152, 576)] {
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i as u64 * 2654435761 % 1000) as f32 - 500.0) * 1e-4).collect();
         let mref = MatrixRef::new("w", &w, rows, cols)?;
@@ -433,7 +437,7 @@ fn kernels() -> Res<()> {
             };
             let (t1, t8) = (time(1)?, time(8)?);
             println!(
-                "{:<13} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                "{:<16} {:>12} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
                 name,
                 format!("{rows}x{cols}"),
                 t1 * 1e6,

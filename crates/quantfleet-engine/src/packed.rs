@@ -13,7 +13,8 @@
 //!   so the layer still computes x W^T without folding s into a previous operation.
 //! * `activations` ([`ActivationQuant`]): INT8 and INT4 matrices of a W8A8/W4A8 tier quantize their input at
 //!   run time, per token in blocks of 32 input features ([`quantize_activation_block`]), and multiply in
-//!   integers; a product then computes `row · x̂` where x̂ is the quantize-dequantized input.
+//!   integers; a product then computes `row · x̂` where x̂ is the quantize-dequantized input. BF16 and INT4
+//!   matrices of a weight-only tier (`activations: bf16`, the default) round their input to bf16.
 //!
 //! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations into groups
 //!   of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]); the bytes and scales are the same
@@ -56,6 +57,10 @@ pub enum ActivationQuant {
     /// The input stays f32 (weight-only quantization: W8A16, W4A16).
     #[default]
     F32,
+    /// The input (after the input scales) is rounded to bf16, to nearest with ties to even: the tier's
+    /// `activations: bf16`. With AVX-512 BF16 the CPU then multiplies BF16 and INT4 weights by bf16 dot
+    /// products; other kernels multiply the rounded values in f32 (the same products, summed in another order).
+    Bf16,
     /// Dynamic symmetric INT8 per token and block of 32 input features (after the input scales): scale
     /// `d = amax / 127`, codes `round(x / d)` (ties to even). The block size and rounding of llama.cpp's
     /// Q8_0 activations, so the integer dot products match its `Q8_0 x Q8_0` / `Q4_0 x Q8_0` kernels in bits.
@@ -75,6 +80,13 @@ pub enum PackedLayout {
     /// in its high nibble. Scales (and zero points) of row group `R`, weight group `g`: the eight rows' at
     /// `8 (R * groups_per_row + g) + i`.
     Int4Rows8,
+    /// INT4 with bf16 activations, for the CPU's AVX-512 BF16 kernels, whose vector lanes are rows: rows in
+    /// groups of sixteen (`rows % 16 == 0`, `cols % 32 == 0`). Row group `R` and chunk `k` (columns
+    /// `8 k .. 8 k + 8`) take the 64 bytes at `64 (R * cols / 8 + k)`; the little-endian u32 at byte `4 i`
+    /// holds, for row `16 R + i`, the code of column `8 k + 2 j` in bits `4 j ..` and of column `8 k + 2 j + 1`
+    /// in bits `16 + 4 j ..` (j = 0..3). Scales (and zero points) of row group `R`, weight group `g`: the
+    /// sixteen rows' at `16 (R * groups_per_row + g) + i`.
+    Int4Rows16,
 }
 
 /// Input features per INT8 activation block.
@@ -122,6 +134,14 @@ pub fn fake_quantize_activations(x: &mut [f32]) {
         for (v, &c) in b.iter_mut().zip(&q) {
             *v = c as f32 * d;
         }
+    }
+}
+
+/// Rounds `x` to bf16 in place (to nearest, ties to even; NaN stays NaN): what a
+/// [`ActivationQuant::Bf16`] product sees.
+pub fn round_to_bf16(x: &mut [f32]) {
+    for v in x {
+        *v = half::bf16::from_f32(*v).to_f32();
     }
 }
 
@@ -267,6 +287,20 @@ impl PackedMatrix {
                 self.cols
             )));
         }
+        if self.layout == PackedLayout::Int4Rows16
+            && !(matches!(self.format, PackedFormat::Int4 { .. })
+                && self.activations == ActivationQuant::Bf16
+                && self.rows.is_multiple_of(16)
+                && self.cols.is_multiple_of(32))
+        {
+            return Err(bad(format!(
+                "the sixteen-row interleaved layout needs INT4 weights, bf16 activations, rows % 16 == 0 and \
+                 cols % 32 == 0 ({}, {} x {})",
+                self.format_name(),
+                self.rows,
+                self.cols
+            )));
+        }
         if let Some(s) = &self.input_scales {
             expect("input scales", self.cols, s.len())?;
             if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
@@ -317,6 +351,12 @@ impl PackedMatrix {
                 let byte = 128 * (rg * self.cols / 32 + b) + 32 * v + 4 * i + j;
                 (byte, k >= 16, 8 * (rg * gpr + c / group) + i)
             }
+            PackedLayout::Int4Rows16 => {
+                let (rg, i, k, j, odd) = (r / 16, r % 16, c / 8, (c % 8) / 2, c % 2);
+                let bit = 16 * odd + 4 * j;
+                let byte = 64 * (rg * self.cols / 8 + k) + 4 * i + bit / 8;
+                (byte, bit % 8 == 4, 16 * (rg * gpr + c / group) + i)
+            }
         }
     }
 
@@ -340,7 +380,7 @@ impl PackedMatrix {
             layout: PackedLayout::Int4Rows8,
         };
         out.validate()?;
-        let (rb, gpr, blocks) = (self.row_bytes(), self.groups_per_row(), self.cols / 32);
+        let (rb, blocks) = (self.row_bytes(), self.cols / 32);
         let code = |r: usize, c: usize| (self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f;
         for (rg, dst) in out.data.chunks_exact_mut(128 * blocks).enumerate() {
             for (k, run) in dst.chunks_exact_mut(32).enumerate() {
@@ -352,15 +392,96 @@ impl PackedMatrix {
                     }
                 }
             }
+        }
+        self.interleave_group_data(&mut out, 8);
+        Ok(out)
+    }
+
+    /// Scales and zero points of `self` (row layout) re-ordered into `out` for rows interleaved by `n`: row
+    /// group `R`, weight group `g`, row `n R + i` at `n (R * groups_per_row + g) + i`.
+    fn interleave_group_data(&self, out: &mut PackedMatrix, n: usize) {
+        let gpr = self.groups_per_row();
+        for rg in 0..self.rows / n {
             for g in 0..gpr {
-                for i in 0..8 {
-                    out.group_scales[8 * (rg * gpr + g) + i] = self.group_scales[(8 * rg + i) * gpr + g];
+                for i in 0..n {
+                    out.group_scales[n * (rg * gpr + g) + i] = self.group_scales[(n * rg + i) * gpr + g];
                     if !self.zeros.is_empty() {
-                        out.zeros[8 * (rg * gpr + g) + i] = self.zeros[(8 * rg + i) * gpr + g];
+                        out.zeros[n * (rg * gpr + g) + i] = self.zeros[(n * rg + i) * gpr + g];
                     }
                 }
             }
         }
+    }
+
+    /// This INT4 matrix with bf16 activations in [`PackedLayout::Int4Rows16`] (the same values re-ordered); an
+    /// error when it does not fit that layout.
+    pub fn interleave_rows16(self) -> Result<Self> {
+        if self.layout == PackedLayout::Int4Rows16 {
+            return Ok(self);
+        }
+        if self.layout != PackedLayout::Rows {
+            return Err(bad(format!("cannot re-interleave a matrix in {:?}", self.layout)));
+        }
+        let mut out = PackedMatrix {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            data: vec![0; self.data.len()],
+            row_scales: self.row_scales.clone(),
+            group_scales: vec![f16::ZERO; self.group_scales.len()],
+            zeros: vec![0; self.zeros.len()],
+            input_scales: self.input_scales.clone(),
+            activations: self.activations,
+            layout: PackedLayout::Int4Rows16,
+        };
+        out.validate()?;
+        let rb = self.row_bytes();
+        let code = |r: usize, c: usize| ((self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f) as u32;
+        for (rg, dst) in out.data.chunks_exact_mut(8 * self.cols).enumerate() {
+            for (k, chunk) in dst.chunks_exact_mut(64).enumerate() {
+                for (i, lane) in chunk.chunks_exact_mut(4).enumerate() {
+                    let (r, c) = (16 * rg + i, 8 * k);
+                    let v = (0..4)
+                        .fold(0u32, |v, j| v | code(r, c + 2 * j) << (4 * j) | code(r, c + 2 * j + 1) << (16 + 4 * j));
+                    lane.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        self.interleave_group_data(&mut out, 16);
+        Ok(out)
+    }
+
+    /// This matrix in the row layout (the same values): what backends other than the CPU's read. A matrix in
+    /// the row layout is returned as is.
+    pub fn into_rows_layout(self) -> Result<Self> {
+        if self.layout == PackedLayout::Rows {
+            return Ok(self);
+        }
+        let PackedFormat::Int4 { group, .. } = self.format else { unreachable!("only INT4 is interleaved") };
+        let (rb, gpr) = (self.row_bytes(), self.groups_per_row());
+        let mut out = PackedMatrix {
+            data: vec![0; self.data.len()],
+            group_scales: vec![f16::ZERO; self.group_scales.len()],
+            zeros: vec![0; self.zeros.len()],
+            layout: PackedLayout::Rows,
+            row_scales: self.row_scales.clone(),
+            input_scales: self.input_scales.clone(),
+            ..self
+        };
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let (byte, high, g) = self.int4_position(r, c);
+                let code = (self.data[byte] >> (4 * high as u8)) & 0x0f;
+                out.data[r * rb + c / 2] |= code << (4 * (c % 2));
+                if c % group == 0 {
+                    out.group_scales[r * gpr + c / group] = self.group_scales[g];
+                    if !self.zeros.is_empty() {
+                        out.zeros[r * gpr + c / group] = self.zeros[g];
+                    }
+                }
+            }
+        }
+        out.validate()?;
         Ok(out)
     }
 
@@ -404,13 +525,14 @@ impl PackedMatrix {
     /// The storage format, with `-a8` when the input is quantized to INT8 at run time.
     pub fn format_name(&self) -> String {
         match self.activations {
-            ActivationQuant::F32 => self.format.name(),
+            // BF16 inputs are the weight-only default (`activations: bf16`), not a format of their own.
+            ActivationQuant::F32 | ActivationQuant::Bf16 => self.format.name(),
             ActivationQuant::Int8 => format!("{}-a8", self.format.name()),
         }
     }
 
     /// The input a product really multiplies: divided by the input scales (in f32, as the kernels do), then
-    /// quantize-dequantized when the activations are INT8.
+    /// rounded to bf16 or quantize-dequantized when the activations are BF16 or INT8.
     pub fn effective_input(&self, x: &[f32]) -> Result<Vec<f32>> {
         if x.len() != self.cols {
             return Err(bad(format!("input of {} for {} columns", x.len(), self.cols)));
@@ -419,8 +541,10 @@ impl PackedMatrix {
             Some(s) => x.iter().zip(s).map(|(a, b)| a / b).collect(),
             None => x.to_vec(),
         };
-        if self.activations == ActivationQuant::Int8 {
-            fake_quantize_activations(&mut v);
+        match self.activations {
+            ActivationQuant::F32 => {}
+            ActivationQuant::Bf16 => round_to_bf16(&mut v),
+            ActivationQuant::Int8 => fake_quantize_activations(&mut v),
         }
         Ok(v)
     }
@@ -446,24 +570,35 @@ mod tests {
     #[test]
     fn interleaved_int4_rows_hold_the_same_values() {
         for (group, symmetric, rows, cols) in
-            [(32, true, 16, 64), (64, false, 24, 96), (128, true, 8, 320), (256, false, 16, 288)]
+            [(32, true, 16, 64), (64, false, 48, 96), (128, true, 32, 320), (256, false, 16, 288)]
         {
             let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.01).collect();
             let mut cfg = if symmetric { Int4Config::symmetric(group) } else { Int4Config::asymmetric(group) }.unwrap();
             cfg.scales = quantfleet_quant::ScaleStorage::F16;
             let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Int4(cfg)).unwrap();
-            let mut m = PackedMatrix::from_quantized(&q).unwrap();
-            m.activations = ActivationQuant::Int8;
-            let i = m.clone().interleave_rows8().unwrap();
-            assert_eq!((i.layout, i.storage_bytes()), (PackedLayout::Int4Rows8, m.storage_bytes()));
-            assert_ne!(i.data, m.data, "the bytes are re-ordered");
-            let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
-            for r in 0..rows {
-                m.dequantize_row_reference(r, &mut a).unwrap();
-                i.dequantize_row_reference(r, &mut b).unwrap();
-                assert_eq!(a, b, "g{group} sym={symmetric} row {r}");
+            let m = PackedMatrix::from_quantized(&q).unwrap();
+            let for_int8 = PackedMatrix { activations: ActivationQuant::Int8, ..m.clone() };
+            let for_bf16 = PackedMatrix { activations: ActivationQuant::Bf16, ..m.clone() };
+            let interleaved = [
+                (for_int8.clone(), for_int8.clone().interleave_rows8().unwrap(), PackedLayout::Int4Rows8),
+                (for_bf16.clone(), for_bf16.clone().interleave_rows16().unwrap(), PackedLayout::Int4Rows16),
+            ];
+            for (m, i, layout) in interleaved {
+                assert_eq!((i.layout, i.storage_bytes()), (layout, m.storage_bytes()));
+                assert_ne!(i.data, m.data, "the bytes are re-ordered");
+                let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+                for r in 0..rows {
+                    m.dequantize_row_reference(r, &mut a).unwrap();
+                    i.dequantize_row_reference(r, &mut b).unwrap();
+                    assert_eq!(a, b, "{layout:?} g{group} sym={symmetric} row {r}");
+                }
+                let again = match layout {
+                    PackedLayout::Int4Rows8 => i.clone().interleave_rows8(),
+                    _ => i.clone().interleave_rows16(),
+                };
+                assert_eq!(again.unwrap(), i, "interleaving twice changes nothing");
+                assert_eq!(i.into_rows_layout().unwrap(), m, "{layout:?}: back to the row layout, bit for bit");
             }
-            assert_eq!(i.clone().interleave_rows8().unwrap(), i, "interleaving twice changes nothing");
         }
         let w: Vec<f32> = (0..12 * 64).map(|i| (i % 13) as f32 * 0.1).collect();
         let mut cfg = Int4Config::symmetric(32).unwrap();
@@ -473,8 +608,11 @@ mod tests {
         let err = m.clone().interleave_rows8().unwrap_err().to_string();
         assert!(err.contains("interleaved layout needs"), "{err}");
         m.activations = ActivationQuant::Int8;
-        let err = m.interleave_rows8().unwrap_err().to_string();
+        let err = m.clone().interleave_rows8().unwrap_err().to_string();
         assert!(err.contains("12 x 64"), "12 rows are not whole groups of 8: {err}");
+        m.activations = ActivationQuant::Bf16;
+        let err = m.interleave_rows16().unwrap_err().to_string();
+        assert!(err.contains("sixteen-row") && err.contains("12 x 64"), "12 rows are not whole groups of 16: {err}");
     }
 
     #[test]

@@ -9,6 +9,16 @@ mod matmul;
 mod packed_kernels;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_bf16;
+
+/// Whether this CPU has the AVX-512 BF16 dot product the BF16/INT4 kernels of bf16-activation tiers use.
+fn bf16_dot_products() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86_bf16::has_avx512bf16();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 #[cfg(test)]
 mod tests;
@@ -174,15 +184,29 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix::Gguf { view, file: Arc::clone(store) })
     }
 
-    /// INT4 matrices with INT8 activations are re-ordered into groups of eight interleaved rows for the x86
-    /// integer kernels (`PackedLayout::Int4Rows8`), where the rows allow it (a multiple of 8).
+    /// INT4 matrices are re-ordered into interleaved rows where a kernel reads them so: with INT8
+    /// activations, groups of eight rows for the x86 integer kernels (`PackedLayout::Int4Rows8`, rows a
+    /// multiple of 8); with bf16 activations on a CPU with AVX-512 BF16, groups of sixteen for its bf16 dot
+    /// products (`PackedLayout::Int4Rows16`, rows a multiple of 16, columns of 32).
     fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {
         m.validate()?;
-        let interleave = matches!(self.level, SimdLevel::Avx2Fma | SimdLevel::Avx512)
-            && matches!(m.format, PackedFormat::Int4 { .. })
-            && m.activations == ActivationQuant::Int8
-            && m.rows.is_multiple_of(8);
-        Ok(CpuMatrix::Packed(if interleave { m.interleave_rows8()? } else { m }))
+        if !matches!(m.format, PackedFormat::Int4 { .. }) {
+            return Ok(CpuMatrix::Packed(m));
+        }
+        let x86 = matches!(self.level, SimdLevel::Avx2Fma | SimdLevel::Avx512);
+        let m = match m.activations {
+            ActivationQuant::Int8 if x86 && m.rows.is_multiple_of(8) => m.interleave_rows8()?,
+            ActivationQuant::Bf16
+                if self.level == SimdLevel::Avx512
+                    && bf16_dot_products()
+                    && m.rows.is_multiple_of(16)
+                    && m.cols.is_multiple_of(32) =>
+            {
+                m.interleave_rows16()?
+            }
+            _ => m,
+        };
+        Ok(CpuMatrix::Packed(m))
     }
 
     fn matrix_storage_bytes(&self, m: &CpuMatrix) -> usize {

@@ -419,10 +419,13 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn upload_packed(&self, p: PackedMatrix) -> Result<GpuMatrix<D>> {
         p.validate()?;
+        // A matrix the CPU backend interleaved for its kernels (`adopt`): the GPU kernels read rows.
+        let p = p.into_rows_layout()?;
         if p.input_scales.is_some() {
             return Err(unsupported("has no kernel for AWQ/SmoothQuant input scales".into()));
         }
-        if p.activations != crate::packed::ActivationQuant::F32 {
+        // BF16 activations: the device's activations are f16, at least bf16's precision in this range.
+        if p.activations == crate::packed::ActivationQuant::Int8 {
             return Err(unsupported("has no INT8-activation (W8A8/W4A8) kernels".into()));
         }
         let storage_bytes = p.storage_bytes();

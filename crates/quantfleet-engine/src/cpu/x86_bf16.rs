@@ -1,0 +1,221 @@
+//! AVX-512 BF16 kernels for the weight-only tiers whose products take bf16 inputs
+//! ([`ActivationQuant::Bf16`](crate::packed::ActivationQuant::Bf16)): BF16 and INT4 weights against the
+//! input rounded to bf16, multiplied by `vdpbf16ps` (32 products per instruction, summed in pairs into 16 f32
+//! lanes). This is llama.cpp's arithmetic for BF16 weights (its BF16 dot product also rounds the input to
+//! bf16), and it halves the work of the f32 kernels, which widen every weight to f32 and multiply 16 at a
+//! time.
+//!
+//! BF16 weights are bf16 already: a row is loaded and multiplied as it is.
+//!
+//! INT4 weights are stored for these kernels as sixteen interleaved rows (`PackedLayout::Int4Rows16`, built
+//! at load): a 64-byte load holds 8 columns of 16 rows, one 32-bit lane per row, and the vector lanes stay
+//! rows all the way to the store, so no row pays a horizontal sum and a group's scale multiply covers 16 rows.
+//! The nibbles turn into bf16 without a table or a shuffle: shifting the lane's two 16-bit words right by 4j,
+//! masking to 4 bits and setting bits `0x4300` (the bf16 exponent of 128, whose mantissa step is 1) gives
+//! `128 + n` exactly for columns `2j` (low word) and `2j + 1` (high word), which meet a broadcast pair of
+//! inputs. The offset and the zero point come out per group through the group's input sum: the accumulators
+//! start at `-(128 + z) sum x` and the group ends with one multiply by its scale. Every product of `(128 + n)`
+//! (8 significant bits) and a bf16 input is exact in f32; the sums are f32.
+//!
+//! `cpu::packed_kernels` checks these kernels against the scalar reference (`PackedMatrix::dot_reference`,
+//! which rounds the input to bf16 too).
+
+use std::arch::x86_64::*;
+
+use super::gemm::OutPtr;
+
+/// Whether the CPU has the AVX-512 BF16 dot product (with AVX-512 BW/VL, which the AVX-512 level has).
+pub(crate) fn has_avx512bf16() -> bool {
+    is_x86_feature_detected!("avx512bf16")
+}
+
+/// Rounds `v` to bf16 (to nearest, ties to even; NaN stays NaN): the bits the kernels multiply.
+#[inline(always)]
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// A bf16 vector of 32 lanes from memory.
+///
+/// # Safety
+/// `p` has 32 readable u16; the caller has AVX-512F.
+#[inline(always)]
+unsafe fn load_bh(p: *const u16) -> __m512bh {
+    // SAFETY: as documented; __m512i and __m512bh are the same 64 bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i)) }
+}
+
+/// The pair of bf16 inputs at `p` in every 32-bit lane.
+///
+/// # Safety
+/// `p` has 2 readable u16; the caller has AVX-512F.
+#[inline(always)]
+unsafe fn pair_bh(p: *const u16) -> __m512bh {
+    // SAFETY: as documented.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))) }
+}
+
+/// One BF16 row (`2 * cols` bytes) · x rounded to bf16 (`xb`, `cols` values, a multiple of 32).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) fn dot_bf16_bf16(row: &[u8], xb: &[u16]) -> f32 {
+    let cols = xb.len();
+    assert!(cols.is_multiple_of(32) && row.len() >= 2 * cols, "dot_bf16_bf16 shapes");
+    let (rp, xp) = (row.as_ptr() as *const u16, xb.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut c = 0;
+    // SAFETY: every load covers columns c .. c + 32 <= cols of the row and of xb (asserted above); the row
+    // pointer is read unaligned.
+    unsafe {
+        while c + 128 <= cols {
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_dpbf16_ps(*a, load_bh(rp.add(c + 32 * j)), load_bh(xp.add(c + 32 * j)));
+            }
+            c += 128;
+        }
+        while c < cols {
+            acc[0] = _mm512_dpbf16_ps(acc[0], load_bh(rp.add(c)), load_bh(xp.add(c)));
+            c += 32;
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+}
+
+/// Rows `r0 .. r0 + nr` of a BF16 matrix (`data`, `cols` columns, a multiple of 32) against `NT` tokens' bf16
+/// inputs (up to 8): each 32-weight vector is loaded once for all of them. `out.write(t, r, ..)` receives row
+/// `r0 + r` of token `t`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) fn bf16_rows_multi<const NT: usize>(
+    data: &[u8],
+    cols: usize,
+    (r0, nr): (usize, usize),
+    xb: [&[u16]; NT],
+    out: OutPtr,
+) {
+    assert!(
+        NT <= 8 && cols.is_multiple_of(32) && data.len() >= (r0 + nr) * 2 * cols && xb.iter().all(|x| x.len() == cols),
+        "bf16_rows_multi shapes"
+    );
+    for r in 0..nr {
+        let rp = data[(r0 + r) * 2 * cols..].as_ptr() as *const u16;
+        let mut acc = [_mm512_setzero_ps(); NT];
+        // SAFETY: c + 32 <= cols: the loads lie in the row and in every token's input (asserted above).
+        unsafe {
+            for c in (0..cols).step_by(32) {
+                let w = load_bh(rp.add(c));
+                for (a, x) in acc.iter_mut().zip(xb) {
+                    *a = _mm512_dpbf16_ps(*a, w, load_bh(x.as_ptr().add(c)));
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            out.write(t, r, _mm512_reduce_add_ps(*a));
+        }
+    }
+}
+
+/// An INT4 matrix in `PackedLayout::Int4Rows16` (see `packed.rs`): the interleaved bytes, and the scales and
+/// zero points (asymmetric only) of row group `R`, weight group `g` at `16 (R * groups_per_row + g) + i`.
+#[derive(Clone, Copy)]
+pub(crate) struct I4Rows16<'a> {
+    pub bytes: &'a [u8],
+    pub scales: &'a [half::f16],
+    pub zeros: Option<&'a [u8]>,
+    pub group: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Rows `r0 .. r0 + nr` (multiples of 16) of an interleaved INT4 matrix against `NT` tokens: `xb[t]` is
+/// token t's input as bf16 bits (column order), `gsum[t]` its f32 sum per weight group; each token keeps
+/// `SPLIT` accumulators per row group (chains that hide the dot product's latency when few tokens share a
+/// pass). `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of token `t`.
+#[inline(always)]
+fn i4x16_body<const NT: usize, const SPLIT: usize>(
+    m: I4Rows16<'_>,
+    xb: [&[u16]; NT],
+    gsum: [&[f32]; NT],
+    (r0, nr): (usize, usize),
+    out: OutPtr,
+) {
+    let gpr = m.cols.div_ceil(m.group);
+    assert!(
+        r0.is_multiple_of(16)
+            && nr.is_multiple_of(16)
+            && r0 + nr <= m.rows
+            && m.rows.is_multiple_of(16)
+            && m.cols.is_multiple_of(32)
+            && m.group.is_multiple_of(8)
+            && m.bytes.len() == m.rows * m.cols / 2
+            && m.scales.len() == m.rows * gpr
+            && m.zeros.is_none_or(|z| z.len() == m.rows * gpr)
+            && xb.iter().all(|x| x.len() == m.cols)
+            && gsum.iter().all(|g| g.len() == gpr),
+        "int4 rows16 shapes"
+    );
+    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16 and f16c. Row group R's bytes are
+    // 8 * cols from 8 * cols * R, chunk k's 64 at 64 k of them (k < cols / 8); its scales and zero points are
+    // 16 from 16 (R * gpr + g); input pairs are read at columns 8 k + 2 j + 1 < cols; all checked above.
+    unsafe {
+        let (mask, bias) = (_mm512_set1_epi16(0x000f), _mm512_set1_epi16(0x4300));
+        // (a & b) | c in one instruction: truth table 0xEA over (a, b, c).
+        let nib =
+            |w: __m512i| std::mem::transmute::<__m512i, __m512bh>(_mm512_ternarylogic_epi32::<0xEA>(w, mask, bias));
+        for rg in r0 / 16..(r0 + nr) / 16 {
+            let base = m.bytes.as_ptr().add(8 * m.cols * rg);
+            let mut total = [_mm512_setzero_ps(); NT];
+            for g in 0..gpr {
+                let sg = 16 * (rg * gpr + g);
+                let scale = _mm512_cvtph_ps(_mm256_loadu_si256(m.scales.as_ptr().add(sg) as *const __m256i));
+                let zero = match m.zeros {
+                    Some(z) => {
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(z.as_ptr().add(sg) as *const __m128i)))
+                    }
+                    None => _mm512_set1_ps(8.0),
+                };
+                let offset = _mm512_add_ps(zero, _mm512_set1_ps(128.0));
+                let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
+                for (a, gs) in acc.iter_mut().zip(gsum) {
+                    a[0] = _mm512_mul_ps(offset, _mm512_set1_ps(-gs[g]));
+                }
+                for k in g * m.group / 8..((g + 1) * m.group).min(m.cols) / 8 {
+                    let w = _mm512_loadu_si512(base.add(64 * k) as *const __m512i);
+                    let v = [
+                        nib(w),
+                        nib(_mm512_srli_epi16::<4>(w)),
+                        nib(_mm512_srli_epi16::<8>(w)),
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_or_si512(_mm512_srli_epi16::<12>(w), bias)),
+                    ];
+                    for (a, x) in acc.iter_mut().zip(xb) {
+                        let xp = x.as_ptr().add(8 * k);
+                        for (j, vj) in v.iter().enumerate() {
+                            a[j % SPLIT] = _mm512_dpbf16_ps(a[j % SPLIT], *vj, pair_bh(xp.add(2 * j)));
+                        }
+                    }
+                }
+                for (tot, a) in total.iter_mut().zip(&acc) {
+                    let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
+                    *tot = _mm512_fmadd_ps(sum, scale, *tot);
+                }
+            }
+            for (t, tot) in total.iter().enumerate() {
+                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), *tot);
+            }
+        }
+    }
+}
+
+/// [`i4x16_body`] for one to eight tokens, with the accumulator split that suits the count.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+pub(crate) fn i4x16_rows<const NT: usize>(
+    m: I4Rows16<'_>,
+    xb: [&[u16]; NT],
+    gsum: [&[f32]; NT],
+    rows: (usize, usize),
+    out: OutPtr,
+) {
+    match NT {
+        1 => i4x16_body::<NT, 4>(m, xb, gsum, rows, out),
+        2..=4 => i4x16_body::<NT, 2>(m, xb, gsum, rows, out),
+        _ => i4x16_body::<NT, 1>(m, xb, gsum, rows, out),
+    }
+}
