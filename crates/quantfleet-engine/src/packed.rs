@@ -17,8 +17,10 @@
 //!   matrices of a weight-only tier (`activations: bf16`, the default) round their input to bf16.
 //!
 //! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations into groups
-//!   of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]); the bytes and scales are the same
-//!   values in another order.
+//!   of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]), and, on a CPU with AVX-512 BF16,
+//!   INT4 and BF16 matrices with bf16 activations into groups of sixteen ([`PackedMatrix::interleave_rows16`]);
+//!   the bytes and scales are the same values in another order ([`PackedMatrix::into_rows_layout`] restores
+//!   the row layout, which the GPU backend reads).
 //!
 //! The storage bytes match the fit planner's conventions (`quantfleet_api::plan::matrix_bytes`), plus the
 //! AWQ input scales (4 bytes per input feature), which the planner does not count.
@@ -87,6 +89,10 @@ pub enum PackedLayout {
     /// in bits `16 + 4 j ..` (j = 0..3). Scales (and zero points) of row group `R`, weight group `g`: the
     /// sixteen rows' at `16 (R * groups_per_row + g) + i`.
     Int4Rows16,
+    /// BF16 with bf16 activations, for the same kernels: rows in groups of sixteen (`rows % 16 == 0`,
+    /// `cols % 32 == 0`). Row group `R` and column pair `p` (columns `2 p`, `2 p + 1`) take the 64 bytes at
+    /// `64 (R * cols / 2 + p)`: bytes `4 i .. 4 i + 4` are row `16 R + i`'s two values, column `2 p` first.
+    Bf16Rows16,
 }
 
 /// Input features per INT8 activation block.
@@ -142,6 +148,19 @@ pub fn fake_quantize_activations(x: &mut [f32]) {
 pub fn round_to_bf16(x: &mut [f32]) {
     for v in x {
         *v = half::bf16::from_f32(*v).to_f32();
+    }
+}
+
+/// Blocks of 16 rows x `per_row` values (row-major) turned into `per_row` x 16, in place: the order of
+/// the sixteen-row layouts' scales and zero points.
+fn transpose_row_groups<T: Copy>(v: &mut [T], per_row: usize) {
+    for block in v.chunks_exact_mut(16 * per_row) {
+        let rows = block.to_vec();
+        for (i, row) in rows.chunks_exact(per_row).enumerate() {
+            for (g, &x) in row.iter().enumerate() {
+                block[16 * g + i] = x;
+            }
+        }
     }
 }
 
@@ -287,16 +306,23 @@ impl PackedMatrix {
                 self.cols
             )));
         }
-        if self.layout == PackedLayout::Int4Rows16
-            && !(matches!(self.format, PackedFormat::Int4 { .. })
+        let rows16_weights = match self.layout {
+            PackedLayout::Int4Rows16 => Some(("INT4", matches!(self.format, PackedFormat::Int4 { .. }))),
+            PackedLayout::Bf16Rows16 => Some(("BF16", self.format == PackedFormat::Bf16)),
+            _ => None,
+        };
+        if let Some((weights, format_fits)) = rows16_weights
+            && !(format_fits
                 && self.activations == ActivationQuant::Bf16
                 && self.rows.is_multiple_of(16)
                 && self.cols.is_multiple_of(32))
         {
             return Err(bad(format!(
-                "the sixteen-row interleaved layout needs INT4 weights, bf16 activations, rows % 16 == 0 and \
-                 cols % 32 == 0 ({}, {} x {})",
+                "the sixteen-row interleaved layout {:?} needs {weights} weights, bf16 activations, rows % 16 == 0 \
+                 and cols % 32 == 0 ({} with {:?} activations, {} x {})",
+                self.layout,
                 self.format_name(),
+                self.activations,
                 self.rows,
                 self.cols
             )));
@@ -357,6 +383,7 @@ impl PackedMatrix {
                 let byte = 64 * (rg * self.cols / 8 + k) + 4 * i + bit / 8;
                 (byte, bit % 8 == 4, 16 * (rg * gpr + c / group) + i)
             }
+            PackedLayout::Bf16Rows16 => unreachable!("a BF16 layout (validate)"),
         }
     }
 
@@ -413,42 +440,60 @@ impl PackedMatrix {
         }
     }
 
-    /// This INT4 matrix with bf16 activations in [`PackedLayout::Int4Rows16`] (the same values re-ordered); an
-    /// error when it does not fit that layout.
-    pub fn interleave_rows16(self) -> Result<Self> {
-        if self.layout == PackedLayout::Int4Rows16 {
+    /// This INT4 or BF16 matrix with bf16 activations in [`PackedLayout::Int4Rows16`] or
+    /// [`PackedLayout::Bf16Rows16`] (the same values re-ordered); an error when it does not fit that layout.
+    pub fn interleave_rows16(mut self) -> Result<Self> {
+        if matches!(self.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16) {
             return Ok(self);
         }
         if self.layout != PackedLayout::Rows {
             return Err(bad(format!("cannot re-interleave a matrix in {:?}", self.layout)));
         }
-        let mut out = PackedMatrix {
-            format: self.format,
-            rows: self.rows,
-            cols: self.cols,
-            data: vec![0; self.data.len()],
-            row_scales: self.row_scales.clone(),
-            group_scales: vec![f16::ZERO; self.group_scales.len()],
-            zeros: vec![0; self.zeros.len()],
-            input_scales: self.input_scales.clone(),
-            activations: self.activations,
-            layout: PackedLayout::Int4Rows16,
+        let layout = match self.format {
+            PackedFormat::Bf16 => PackedLayout::Bf16Rows16,
+            _ => PackedLayout::Int4Rows16,
         };
-        out.validate()?;
+        self.layout = layout;
+        self.validate()?;
+        // In place, one row group at a time: a group's rows take the same bytes (and scales) in both layouts,
+        // so only a group's worth of scratch is needed, never a second copy of the matrix.
         let rb = self.row_bytes();
-        let code = |r: usize, c: usize| ((self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f) as u32;
-        for (rg, dst) in out.data.chunks_exact_mut(8 * self.cols).enumerate() {
+        let mut rows = vec![0u8; 16 * rb];
+        for dst in self.data.chunks_exact_mut(16 * rb) {
+            rows.copy_from_slice(dst);
+            if layout == PackedLayout::Bf16Rows16 {
+                // Pair p of row i: bytes 4 p .. 4 p + 4 of the row, to lane i of pair p's 64 bytes.
+                for (p, pair) in dst.chunks_exact_mut(64).enumerate() {
+                    for (i, lane) in pair.chunks_exact_mut(4).enumerate() {
+                        lane.copy_from_slice(&rows[i * rb + 4 * p..i * rb + 4 * p + 4]);
+                    }
+                }
+                continue;
+            }
+            let code = |i: usize, c: usize| ((rows[i * rb + c / 2] >> (4 * (c % 2))) & 0x0f) as u32;
             for (k, chunk) in dst.chunks_exact_mut(64).enumerate() {
                 for (i, lane) in chunk.chunks_exact_mut(4).enumerate() {
-                    let (r, c) = (16 * rg + i, 8 * k);
+                    let c = 8 * k;
                     let v = (0..4)
-                        .fold(0u32, |v, j| v | code(r, c + 2 * j) << (4 * j) | code(r, c + 2 * j + 1) << (16 + 4 * j));
+                        .fold(0u32, |v, j| v | code(i, c + 2 * j) << (4 * j) | code(i, c + 2 * j + 1) << (16 + 4 * j));
                     lane.copy_from_slice(&v.to_le_bytes());
                 }
             }
         }
-        self.interleave_group_data(&mut out, 16);
-        Ok(out)
+        if layout == PackedLayout::Int4Rows16 {
+            let gpr = self.groups_per_row();
+            transpose_row_groups(&mut self.group_scales, gpr);
+            transpose_row_groups(&mut self.zeros, gpr);
+        }
+        Ok(self)
+    }
+
+    /// The byte of BF16 element (row `r`, column `c`) in this matrix's layout.
+    fn bf16_position(&self, r: usize, c: usize) -> usize {
+        match self.layout {
+            PackedLayout::Bf16Rows16 => 64 * ((r / 16) * self.cols / 2 + c / 2) + 4 * (r % 16) + 2 * (c % 2),
+            _ => r * self.row_bytes() + 2 * c,
+        }
     }
 
     /// This matrix in the row layout (the same values): what backends other than the CPU's read. A matrix in
@@ -456,6 +501,19 @@ impl PackedMatrix {
     pub fn into_rows_layout(self) -> Result<Self> {
         if self.layout == PackedLayout::Rows {
             return Ok(self);
+        }
+        if self.format == PackedFormat::Bf16 {
+            let mut data = vec![0; self.data.len()];
+            for (r, row) in data.chunks_exact_mut(self.row_bytes()).enumerate() {
+                for (c, v) in row.chunks_exact_mut(2).enumerate() {
+                    let at = self.bf16_position(r, c);
+                    v.copy_from_slice(&self.data[at..at + 2]);
+                }
+            }
+            let out =
+                PackedMatrix { data, layout: PackedLayout::Rows, input_scales: self.input_scales.clone(), ..self };
+            out.validate()?;
+            return Ok(out);
         }
         let PackedFormat::Int4 { group, .. } = self.format else { unreachable!("only INT4 is interleaved") };
         let (rb, gpr) = (self.row_bytes(), self.groups_per_row());
@@ -500,13 +558,16 @@ impl PackedMatrix {
             }
             return Ok(());
         }
+        if self.format == PackedFormat::Bf16 {
+            for (c, o) in out.iter_mut().enumerate() {
+                let at = self.bf16_position(r, c);
+                *o = half::bf16::from_bits(u16::from_le_bytes([self.data[at], self.data[at + 1]])).to_f32();
+            }
+            return Ok(());
+        }
         let row = self.row_data(r);
         match self.format {
-            PackedFormat::Bf16 => {
-                for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                    *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-                }
-            }
+            PackedFormat::Bf16 => unreachable!("decoded above"),
             PackedFormat::Fp8E4m3 => {
                 for (o, &c) in out.iter_mut().zip(row) {
                     *o = Fp8Format::E4M3.decode(c) * self.row_scales[r];
@@ -583,6 +644,13 @@ mod tests {
                 (for_int8.clone(), for_int8.clone().interleave_rows8().unwrap(), PackedLayout::Int4Rows8),
                 (for_bf16.clone(), for_bf16.clone().interleave_rows16().unwrap(), PackedLayout::Int4Rows16),
             ];
+            let bf16 = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Bf16).unwrap();
+            let bf16 =
+                PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&bf16).unwrap() };
+            let interleaved = interleaved.into_iter().chain(
+                rows.is_multiple_of(16)
+                    .then(|| (bf16.clone(), bf16.interleave_rows16().unwrap(), PackedLayout::Bf16Rows16)),
+            );
             for (m, i, layout) in interleaved {
                 assert_eq!((i.layout, i.storage_bytes()), (layout, m.storage_bytes()));
                 assert_ne!(i.data, m.data, "the bytes are re-ordered");

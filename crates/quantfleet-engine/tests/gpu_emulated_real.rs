@@ -125,12 +125,14 @@ fn packed_tiers<D: Device>(backend: impl Fn() -> GpuBackend<D>) {
         ),
         // INT4 g64 asymmetric layers, INT8 embeddings (a packed embedding, gathered from its f16 copy and
         // used as the tied LM head in its packed form), BF16 first layer (the 16-bit weight GEMV).
-        // Budget: f16 activations and KV only, as for the file formats.
+        // Budget: the GPU's f16 activations and KV, and the CPU's bf16 inputs to its INT4 and BF16 products
+        // (the tier's `activations: bf16`; the GPU keeps f16's 10 mantissa bits). Measured 2.0e-4 mean KLD,
+        // top-1 19/19 (it was 2.1e-5 with f32 inputs on the CPU), x5 margin.
         (
             r#"{"name":"int4","weights":{"format":"int4","groupSize":64,"symmetric":false},"kvCache":{"dtype":"fp16"},
             "layerOverrides":[{"embeddings":true,"weights":{"format":"int8"}},
                               {"firstLayers":1,"weights":{"format":"bf16"}}]}"#,
-            2e-4,
+            1e-3,
             0.95,
         ),
     ];

@@ -184,13 +184,14 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix::Gguf { view, file: Arc::clone(store) })
     }
 
-    /// INT4 matrices are re-ordered into interleaved rows where a kernel reads them so: with INT8
-    /// activations, groups of eight rows for the x86 integer kernels (`PackedLayout::Int4Rows8`, rows a
-    /// multiple of 8); with bf16 activations on a CPU with AVX-512 BF16, groups of sixteen for its bf16 dot
-    /// products (`PackedLayout::Int4Rows16`, rows a multiple of 16, columns of 32).
+    /// INT4 and BF16 matrices are re-ordered into interleaved rows where a kernel reads them so: INT4 with
+    /// INT8 activations in groups of eight rows for the x86 integer kernels (`PackedLayout::Int4Rows8`, rows
+    /// a multiple of 8); INT4 and BF16 with bf16 activations, on a CPU with AVX-512 BF16, in groups of sixteen
+    /// for its bf16 dot products (`PackedLayout::Int4Rows16` / `Bf16Rows16`, rows a multiple of 16, columns
+    /// of 32).
     fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {
         m.validate()?;
-        if !matches!(m.format, PackedFormat::Int4 { .. }) {
+        if !matches!(m.format, PackedFormat::Int4 { .. } | PackedFormat::Bf16) {
             return Ok(CpuMatrix::Packed(m));
         }
         let x86 = matches!(self.level, SimdLevel::Avx2Fma | SimdLevel::Avx512);

@@ -71,9 +71,9 @@ pub(crate) struct Prepared {
     xb: Vec<u16>,
 }
 
-/// Whether `m`'s products run on the AVX-512 BF16 kernels at `level` (`x86_bf16`): BF16 weights, or INT4
-/// weights interleaved for them (`PackedLayout::Int4Rows16`, which the CPU backend builds at load where
-/// this CPU has AVX-512 BF16), with bf16 activations. Other matrices with bf16 activations multiply the
+/// Whether `m`'s products run on the AVX-512 BF16 kernels at `level` (`x86_bf16`): BF16 or INT4 weights
+/// interleaved for them (`PackedLayout::Bf16Rows16` / `Int4Rows16`, which the CPU backend builds at load
+/// where this CPU has AVX-512 BF16), with bf16 activations. Other matrices with bf16 activations multiply the
 /// rounded input in f32.
 fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -83,7 +83,7 @@ fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
             && m.cols.is_multiple_of(32)
             && matches!(
                 (m.format, m.layout),
-                (PackedFormat::Bf16, PackedLayout::Rows) | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
+                (PackedFormat::Bf16, PackedLayout::Bf16Rows16) | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
             )
             && x86_bf16::has_avx512bf16()
     }
@@ -383,7 +383,7 @@ fn dot_int4(
 /// Rows `r0 .. r0 + out.len()` of `m` times the prepared input.
 #[inline(always)]
 fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32: impl Fn(f16) -> f32) {
-    if m.layout == PackedLayout::Int4Rows16 {
+    if matches!(m.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16) {
         // Interleaved for the AVX-512 BF16 kernels but run where they are not (a test's other levels).
         return rows_reference(m, &p.x, r0, out);
     }
@@ -456,7 +456,7 @@ fn rows_x86(
     dot_int4: impl Fn(&[u8], &[f16], Option<&[u8]>, usize) -> f32,
 ) {
     let int4 = matches!(m.format, PackedFormat::Int4 { .. });
-    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(lanes) {
+    if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(lanes) || m.layout != PackedLayout::Rows {
         return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
     }
     let kind = x86_kind(m);
@@ -498,15 +498,13 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 fn rows_bf16(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
-    if m.format == PackedFormat::Bf16 {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = x86_bf16::dot_bf16_bf16(m.row_data(r0 + i), &p.xb);
-        }
-        return;
-    }
-    // INT4 in sixteen-row groups; the task's rows are whole groups (rows % 16 == 0, ROWS_PER_TASK % 16 == 0).
+    // Sixteen-row groups: the task's rows are whole groups (rows % 16 == 0, ROWS_PER_TASK % 16 == 0).
     let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
-    x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out);
+    if m.format == PackedFormat::Bf16 {
+        x86_bf16::bf16x16_rows::<1>((&m.data, m.rows, m.cols), [&p.xb], (r0, out.len), out);
+    } else {
+        x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out);
+    }
 }
 
 /// INT8-activation rows of one token with the x86 integer kernels: AVX2's, or with `vnni` (the AVX-512
@@ -885,7 +883,7 @@ fn matmul_multi_x86(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usi
     });
 }
 
-/// Several tokens through the AVX-512 BF16 kernels (`x86_bf16::bf16_rows_multi` / `i4x16_rows`, 8 tokens per
+/// Several tokens through the AVX-512 BF16 kernels (`x86_bf16::bf16x16_rows` / `i4x16_rows`, 8 tokens per
 /// pass); the caller checked [`bf16_dot`].
 #[cfg(target_arch = "x86_64")]
 fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
@@ -903,7 +901,7 @@ fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
                     // SAFETY: `bf16_dot` found AVX-512 BF16; tasks write disjoint row ranges of `out`.
                     unsafe {
                         if m.format == PackedFormat::Bf16 {
-                            x86_bf16::bf16_rows_multi::<$nt>(&m.data, cols, (r0, nr), xb, o)
+                            x86_bf16::bf16x16_rows::<$nt>((&m.data, rows, cols), xb, (r0, nr), o)
                         } else {
                             let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
                             x86_bf16::i4x16_rows::<$nt>(i4_rows16(m), xb, gsum, (r0, nr), o)
@@ -1052,10 +1050,9 @@ mod tests {
 
     /// BF16 activations (weight-only tiers): every level, for one token, a batch step and a prefill, with and
     /// without input scales, against the scalar reference on the bf16-rounded input. On a CPU with AVX-512
-    /// BF16 the AVX-512 level runs the `x86_bf16` kernels: BF16 weights, and INT4 weights of every group size
-    /// in the sixteen-row layout (`PackedLayout::Int4Rows16`, also run at the other levels through the
-    /// reference); INT4 in the row layout and columns that are not a multiple of 32 take the f32 kernels on
-    /// the rounded input. Bound: 2e-6 * sum|w x| plus f32 rounding of the INT4 kernels' offset sums,
+    /// BF16 the AVX-512 level runs the `x86_bf16` kernels: BF16 and INT4 weights (every group size) in the
+    /// sixteen-row layouts (`PackedLayout::Bf16Rows16` / `Int4Rows16`, also run at the other levels through
+    /// the reference); the row layout takes the f32 kernels on the rounded input. Bound: 2e-6 * sum|w x| plus f32 rounding of the INT4 kernels' offset sums,
     /// 2e-7 * sum 144 |s x|. Rounding the input moves outputs by ~1e-3 relative: the test also checks that it
     /// happened (a kernel fed the unrounded input fails the bound). SYNTHETIC weights.
     #[test]
@@ -1075,7 +1072,7 @@ mod tests {
                 m.activations = ActivationQuant::Bf16;
                 let base = m.clone();
                 let mut variants = vec![m.clone()];
-                if matches!(m.format, PackedFormat::Int4 { .. }) && rows % 16 == 0 && cols % 32 == 0 {
+                if rows % 16 == 0 && cols % 32 == 0 {
                     variants.push(m.interleave_rows16().unwrap());
                 }
                 for mut m in variants {
@@ -1083,7 +1080,7 @@ mod tests {
                     let fast = cols.is_multiple_of(32)
                         && matches!(
                             (m.format, m.layout),
-                            (PackedFormat::Bf16, PackedLayout::Rows)
+                            (PackedFormat::Bf16, PackedLayout::Bf16Rows16)
                                 | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
                         );
                     let name = format!("{} {:?} {rows}x{cols}", m.format.name(), m.layout);

@@ -5,7 +5,8 @@
 //! bf16), and it halves the work of the f32 kernels, which widen every weight to f32 and multiply 16 at a
 //! time.
 //!
-//! BF16 weights are bf16 already: a row is loaded and multiplied as it is.
+//! BF16 weights are bf16 already; they are stored for these kernels as sixteen interleaved rows too
+//! (`PackedLayout::Bf16Rows16`): a 64-byte load is a column pair of 16 rows, multiplied as it is.
 //!
 //! INT4 weights are stored for these kernels as sixteen interleaved rows (`PackedLayout::Int4Rows16`, built
 //! at load): a 64-byte load holds 8 columns of 16 rows, one 32-bit lane per row, and the vector lanes stay
@@ -55,61 +56,66 @@ unsafe fn pair_bh(p: *const u16) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))) }
 }
 
-/// One BF16 row (`2 * cols` bytes) · x rounded to bf16 (`xb`, `cols` values, a multiple of 32).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) fn dot_bf16_bf16(row: &[u8], xb: &[u16]) -> f32 {
-    let cols = xb.len();
-    assert!(cols.is_multiple_of(32) && row.len() >= 2 * cols, "dot_bf16_bf16 shapes");
-    let (rp, xp) = (row.as_ptr() as *const u16, xb.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut c = 0;
-    // SAFETY: every load covers columns c .. c + 32 <= cols of the row and of xb (asserted above); the row
-    // pointer is read unaligned.
-    unsafe {
-        while c + 128 <= cols {
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_dpbf16_ps(*a, load_bh(rp.add(c + 32 * j)), load_bh(xp.add(c + 32 * j)));
-            }
-            c += 128;
-        }
-        while c < cols {
-            acc[0] = _mm512_dpbf16_ps(acc[0], load_bh(rp.add(c)), load_bh(xp.add(c)));
-            c += 32;
-        }
-    }
-    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
-}
-
-/// Rows `r0 .. r0 + nr` of a BF16 matrix (`data`, `cols` columns, a multiple of 32) against `NT` tokens' bf16
-/// inputs (up to 8): each 32-weight vector is loaded once for all of them. `out.write(t, r, ..)` receives row
-/// `r0 + r` of token `t`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) fn bf16_rows_multi<const NT: usize>(
-    data: &[u8],
-    cols: usize,
-    (r0, nr): (usize, usize),
+/// Rows `r0 .. r0 + nr` (multiples of 16) of a BF16 matrix in `PackedLayout::Bf16Rows16` (`data`, `rows` x
+/// `cols`) against `NT` tokens' bf16 inputs (`xb`, column order): each 64-byte load is a column pair of 16
+/// rows, multiplied into every token's accumulators against the token's broadcast input pair; each token
+/// keeps `SPLIT` accumulators (see [`i4x16_body`]). `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of
+/// token `t`.
+#[inline(always)]
+fn bf16x16_body<const NT: usize, const SPLIT: usize>(
+    (data, rows, cols): (&[u8], usize, usize),
     xb: [&[u16]; NT],
+    (r0, nr): (usize, usize),
     out: OutPtr,
 ) {
     assert!(
-        NT <= 8 && cols.is_multiple_of(32) && data.len() >= (r0 + nr) * 2 * cols && xb.iter().all(|x| x.len() == cols),
-        "bf16_rows_multi shapes"
+        r0.is_multiple_of(16)
+            && nr.is_multiple_of(16)
+            && r0 + nr <= rows
+            && rows.is_multiple_of(16)
+            && cols.is_multiple_of(32)
+            && data.len() == 2 * rows * cols
+            && xb.iter().all(|x| x.len() == cols),
+        "bf16 rows16 shapes"
     );
-    for r in 0..nr {
-        let rp = data[(r0 + r) * 2 * cols..].as_ptr() as *const u16;
-        let mut acc = [_mm512_setzero_ps(); NT];
-        // SAFETY: c + 32 <= cols: the loads lie in the row and in every token's input (asserted above).
-        unsafe {
-            for c in (0..cols).step_by(32) {
-                let w = load_bh(rp.add(c));
-                for (a, x) in acc.iter_mut().zip(xb) {
-                    *a = _mm512_dpbf16_ps(*a, w, load_bh(x.as_ptr().add(c)));
+    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are 32 * cols from
+    // 32 * cols * R, pair p's 64 at 64 p of them (p < cols / 2); input pairs are read at columns 2 p + 1 < cols;
+    // all checked above.
+    unsafe {
+        for rg in r0 / 16..(r0 + nr) / 16 {
+            let base = data.as_ptr().add(32 * cols * rg);
+            let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
+            // SPLIT consecutive pairs per step, one per accumulator (cols / 2 is a multiple of 16, so of SPLIT);
+            // constant indices keep the accumulators in registers.
+            for p0 in (0..cols / 2).step_by(SPLIT) {
+                for q in 0..SPLIT {
+                    let p = p0 + q;
+                    let w = load_bh(base.add(64 * p) as *const u16);
+                    for (a, x) in acc.iter_mut().zip(xb) {
+                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * p)));
+                    }
                 }
             }
+            for (t, a) in acc.iter().enumerate() {
+                let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
+                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), sum);
+            }
         }
-        for (t, a) in acc.iter().enumerate() {
-            out.write(t, r, _mm512_reduce_add_ps(*a));
-        }
+    }
+}
+
+/// [`bf16x16_body`] for one to eight tokens, with the accumulator split that suits the count.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) fn bf16x16_rows<const NT: usize>(
+    matrix: (&[u8], usize, usize),
+    xb: [&[u16]; NT],
+    rows: (usize, usize),
+    out: OutPtr,
+) {
+    match NT {
+        1 => bf16x16_body::<NT, 4>(matrix, xb, rows, out),
+        2..=4 => bf16x16_body::<NT, 2>(matrix, xb, rows, out),
+        _ => bf16x16_body::<NT, 1>(matrix, xb, rows, out),
     }
 }
 
