@@ -129,6 +129,37 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
         }
     }
     let (xsum, per_token_sums) = (&xsum, cols / 32);
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx512 && matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+        // Each block widened once for up to 8 tokens, with each token's one-token arithmetic.
+        let n_tokens = x.len() / cols;
+        let q4_1 = w.ty == GgmlType::Q4_1;
+        par_row_chunks(rows, out, |r0, nr, o| {
+            for t0 in (0..n_tokens).step_by(8) {
+                let nt = (n_tokens - t0).min(8);
+                let (xt, st) = (&x[t0 * cols..], xsum.get(t0 * per_token_sums..).unwrap_or(&[]));
+                let o = OutPtr { base: o.base.wrapping_add(t0 * rows), len: o.len - t0 * rows, ..o };
+                let m = (w.data, w.row_bytes(), cols);
+                macro_rules! run {
+                    ($nt:literal) => {
+                        // SAFETY: Avx512 is only selected where the CPU supports it (SimdLevel::detect).
+                        unsafe { x86::gguf_rows_multi_avx512::<$nt>(q4_1, m, (r0, nr), xt, st, o) }
+                    };
+                }
+                match nt {
+                    8 => run!(8),
+                    7 => run!(7),
+                    6 => run!(6),
+                    5 => run!(5),
+                    4 => run!(4),
+                    3 => run!(3),
+                    2 => run!(2),
+                    _ => run!(1),
+                }
+            }
+        });
+        return;
+    }
     par_row_chunks(rows, out, |r0, nr, o| {
         let mut tile = [0.0f32; ROWS_PER_TASK];
         for (t, xt) in x.chunks_exact(cols).enumerate() {

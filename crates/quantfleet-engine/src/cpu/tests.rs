@@ -301,3 +301,31 @@ fn attention_is_identical_on_every_level() {
         assert!(src.iter().zip(&got).all(|(h, &g)| h.to_f32() == g), "F16C decode differs from half's");
     }
 }
+
+/// A batch step over the GGUF file's own Q4_1 and Q8_0 weights gives every token exactly its one-token
+/// product (the multi-token kernels widen each block once for up to 8 tokens but keep each token's
+/// arithmetic), on every level, for 2-16 tokens: batching changes no logits. SYNTHETIC weights.
+#[test]
+fn gguf_batch_steps_equal_one_token_products_bit_for_bit() {
+    let mut rng = Rng(0x5eed_1234_abcd_0002);
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols) in [(33, 64), (70, 96), (5, 1056)] {
+            let data = synthetic(ty, rows, cols, &mut rng);
+            let w = BlockMatrix { ty, rows, cols, data: &data };
+            for n_tokens in [2, 3, 8, 9, 16] {
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.uniform()).collect();
+                for level in levels() {
+                    let mut batch = vec![f32::NAN; n_tokens * rows];
+                    matmul(level, w, &x, n_tokens, &mut batch);
+                    for (t, xt) in x.chunks_exact(cols).enumerate() {
+                        let mut one = vec![f32::NAN; rows];
+                        matmul(level, w, xt, 1, &mut one);
+                        let got: Vec<u32> = batch[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{} {rows}x{cols} T={n_tokens} {level:?} token {t}", ty.name());
+                    }
+                }
+            }
+        }
+    }
+}

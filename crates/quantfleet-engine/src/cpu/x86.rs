@@ -151,6 +151,86 @@ pub(crate) fn dot_q8_0_avx512(row: &[u8], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
 
+/// Rows `r0 .. r0 + nr` of a GGUF Q4_1 or Q8_0 matrix (`data`, `row_bytes` per row, `cols` columns) against
+/// `NT` tokens (`x`: `NT` rows of `cols`; Q4_1 also `xsum`, `NT` rows of `cols / 32` block sums): each weight
+/// block is loaded and widened once for all the tokens. Per token the arithmetic is exactly
+/// [`dot_q4_1_avx512`]'s or [`dot_q8_0_avx512`]'s (the same block products, even and odd blocks in two
+/// accumulators, the same final sums), so a token's result equals its one-token product bit for bit and a
+/// batch step changes no logits. `out.write(t, r, ..)` receives row `r0 + r` of token `t`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
+    q4_1: bool,
+    (data, row_bytes, cols): (&[u8], usize, usize),
+    (r0, nr): (usize, usize),
+    x: &[f32],
+    xsum: &[f32],
+    out: OutPtr,
+) {
+    let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
+    assert!(
+        NT <= 8
+            && cols.is_multiple_of(32)
+            && row_bytes == blocks * block_bytes
+            && data.len() >= (r0 + nr) * row_bytes
+            && x.len() >= NT * cols
+            && (!q4_1 || xsum.len() >= NT * blocks),
+        "gguf_rows_multi shapes"
+    );
+    let mask = _mm_set1_epi8(0x0f);
+    for r in 0..nr {
+        let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+        let mut acc = [[_mm512_setzero_ps(); 2]; NT];
+        let mut mins = [[0.0f32; 2]; NT];
+        // Block `b` (bytes `k`) into accumulator `par` (b % 2, a literal so the accumulators stay in registers).
+        macro_rules! block {
+            ($b:expr, $k:expr, $par:literal) => {{
+                let (b, k): (usize, &[u8]) = ($b, $k);
+                let d = _mm512_set1_ps(f16_to_f32(k[0], k[1]));
+                // SAFETY: k holds the block's 20 or 34 bytes (sliced by the caller); unaligned loads.
+                let (lo, hi) = unsafe {
+                    if q4_1 {
+                        let q = _mm_loadu_si128(k[4..20].as_ptr() as *const __m128i);
+                        (
+                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask))),
+                            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask))),
+                        )
+                    } else {
+                        let q0 = _mm_loadu_si128(k[2..18].as_ptr() as *const __m128i);
+                        let q1 = _mm_loadu_si128(k[18..34].as_ptr() as *const __m128i);
+                        (_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)))
+                    }
+                };
+                let m = if q4_1 { f16_to_f32(k[2], k[3]) } else { 0.0 };
+                for (t, (a, mn)) in acc.iter_mut().zip(mins.iter_mut()).enumerate() {
+                    let xb = &x[t * cols + 32 * b..t * cols + 32 * b + 32];
+                    // SAFETY: xb holds 32 floats (sliced above); unaligned loads.
+                    let s = unsafe {
+                        let x_lo = _mm512_loadu_ps(xb.as_ptr());
+                        _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb[16..].as_ptr()), _mm512_mul_ps(lo, x_lo))
+                    };
+                    a[$par] = _mm512_fmadd_ps(d, s, a[$par]);
+                    if q4_1 {
+                        mn[$par] += m * xsum[t * blocks + b];
+                    }
+                }
+            }};
+        }
+        let pairs = row.chunks_exact(2 * block_bytes);
+        let tail = pairs.remainder();
+        for (i, pair) in pairs.enumerate() {
+            block!(2 * i, &pair[..block_bytes], 0);
+            block!(2 * i + 1, &pair[block_bytes..], 1);
+        }
+        if !tail.is_empty() {
+            block!(blocks - 1, tail, 0);
+        }
+        for (t, (a, mn)) in acc.iter().zip(&mins).enumerate() {
+            let dot = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            out.write(t, r, if q4_1 { dot + (mn[0] + mn[1]) } else { dot });
+        }
+    }
+}
+
 #[inline(always)]
 fn hsum256(v: __m256) -> f32 {
     let mut lanes = [0.0f32; 8];
