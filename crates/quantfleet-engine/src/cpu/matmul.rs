@@ -73,6 +73,23 @@ impl BlockMatrix<'_> {
     }
 }
 
+/// Runs `$run!(N)` for the token count `$nt` (1 to 8), so that multi-token kernels get `N` as a constant.
+macro_rules! by_token_count {
+    ($nt:expr, $run:ident) => {
+        match $nt {
+            8 => $run!(8),
+            7 => $run!(7),
+            6 => $run!(6),
+            5 => $run!(5),
+            4 => $run!(4),
+            3 => $run!(3),
+            2 => $run!(2),
+            _ => $run!(1),
+        }
+    };
+}
+pub(crate) use by_token_count;
+
 /// Rows per parallel task: small enough to balance two to a few dozen cores, large enough that a rayon task
 /// (about a microsecond of scheduling) does well over a hundred microseconds of work.
 pub(crate) const ROWS_PER_TASK: usize = 32;
@@ -146,16 +163,7 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
                         unsafe { x86::gguf_rows_multi_avx512::<$nt>(q4_1, m, (r0, nr), xt, st, o) }
                     };
                 }
-                match nt {
-                    8 => run!(8),
-                    7 => run!(7),
-                    6 => run!(6),
-                    5 => run!(5),
-                    4 => run!(4),
-                    3 => run!(3),
-                    2 => run!(2),
-                    _ => run!(1),
-                }
+                by_token_count!(nt, run)
             }
         });
         return;

@@ -48,7 +48,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::gemm::OutPtr;
-use super::matmul::{ROWS_PER_TASK, SimdLevel, gemm_dequantized, par_row_chunks};
+use super::matmul::{ROWS_PER_TASK, SimdLevel, by_token_count, gemm_dequantized, par_row_chunks};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 #[cfg(target_arch = "x86_64")]
@@ -859,25 +859,19 @@ fn matmul_multi_x86(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usi
             // Rows r0.., tokens t0..: the base moves to token t0 (the checked length shrinks accordingly).
             let o =
                 OutPtr { base: chunk_out.base.wrapping_add(t0 * rows), len: chunk_out.len - t0 * rows, ..chunk_out };
-            macro_rules! by_tokens {
-                ($kernel:ident) => {
-                    match nt {
-                        8 => x86::$kernel::<8>(kind, &m.data, cols, r0, nr, xt, o),
-                        7 => x86::$kernel::<7>(kind, &m.data, cols, r0, nr, xt, o),
-                        6 => x86::$kernel::<6>(kind, &m.data, cols, r0, nr, xt, o),
-                        5 => x86::$kernel::<5>(kind, &m.data, cols, r0, nr, xt, o),
-                        4 => x86::$kernel::<4>(kind, &m.data, cols, r0, nr, xt, o),
-                        3 => x86::$kernel::<3>(kind, &m.data, cols, r0, nr, xt, o),
-                        2 => x86::$kernel::<2>(kind, &m.data, cols, r0, nr, xt, o),
-                        _ => x86::$kernel::<1>(kind, &m.data, cols, r0, nr, xt, o),
-                    }
+            macro_rules! avx512 {
+                ($nt:literal) => {
+                    x86::rows_multi_avx512::<$nt>(kind, &m.data, cols, r0, nr, xt, o)
+                };
+            }
+            macro_rules! avx2 {
+                ($nt:literal) => {
+                    x86::rows_multi_avx2::<$nt>(kind, &m.data, cols, r0, nr, xt, o)
                 };
             }
             // SAFETY: non-portable levels exist only where the CPU supports them (SimdLevel::detect/is_supported),
             // and AVX-512 implies AVX2; tasks write disjoint row ranges of `out`.
-            unsafe {
-                if level == SimdLevel::Avx512 { by_tokens!(rows_multi_avx512) } else { by_tokens!(rows_multi_avx2) }
-            }
+            unsafe { if level == SimdLevel::Avx512 { by_token_count!(nt, avx512) } else { by_token_count!(nt, avx2) } }
             t0 += nt;
         }
     });
@@ -909,16 +903,7 @@ fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
                     }
                 }};
             }
-            match nt {
-                8 => run!(8),
-                7 => run!(7),
-                6 => run!(6),
-                5 => run!(5),
-                4 => run!(4),
-                3 => run!(3),
-                2 => run!(2),
-                _ => run!(1),
-            }
+            by_token_count!(nt, run)
         }
     });
 }
