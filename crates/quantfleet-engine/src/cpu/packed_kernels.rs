@@ -35,7 +35,8 @@
 //! as stored and INT4 weights, interleaved by sixteen rows at load (`PackedLayout::Int4Rows16`), become bf16
 //! in registers, both by `vdpbf16ps`; any number of tokens runs through them, 8 per pass over each task's
 //! rows. Elsewhere the f32 kernels below multiply the rounded input. On SmolLM2's shapes the INT4 products
-//! ran 2.5-4x faster than the f32 kernels and the BF16 ones up to 2x (`tier_bench --kernels`).
+//! ran about 3x faster than the f32 kernels, the BF16 ones 2x at one token and 3x at eight
+//! (`tier_bench --kernels`).
 //!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
 //! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
