@@ -151,10 +151,19 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
         // Each block widened once for up to 8 tokens, with each token's one-token arithmetic.
         let n_tokens = x.len() / cols;
         let q4_1 = w.ty == GgmlType::Q4_1;
+        // Q4_1's block sums by pass of 8 tokens, then by block, one lane per token (zero past the last).
+        let mut xsum_t = vec![0.0f32; if q4_1 { n_tokens.div_ceil(8) * per_token_sums * 8 } else { 0 }];
+        for (t, st) in xsum.chunks_exact(per_token_sums).enumerate() {
+            let pass = &mut xsum_t[(t / 8) * per_token_sums * 8..];
+            for (b, &v) in st.iter().enumerate() {
+                pass[8 * b + t % 8] = v;
+            }
+        }
+        let xsum_t = &xsum_t;
         par_row_chunks(rows, out, |r0, nr, o| {
             for t0 in (0..n_tokens).step_by(8) {
                 let nt = (n_tokens - t0).min(8);
-                let (xt, st) = (&x[t0 * cols..], xsum.get(t0 * per_token_sums..).unwrap_or(&[]));
+                let (xt, st) = (&x[t0 * cols..], xsum_t.get((t0 / 8) * per_token_sums * 8..).unwrap_or(&[]));
                 let o = OutPtr { base: o.base.wrapping_add(t0 * rows), len: o.len - t0 * rows, ..o };
                 let m = (w.data, w.row_bytes(), cols);
                 macro_rules! run {

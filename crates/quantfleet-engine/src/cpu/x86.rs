@@ -152,7 +152,8 @@ pub(crate) fn dot_q8_0_avx512(row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// Rows `r0 .. r0 + nr` of a GGUF Q4_1 or Q8_0 matrix (`data`, `row_bytes` per row, `cols` columns) against
-/// `NT` tokens (`x`: `NT` rows of `cols`; Q4_1 also `xsum`, `NT` rows of `cols / 32` block sums): each weight
+/// `NT` tokens (`x`: `NT` rows of `cols`; Q4_1 also `xsum_t`, the block sums by block, eight lanes per block,
+/// lane t for token t, so that one 8-lane multiply-add serves every token's min term): each weight
 /// block is loaded and widened once for all the tokens. Per token the arithmetic is exactly
 /// [`dot_q4_1_avx512`]'s or [`dot_q8_0_avx512`]'s (the same block products, even and odd blocks in two
 /// accumulators, the same final sums), so a token's result equals its one-token product bit for bit and a
@@ -163,7 +164,7 @@ pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
     (data, row_bytes, cols): (&[u8], usize, usize),
     (r0, nr): (usize, usize),
     x: &[f32],
-    xsum: &[f32],
+    xsum_t: &[f32],
     out: OutPtr,
 ) {
     let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
@@ -173,14 +174,15 @@ pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
             && row_bytes == blocks * block_bytes
             && data.len() >= (r0 + nr) * row_bytes
             && x.len() >= NT * cols
-            && (!q4_1 || xsum.len() >= NT * blocks),
+            && (!q4_1 || xsum_t.len() >= 8 * blocks),
         "gguf_rows_multi shapes"
     );
     let mask = _mm_set1_epi8(0x0f);
     for r in 0..nr {
         let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
         let mut acc = [[_mm512_setzero_ps(); 2]; NT];
-        let mut mins = [[0.0f32; 2]; NT];
+        // Lane t: token t's min term (separate multiply and add per lane: the one-token kernel's scalar sums).
+        let mut mins = [_mm256_setzero_ps(); 2];
         // Block `b` (bytes `k`) into accumulator `par` (b % 2, a literal so the accumulators stay in registers).
         macro_rules! block {
             ($b:expr, $k:expr, $par:literal) => {{
@@ -200,18 +202,20 @@ pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
                         (_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)))
                     }
                 };
-                let m = if q4_1 { f16_to_f32(k[2], k[3]) } else { 0.0 };
-                for (t, (a, mn)) in acc.iter_mut().zip(mins.iter_mut()).enumerate() {
-                    let xb = &x[t * cols + 32 * b..t * cols + 32 * b + 32];
-                    // SAFETY: xb holds 32 floats (sliced above); unaligned loads.
+                if q4_1 {
+                    let m = _mm256_set1_ps(f16_to_f32(k[2], k[3]));
+                    // SAFETY: 8 * b + 8 <= 8 * blocks <= xsum_t.len() (asserted above).
+                    let sums = unsafe { _mm256_loadu_ps(xsum_t.as_ptr().add(8 * b)) };
+                    mins[$par] = _mm256_add_ps(mins[$par], _mm256_mul_ps(m, sums));
+                }
+                for (t, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: t < NT and 32 b + 32 <= cols, so the 32 floats lie in x (asserted above).
                     let s = unsafe {
-                        let x_lo = _mm512_loadu_ps(xb.as_ptr());
-                        _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb[16..].as_ptr()), _mm512_mul_ps(lo, x_lo))
+                        let xb = x.as_ptr().add(t * cols + 32 * b);
+                        let x_lo = _mm512_loadu_ps(xb);
+                        _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), _mm512_mul_ps(lo, x_lo))
                     };
                     a[$par] = _mm512_fmadd_ps(d, s, a[$par]);
-                    if q4_1 {
-                        mn[$par] += m * xsum[t * blocks + b];
-                    }
                 }
             }};
         }
@@ -224,9 +228,15 @@ pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
         if !tail.is_empty() {
             block!(blocks - 1, tail, 0);
         }
-        for (t, (a, mn)) in acc.iter().zip(&mins).enumerate() {
+        let (mut mn0, mut mn1) = ([0.0f32; 8], [0.0f32; 8]);
+        // SAFETY: 8 floats into 8-float arrays.
+        unsafe {
+            _mm256_storeu_ps(mn0.as_mut_ptr(), mins[0]);
+            _mm256_storeu_ps(mn1.as_mut_ptr(), mins[1]);
+        }
+        for (t, a) in acc.iter().enumerate() {
             let dot = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
-            out.write(t, r, if q4_1 { dot + (mn[0] + mn[1]) } else { dot });
+            out.write(t, r, if q4_1 { dot + (mn0[t] + mn1[t]) } else { dot });
         }
     }
 }
