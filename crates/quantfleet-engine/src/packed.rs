@@ -151,14 +151,15 @@ pub fn round_to_bf16(x: &mut [f32]) {
     }
 }
 
-/// Blocks of 16 rows x `per_row` values (row-major) turned into `per_row` x 16, in place: the order of
-/// the sixteen-row layouts' scales and zero points.
-fn transpose_row_groups<T: Copy>(v: &mut [T], per_row: usize) {
-    for block in v.chunks_exact_mut(16 * per_row) {
+/// Blocks of `n` rows x `per_row` values (row-major) turned into `per_row` x `n`, in place: the order of the
+/// interleaved layouts' scales and zero points (row group `R`, weight group `g`, row `n R + i` at
+/// `n (R * per_row + g) + i`).
+fn transpose_row_groups<T: Copy>(v: &mut [T], n: usize, per_row: usize) {
+    for block in v.chunks_exact_mut(n * per_row) {
         let rows = block.to_vec();
         for (i, row) in rows.chunks_exact(per_row).enumerate() {
             for (g, &x) in row.iter().enumerate() {
-                block[16 * g + i] = x;
+                block[n * g + i] = x;
             }
         }
     }
@@ -400,8 +401,8 @@ impl PackedMatrix {
             cols: self.cols,
             data: vec![0; self.data.len()],
             row_scales: self.row_scales.clone(),
-            group_scales: vec![f16::ZERO; self.group_scales.len()],
-            zeros: vec![0; self.zeros.len()],
+            group_scales: self.group_scales.clone(),
+            zeros: self.zeros.clone(),
             input_scales: self.input_scales.clone(),
             activations: self.activations,
             layout: PackedLayout::Int4Rows8,
@@ -420,24 +421,10 @@ impl PackedMatrix {
                 }
             }
         }
-        self.interleave_group_data(&mut out, 8);
-        Ok(out)
-    }
-
-    /// Scales and zero points of `self` (row layout) re-ordered into `out` for rows interleaved by `n`: row
-    /// group `R`, weight group `g`, row `n R + i` at `n (R * groups_per_row + g) + i`.
-    fn interleave_group_data(&self, out: &mut PackedMatrix, n: usize) {
         let gpr = self.groups_per_row();
-        for rg in 0..self.rows / n {
-            for g in 0..gpr {
-                for i in 0..n {
-                    out.group_scales[n * (rg * gpr + g) + i] = self.group_scales[(n * rg + i) * gpr + g];
-                    if !self.zeros.is_empty() {
-                        out.zeros[n * (rg * gpr + g) + i] = self.zeros[(n * rg + i) * gpr + g];
-                    }
-                }
-            }
-        }
+        transpose_row_groups(&mut out.group_scales, 8, gpr);
+        transpose_row_groups(&mut out.zeros, 8, gpr);
+        Ok(out)
     }
 
     /// This INT4 or BF16 matrix with bf16 activations in [`PackedLayout::Int4Rows16`] or
@@ -482,8 +469,8 @@ impl PackedMatrix {
         }
         if layout == PackedLayout::Int4Rows16 {
             let gpr = self.groups_per_row();
-            transpose_row_groups(&mut self.group_scales, gpr);
-            transpose_row_groups(&mut self.zeros, gpr);
+            transpose_row_groups(&mut self.group_scales, 16, gpr);
+            transpose_row_groups(&mut self.zeros, 16, gpr);
         }
         Ok(self)
     }

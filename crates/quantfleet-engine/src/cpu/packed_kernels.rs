@@ -79,9 +79,9 @@ pub(crate) struct Prepared {
 fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        // The sixteen-row layouts hold cols % 32 == 0 (`PackedMatrix::validate`).
         level == SimdLevel::Avx512
             && m.activations == ActivationQuant::Bf16
-            && m.cols.is_multiple_of(32)
             && matches!(
                 (m.format, m.layout),
                 (PackedFormat::Bf16, PackedLayout::Bf16Rows16) | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
@@ -95,10 +95,11 @@ fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
     }
 }
 
-/// `xs` (rounded to bf16 already) as the bf16 bits the `x86_bf16` kernels read, with INT4's group sums.
+/// `xs` (rounded to bf16 already, so each value's low 16 bits are zero) as the bf16 bits the `x86_bf16`
+/// kernels read, with INT4's group sums.
 #[cfg(target_arch = "x86_64")]
 fn bf16_input(m: &PackedMatrix, xs: &[f32]) -> (Vec<u16>, Vec<f32>) {
-    let bits: Vec<u16> = xs.iter().map(|&v| x86_bf16::bf16_bits(v)).collect();
+    let bits: Vec<u16> = xs.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
     let gsum = match m.format {
         PackedFormat::Int4 { group, .. } => xs.chunks(group).map(|g| g.iter().sum()).collect(),
         _ => Vec::new(),

@@ -30,12 +30,6 @@ pub(crate) fn has_avx512bf16() -> bool {
     is_x86_feature_detected!("avx512bf16")
 }
 
-/// Rounds `v` to bf16 (to nearest, ties to even; NaN stays NaN): the bits the kernels multiply.
-#[inline(always)]
-pub(crate) fn bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
-}
-
 /// A bf16 vector of 32 lanes from memory.
 ///
 /// # Safety
