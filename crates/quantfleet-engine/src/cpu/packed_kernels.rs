@@ -929,6 +929,29 @@ mod tests {
         [SimdLevel::Portable, SimdLevel::Avx2Fma, SimdLevel::Avx512].into_iter().filter(|l| l.is_supported()).collect()
     }
 
+    /// For each token count, fresh random inputs through `matmul` on `m` at every level; `check(level,
+    /// n_tokens, t, r, x_t, out)` sees every output.
+    fn each_output(
+        m: &PackedMatrix,
+        rng: &mut Rng,
+        token_counts: &[usize],
+        mut check: impl FnMut(SimdLevel, usize, usize, usize, &[f32], f32),
+    ) {
+        let (rows, cols) = (m.rows, m.cols);
+        for &n_tokens in token_counts {
+            let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.uniform()).collect();
+            for level in levels() {
+                let mut out = vec![f32::NAN; n_tokens * rows];
+                matmul(level, m, &x, n_tokens, &mut out);
+                for (t, xt) in x.chunks_exact(cols).enumerate() {
+                    for r in 0..rows {
+                        check(level, n_tokens, t, r, xt, out[t * rows + r]);
+                    }
+                }
+            }
+        }
+    }
+
     fn int4(group: usize, symmetric: bool) -> WeightFormat {
         let mut c = if symmetric { Int4Config::symmetric(group) } else { Int4Config::asymmetric(group) }.unwrap();
         c.scales = ScaleStorage::F16;
@@ -1007,29 +1030,17 @@ mod tests {
                 for with_scales in [false, true] {
                     m.input_scales = with_scales.then(|| (0..cols).map(|_| 0.25 + rng.uniform().abs() * 4.0).collect());
                     let mut wrow = vec![0.0f32; cols];
-                    for n_tokens in [1, 3, 4, 9, 70] {
-                        let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.uniform()).collect();
-                        for level in levels() {
-                            let mut out = vec![f32::NAN; n_tokens * rows];
-                            matmul(level, &m, &x, n_tokens, &mut out);
-                            for t in 0..n_tokens {
-                                let xt = &x[t * cols..(t + 1) * cols];
-                                for r in 0..rows {
-                                    let want = m.dot_reference(r, xt).unwrap();
-                                    m.dequantize_row_reference(r, &mut wrow).unwrap();
-                                    let s = |j: usize| m.input_scales.as_ref().map_or(1.0, |s| s[j]);
-                                    let mag: f32 =
-                                        wrow.iter().zip(xt).enumerate().map(|(j, (a, b))| (a * b / s(j)).abs()).sum();
-                                    let got = out[t * rows + r];
-                                    assert!(
-                                        (got - want).abs() <= 3e-6 * mag + 1e-6,
-                                        "{} {rows}x{cols} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}",
-                                        m.format.name()
-                                    );
-                                }
-                            }
-                        }
-                    }
+                    each_output(&m, &mut rng, &[1, 3, 4, 9, 70], |level, n_tokens, t, r, xt, got| {
+                        let want = m.dot_reference(r, xt).unwrap();
+                        m.dequantize_row_reference(r, &mut wrow).unwrap();
+                        let s = |j: usize| m.input_scales.as_ref().map_or(1.0, |s| s[j]);
+                        let mag: f32 = wrow.iter().zip(xt).enumerate().map(|(j, (a, b))| (a * b / s(j)).abs()).sum();
+                        assert!(
+                            (got - want).abs() <= 3e-6 * mag + 1e-6,
+                            "{} {rows}x{cols} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}",
+                            m.format.name()
+                        );
+                    });
                 }
             }
         }
@@ -1077,45 +1088,34 @@ mod tests {
                             with_scales.then(|| (0..cols).map(|_| 0.25 + rng.uniform().abs() * 4.0).collect());
                         let mut wrow = vec![0.0f32; cols];
                         let mut rounding_seen = false;
-                        for n_tokens in [1, 3, 8, 9, 70] {
-                            let x: Vec<f32> = (0..n_tokens * cols).map(|_| rng.uniform()).collect();
-                            for level in levels() {
-                                let mut out = vec![f32::NAN; n_tokens * rows];
-                                matmul(level, &m, &x, n_tokens, &mut out);
-                                for t in 0..n_tokens {
-                                    let xt = &x[t * cols..(t + 1) * cols];
-                                    let xe = m.effective_input(xt).unwrap();
-                                    for r in 0..rows {
-                                        let want = m.dot_reference(r, xt).unwrap();
-                                        m.dequantize_row_reference(r, &mut wrow).unwrap();
-                                        let unrounded: f32 = wrow
-                                            .iter()
-                                            .zip(xt)
-                                            .enumerate()
-                                            .map(|(j, (a, b))| a * b / m.input_scales.as_ref().map_or(1.0, |s| s[j]))
-                                            .sum();
-                                        let mag: f32 = wrow.iter().zip(&xe).map(|(a, b)| (a * b).abs()).sum();
-                                        // The scales from the row-layout matrix (same values, plain indexing).
-                                        let offsets: f32 = match base.format {
-                                            PackedFormat::Int4 { group, .. } => (0..cols)
-                                                .map(|j| {
-                                                    let s = base.group_scales[r * base.groups_per_row() + j / group];
-                                                    144.0 * (s.to_f32() * xe[j]).abs()
-                                                })
-                                                .sum(),
-                                            _ => 0.0,
-                                        };
-                                        let bound = 2e-6 * mag + 2e-7 * offsets + 1e-6;
-                                        let got = out[t * rows + r];
-                                        assert!(
-                                            (got - want).abs() <= bound,
-                                            "{name} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}"
-                                        );
-                                        rounding_seen |= (unrounded - want).abs() > 4.0 * bound;
-                                    }
-                                }
-                            }
-                        }
+                        each_output(&m, &mut rng, &[1, 3, 8, 9, 70], |level, n_tokens, t, r, xt, got| {
+                            let xe = m.effective_input(xt).unwrap();
+                            let want = m.dot_reference(r, xt).unwrap();
+                            m.dequantize_row_reference(r, &mut wrow).unwrap();
+                            let unrounded: f32 = wrow
+                                .iter()
+                                .zip(xt)
+                                .enumerate()
+                                .map(|(j, (a, b))| a * b / m.input_scales.as_ref().map_or(1.0, |s| s[j]))
+                                .sum();
+                            let mag: f32 = wrow.iter().zip(&xe).map(|(a, b)| (a * b).abs()).sum();
+                            // The scales from the row-layout matrix (same values, plain indexing).
+                            let offsets: f32 = match base.format {
+                                PackedFormat::Int4 { group, .. } => (0..cols)
+                                    .map(|j| {
+                                        let s = base.group_scales[r * base.groups_per_row() + j / group];
+                                        144.0 * (s.to_f32() * xe[j]).abs()
+                                    })
+                                    .sum(),
+                                _ => 0.0,
+                            };
+                            let bound = 2e-6 * mag + 2e-7 * offsets + 1e-6;
+                            assert!(
+                                (got - want).abs() <= bound,
+                                "{name} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}"
+                            );
+                            rounding_seen |= (unrounded - want).abs() > 4.0 * bound;
+                        });
                         assert!(rounding_seen, "{name}: the bf16 rounding moved no output");
                     }
                 }
