@@ -202,8 +202,8 @@ fn default_replicas() -> i32 {
         .message("int4 weights need per-group or per-channel scaling; a single scale per tensor loses too much"),
     validation = Rule::new("self.method != 'awq' || self.format == 'int4'")
         .message("weights.method awq is for int4 weights"),
-    validation = Rule::new("self.method != 'gptq' || self.format in ['int4', 'int8']")
-        .message("weights.method gptq is for int4 or int8 weights"),
+    validation = Rule::new("self.method != 'gptq' || self.format in ['int4', 'int8', 'fp8-e4m3']")
+        .message("weights.method gptq is for int4, int8 or fp8-e4m3 weights"),
     validation = Rule::new("self.method != 'smoothquant' || self.format in ['int8', 'fp8-e4m3']")
         .message("weights.method smoothquant is for int8 or fp8-e4m3 weights"),
     validation = Rule::new("!has(self.symmetric) || self.format in ['int4', 'int8']")
@@ -214,7 +214,9 @@ pub struct WeightSpec {
     /// Number format of the stored weights.
     pub format: WeightFormat,
 
-    /// How scales are chosen: rtn (no calibration), awq and gptq (int4/int8, calibrated), smoothquant (W8A8).
+    /// How weights are rounded: rtn (round to nearest, no calibration); awq (int4: activation-aware input
+    /// scales) and gptq (int4, int8, fp8-e4m3: rounding errors compensated column by column), both calibrated
+    /// on the tier's calibration text; smoothquant (W8A8 smoothing factors).
     #[serde(default)]
     pub method: QuantMethod,
 
@@ -348,6 +350,12 @@ pub struct CalibrationSpec {
     #[serde(default = "default_sequence_length")]
     #[schemars(range(min = 16, max = 8192))]
     pub sequence_length: i32,
+}
+
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        Self { dataset: default_dataset(), samples: default_samples(), sequence_length: default_sequence_length() }
+    }
 }
 
 fn default_dataset() -> String {

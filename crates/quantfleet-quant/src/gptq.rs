@@ -7,6 +7,8 @@
 //! layout keeps contiguous groups and needs no column permutation at inference time.
 
 use crate::error::{QuantError, Result};
+use crate::fp8::{Fp8Format, Saturation};
+use crate::fp8_matrix::{Fp8Matrix, Fp8Scaling, fp8_scale};
 use crate::halfp::f16;
 use crate::int4::{GroupParams, Int4Config, Int4Matrix, Int4Scales, ScaleStorage, pack_nibbles};
 use crate::int8::{Int8Matrix, int8_scale};
@@ -18,7 +20,8 @@ use crate::simd::{Isa, multiversion};
 /// GPTQ settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GptqConfig {
-    /// `WeightFormat::Int4` (group-wise scales) or `WeightFormat::Int8` (per-channel).
+    /// `WeightFormat::Int4` (group-wise scales), `WeightFormat::Int8` (per-channel) or `WeightFormat::Fp8`
+    /// (per-channel, per-tensor or static scale).
     pub format: WeightFormat,
     /// Dampening: lambda = damp * mean(diag H) added to the diagonal (GPTQ's percdamp, usually 0.01).
     pub damp: f64,
@@ -82,8 +85,22 @@ fn hessian_inline(data: &[f32], n: usize, d: usize) -> Vec<f64> {
 
 /// Per-element quantizer state for the two supported formats.
 enum Grid {
-    Int4 { config: Int4Config, params: Vec<GroupParams>, gpr: usize, rounding: ScaleRounding },
-    Int8 { scales: Vec<f32> },
+    Int4 {
+        config: Int4Config,
+        params: Vec<GroupParams>,
+        gpr: usize,
+        rounding: ScaleRounding,
+    },
+    Int8 {
+        scales: Vec<f32>,
+    },
+    /// FP8 with one scale per row (`scales[r]`) or one for the matrix (`scales.len() == 1`), fixed from the
+    /// original weights' amax. E4M3's grid is relative (three mantissa bits at every magnitude), so the error
+    /// feedback is what GPTQ adds over RTN here: each rounding error is pushed onto correlated inputs.
+    Fp8 {
+        format: Fp8Format,
+        scales: Vec<f32>,
+    },
 }
 
 impl Grid {
@@ -99,6 +116,11 @@ impl Grid {
             Grid::Int8 { scales } => {
                 let q = (v / scales[r]).round_ties_even().clamp(-127.0, 127.0);
                 (q as i8 as u8, q * scales[r])
+            }
+            Grid::Fp8 { format, scales } => {
+                let s = scales[if scales.len() == 1 { 0 } else { r }];
+                let code = format.encode(v / s, Saturation::Saturating);
+                (code, format.decode(code) * s)
             }
         }
     }
@@ -254,10 +276,24 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
             Grid::Int4 { config: c, params, gpr, rounding }
         }
         WeightFormat::Int8 => Grid::Int8 { scales: (0..rows).map(|r| int8_scale(amax(w.row(r)))).collect() },
+        WeightFormat::Fp8 { format, scaling } => Grid::Fp8 {
+            format,
+            scales: match scaling {
+                Fp8Scaling::PerRow => (0..rows).map(|r| fp8_scale(format, amax(w.row(r)))).collect(),
+                Fp8Scaling::PerTensor => vec![fp8_scale(format, amax(w.data()))],
+                Fp8Scaling::Static(s) if s.is_finite() && s > 0.0 => vec![s],
+                Fp8Scaling::Static(s) => {
+                    return Err(QuantError::InvalidParameter {
+                        name: "static scale",
+                        reason: format!("{s} is not a positive finite number"),
+                    });
+                }
+            },
+        },
         _ => {
             return Err(QuantError::InvalidParameter {
                 name: "format",
-                reason: "GPTQ supports Int4 and Int8 weights".into(),
+                reason: "GPTQ supports Int4, Int8 and FP8 weights".into(),
             });
         }
     };
@@ -328,5 +364,6 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
         Grid::Int8 { scales } => {
             QuantizedMatrix::Int8(Int8Matrix { rows, cols, codes: codes.iter().map(|&c| c as i8).collect(), scales })
         }
+        Grid::Fp8 { format, scales } => QuantizedMatrix::Fp8(Fp8Matrix { format, rows, cols, codes, scales }),
     })
 }
