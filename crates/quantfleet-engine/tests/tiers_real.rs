@@ -183,11 +183,11 @@ fn gptq_override_on_selected_layers() {
     assert!(d.mean_kl() < 0.05 && d.top1() > 0.9, "{d:?}");
 }
 
-/// The first `n` tokens of the bundled calibration text (Julius Caesar III.ii): a prompt longer than a KIVI
-/// window, so most of its keys and values are int4 by the end.
+/// The first `n` tokens of Julius Caesar III.ii (the prose part of the bundled calibration text): a prompt
+/// longer than a KIVI window, so most of its keys and values are int4 by the end.
 fn long_prompt(e: &Engine<CpuBackend>, n: usize) -> Vec<u32> {
-    let ids = e.tokenizer.encode(quantfleet_engine::tier::BUILTIN_CALIBRATION).unwrap();
-    assert!(ids.len() >= n, "calibration text has {} tokens", ids.len());
+    let ids = e.tokenizer.encode(include_str!("../calibration/julius_caesar_iii_ii.txt")).unwrap();
+    assert!(ids.len() >= n, "the oration has {} tokens", ids.len());
     ids[..n].to_vec()
 }
 
@@ -387,4 +387,43 @@ fn fp8_tier_with_bf16_embedding_and_lm_head() {
     // Measured 0.0187 / 89.8% (the all-FP8 tier: 0.032 / 83%, so an ignored override fails both bounds); still
     // short of the issue's 0.01 / 97%: the FP8 layers alone exceed it.
     assert!(d.mean_kl() < 0.025 && d.top1() >= 0.85, "{d:?}");
+}
+
+/// GPTQ on FP8 weights (act-order, calibrated on the bundled text, lm_head included) against RTN at the same
+/// layout, with and without the tied embedding/lm_head kept at bf16: GPTQ stores the same bytes and diverges
+/// clearly less. With the default options the calibration pass runs the default cap of tokens, which the
+/// bundled text fills.
+#[test]
+fn fp8_gptq_tiers_beat_rtn_at_the_same_bytes() {
+    const BF16_HEAD: &str = r#""layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]"#;
+    // (override, calibration tokens, max GPTQ/RTN KLD ratio). Measured on these prompts: see the printed
+    // figures and the README (both still above the issue's 0.01 on these three short prompts; the eval
+    // command's task-class prompts are the measure of the target).
+    for (overrides, tokens, max_ratio) in
+        [("", 2048, 0.75), (BF16_HEAD, LoadOptions::default().calibration_tokens, 0.8)]
+    {
+        let sep = if overrides.is_empty() { "" } else { "," };
+        let rtn = tier(&format!(r#"{{"name":"fp8-rtn","weights":{{"format":"fp8-e4m3"}}{sep}{overrides}}}"#));
+        let gptq = tier(&format!(
+            r#"{{"name":"fp8-gptq","weights":{{"format":"fp8-e4m3","method":"gptq"}}{sep}{overrides}}}"#
+        ));
+        let er = open(&rtn, &LoadOptions::default());
+        let eg = open(&gptq, &LoadOptions { calibration_tokens: tokens, ..LoadOptions::default() });
+        let report = eg.tier.as_ref().unwrap();
+        assert_eq!(report.calibration_tokens, tokens, "the bundled text fills the cap");
+        assert_eq!(report.weight_bytes, er.tier.as_ref().unwrap().weight_bytes, "GPTQ keeps RTN's layout");
+        assert_eq!(report.weight_bytes, planned_matrix_bytes(&eg, &gptq));
+        let (dr, dg) = (divergence(&er), divergence(&eg));
+        println!(
+            "fp8 {} ({tokens} calibration tokens): RTN mean KLD {:.5} top-1 {:.3}; GPTQ {:.5} / {:.3} (load {:.1} s)",
+            if overrides.is_empty() { "everywhere" } else { "with bf16 embedding/lm_head" },
+            dr.mean_kl(),
+            dr.top1(),
+            dg.mean_kl(),
+            dg.top1(),
+            report.quantize_seconds
+        );
+        assert!(dg.mean_kl() < max_ratio * dr.mean_kl(), "GPTQ {dg:?} vs RTN {dr:?}");
+        assert!(greedy_text(&eg, "The capital of France is", 2).starts_with(" Paris"));
+    }
 }

