@@ -392,13 +392,16 @@ fn kernels() -> Res<()> {
     let mut int4_g32_sym = Int4Config::symmetric(32)?;
     int4_g32_sym.scales = ScaleStorage::F16;
     let (f32_in, bf16_in, int8_in) = (ActivationQuant::F32, ActivationQuant::Bf16, ActivationQuant::Int8);
-    // The tiers' matrices ("-abf16": the input rounded to bf16, as weight-only tiers run their BF16 and INT4
-    // weights) and, for comparison, BF16 and INT4 weights with f32 inputs.
+    // The tiers' matrices ("-abf16": the input rounded to bf16, as weight-only tiers run them) and, for
+    // comparison, the same weights with f32 inputs.
+    let fp8 = WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow };
     let formats = [
         ("bf16-af32", WeightFormat::Bf16, f32_in),
         ("bf16-abf16", WeightFormat::Bf16, bf16_in),
-        ("fp8", WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }, f32_in),
-        ("int8", WeightFormat::Int8, f32_in),
+        ("fp8-af32", fp8, f32_in),
+        ("fp8-abf16", fp8, bf16_in),
+        ("int8-af32", WeightFormat::Int8, f32_in),
+        ("int8-abf16", WeightFormat::Int8, bf16_in),
         ("int8-a8", WeightFormat::Int8, int8_in),
         ("int4-g128-af32", WeightFormat::Int4(int4), f32_in),
         ("int4-g128-abf16", WeightFormat::Int4(int4), bf16_in),

@@ -93,6 +93,10 @@ pub enum PackedLayout {
     /// `cols % 32 == 0`). Row group `R` and column pair `p` (columns `2 p`, `2 p + 1`) take the 64 bytes at
     /// `64 (R * cols / 2 + p)`: bytes `4 i .. 4 i + 4` are row `16 R + i`'s two values, column `2 p` first.
     Bf16Rows16,
+    /// INT8 or FP8 E4M3 with bf16 activations, for the same kernels: [`Self::Bf16Rows16`] with one byte per
+    /// value. Row group `R` and column pair `p` take the 32 bytes at `32 (R * cols / 2 + p)`: bytes `2 i`,
+    /// `2 i + 1` are row `16 R + i`'s two codes, column `2 p` first. The row scales keep their order.
+    Byte8Rows16,
 }
 
 /// Input features per INT8 activation block.
@@ -310,6 +314,9 @@ impl PackedMatrix {
         let rows16_weights = match self.layout {
             PackedLayout::Int4Rows16 => Some(("INT4", matches!(self.format, PackedFormat::Int4 { .. }))),
             PackedLayout::Bf16Rows16 => Some(("BF16", self.format == PackedFormat::Bf16)),
+            PackedLayout::Byte8Rows16 => {
+                Some(("INT8 or FP8", matches!(self.format, PackedFormat::Int8 | PackedFormat::Fp8E4m3)))
+            }
             _ => None,
         };
         if let Some((weights, format_fits)) = rows16_weights
@@ -384,7 +391,7 @@ impl PackedMatrix {
                 let byte = 64 * (rg * self.cols / 8 + k) + 4 * i + bit / 8;
                 (byte, bit % 8 == 4, 16 * (rg * gpr + c / group) + i)
             }
-            PackedLayout::Bf16Rows16 => unreachable!("a BF16 layout (validate)"),
+            PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16 => unreachable!("not an INT4 layout (validate)"),
         }
     }
 
@@ -427,10 +434,11 @@ impl PackedMatrix {
         Ok(out)
     }
 
-    /// This INT4 or BF16 matrix with bf16 activations in [`PackedLayout::Int4Rows16`] or
-    /// [`PackedLayout::Bf16Rows16`] (the same values re-ordered); an error when it does not fit that layout.
+    /// This INT4, BF16, INT8 or FP8 matrix with bf16 activations in [`PackedLayout::Int4Rows16`],
+    /// [`PackedLayout::Bf16Rows16`] or [`PackedLayout::Byte8Rows16`] (the same values re-ordered); an error
+    /// when it does not fit that layout.
     pub fn interleave_rows16(mut self) -> Result<Self> {
-        if matches!(self.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16) {
+        if matches!(self.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16) {
             return Ok(self);
         }
         if self.layout != PackedLayout::Rows {
@@ -438,7 +446,8 @@ impl PackedMatrix {
         }
         let layout = match self.format {
             PackedFormat::Bf16 => PackedLayout::Bf16Rows16,
-            _ => PackedLayout::Int4Rows16,
+            PackedFormat::Int8 | PackedFormat::Fp8E4m3 => PackedLayout::Byte8Rows16,
+            PackedFormat::Int4 { .. } => PackedLayout::Int4Rows16,
         };
         self.layout = layout;
         self.validate()?;
@@ -446,13 +455,15 @@ impl PackedMatrix {
         // so only a group's worth of scratch is needed, never a second copy of the matrix.
         let rb = self.row_bytes();
         let mut rows = vec![0u8; 16 * rb];
+        let pair_element_bytes = self.pair_element_bytes();
         for dst in self.data.chunks_exact_mut(16 * rb) {
             rows.copy_from_slice(dst);
-            if layout == PackedLayout::Bf16Rows16 {
-                // Pair p of row i: bytes 4 p .. 4 p + 4 of the row, to lane i of pair p's 64 bytes.
-                for (p, pair) in dst.chunks_exact_mut(64).enumerate() {
-                    for (i, lane) in pair.chunks_exact_mut(4).enumerate() {
-                        lane.copy_from_slice(&rows[i * rb + 4 * p..i * rb + 4 * p + 4]);
+            if let Some(es) = pair_element_bytes {
+                // Pair p of row i: the row's bytes of columns 2 p, 2 p + 1, to lane i of pair p's 16 lanes.
+                let lane = 2 * es;
+                for (p, pair) in dst.chunks_exact_mut(16 * lane).enumerate() {
+                    for (i, l) in pair.chunks_exact_mut(lane).enumerate() {
+                        l.copy_from_slice(&rows[i * rb + lane * p..i * rb + lane * (p + 1)]);
                     }
                 }
                 continue;
@@ -475,11 +486,24 @@ impl PackedMatrix {
         Ok(self)
     }
 
-    /// The byte of BF16 element (row `r`, column `c`) in this matrix's layout.
-    fn bf16_position(&self, r: usize, c: usize) -> usize {
+    /// Bytes per value of the column-pair layouts ([`PackedLayout::Bf16Rows16`], [`PackedLayout::Byte8Rows16`]);
+    /// `None` for the others.
+    fn pair_element_bytes(&self) -> Option<usize> {
         match self.layout {
-            PackedLayout::Bf16Rows16 => 64 * ((r / 16) * self.cols / 2 + c / 2) + 4 * (r % 16) + 2 * (c % 2),
-            _ => r * self.row_bytes() + 2 * c,
+            PackedLayout::Bf16Rows16 => Some(2),
+            PackedLayout::Byte8Rows16 => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The first byte of BF16, INT8 or FP8 element (row `r`, column `c`) in this matrix's layout.
+    fn element_position(&self, r: usize, c: usize) -> usize {
+        let es = if self.format == PackedFormat::Bf16 { 2 } else { 1 };
+        match self.layout {
+            PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16 => {
+                es * (32 * ((r / 16) * self.cols / 2 + c / 2) + 2 * (r % 16) + c % 2)
+            }
+            _ => r * self.row_bytes() + es * c,
         }
     }
 
@@ -489,12 +513,12 @@ impl PackedMatrix {
         if self.layout == PackedLayout::Rows {
             return Ok(self);
         }
-        if self.format == PackedFormat::Bf16 {
+        if let Some(es) = self.pair_element_bytes() {
             let mut data = vec![0; self.data.len()];
             for (r, row) in data.chunks_exact_mut(self.row_bytes()).enumerate() {
-                for (c, v) in row.chunks_exact_mut(2).enumerate() {
-                    let at = self.bf16_position(r, c);
-                    v.copy_from_slice(&self.data[at..at + 2]);
+                for (c, v) in row.chunks_exact_mut(es).enumerate() {
+                    let at = self.element_position(r, c);
+                    v.copy_from_slice(&self.data[at..at + es]);
                 }
             }
             let out =
@@ -502,7 +526,7 @@ impl PackedMatrix {
             out.validate()?;
             return Ok(out);
         }
-        let PackedFormat::Int4 { group, .. } = self.format else { unreachable!("only INT4 is interleaved") };
+        let PackedFormat::Int4 { group, .. } = self.format else { unreachable!("INT4: the pair layouts returned") };
         let (rb, gpr) = (self.row_bytes(), self.groups_per_row());
         let mut out = PackedMatrix {
             data: vec![0; self.data.len()],
@@ -545,27 +569,16 @@ impl PackedMatrix {
             }
             return Ok(());
         }
-        if self.format == PackedFormat::Bf16 {
-            for (c, o) in out.iter_mut().enumerate() {
-                let at = self.bf16_position(r, c);
-                *o = half::bf16::from_bits(u16::from_le_bytes([self.data[at], self.data[at + 1]])).to_f32();
-            }
-            return Ok(());
-        }
-        let row = self.row_data(r);
-        match self.format {
-            PackedFormat::Bf16 => unreachable!("decoded above"),
-            PackedFormat::Fp8E4m3 => {
-                for (o, &c) in out.iter_mut().zip(row) {
-                    *o = Fp8Format::E4M3.decode(c) * self.row_scales[r];
+        for (c, o) in out.iter_mut().enumerate() {
+            let at = self.element_position(r, c);
+            *o = match self.format {
+                PackedFormat::Bf16 => {
+                    half::bf16::from_bits(u16::from_le_bytes([self.data[at], self.data[at + 1]])).to_f32()
                 }
-            }
-            PackedFormat::Int8 => {
-                for (o, &c) in out.iter_mut().zip(row) {
-                    *o = (c as i8) as f32 * self.row_scales[r];
-                }
-            }
-            PackedFormat::Int4 { .. } => unreachable!("decoded above"),
+                PackedFormat::Fp8E4m3 => Fp8Format::E4M3.decode(self.data[at]) * self.row_scales[r],
+                PackedFormat::Int8 => (self.data[at] as i8) as f32 * self.row_scales[r],
+                PackedFormat::Int4 { .. } => unreachable!("decoded above"),
+            };
         }
         Ok(())
     }
@@ -611,12 +624,12 @@ mod tests {
     use super::*;
     use quantfleet_quant::{Fp8Scaling, Int4Config, MatrixRef, WeightFormat, quantize_rtn};
 
-    /// The CPU's interleaved INT4 layout holds the same values: every row dequantizes as in the row layout
-    /// (the re-ordering loops and the reference's addressing are written independently), for symmetric and
-    /// asymmetric groups of 32-256, a group cut short at the row end included; matrices it does not fit are
-    /// refused with a clear error. SYNTHETIC weights.
+    /// The CPU's interleaved layouts hold the same values: every row dequantizes as in the row layout (the
+    /// re-ordering loops and the reference's addressing are written independently), for INT4 with symmetric
+    /// and asymmetric groups of 32-256 (a group cut short at the row end included) and for BF16, INT8 and FP8
+    /// in sixteen rows; matrices a layout does not fit are refused with a clear error. SYNTHETIC weights.
     #[test]
-    fn interleaved_int4_rows_hold_the_same_values() {
+    fn interleaved_layouts_hold_the_same_values() {
         for (group, symmetric, rows, cols) in
             [(32, true, 16, 64), (64, false, 48, 96), (128, true, 32, 320), (256, false, 16, 288)]
         {
@@ -634,10 +647,19 @@ mod tests {
             let bf16 = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Bf16).unwrap();
             let bf16 =
                 PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&bf16).unwrap() };
-            let interleaved = interleaved.into_iter().chain(
-                rows.is_multiple_of(16)
-                    .then(|| (bf16.clone(), bf16.interleave_rows16().unwrap(), PackedLayout::Bf16Rows16)),
-            );
+            let bytes8 =
+                [WeightFormat::Int8, WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }].map(
+                    |f| {
+                        let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
+                        PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&q).unwrap() }
+                    },
+                );
+            let sixteen = [(bf16, PackedLayout::Bf16Rows16)]
+                .into_iter()
+                .chain(bytes8.map(|m| (m, PackedLayout::Byte8Rows16)))
+                .filter(|_| rows.is_multiple_of(16))
+                .map(|(m, layout)| (m.clone(), m.interleave_rows16().unwrap(), layout));
+            let interleaved = interleaved.into_iter().chain(sixteen);
             for (m, i, layout) in interleaved {
                 assert_eq!((i.layout, i.storage_bytes()), (layout, m.storage_bytes()));
                 assert_ne!(i.data, m.data, "the bytes are re-ordered");

@@ -25,10 +25,11 @@
 //! and multiplies in integers, lm_head included when it is int8/int4 (as llama.cpp does; keep lm_head at bf16
 //! with an override to keep its input in f32, as vLLM's W8A8 schemes do). Matrices kept at bf16 by an override
 //! keep f32 inputs, and the embedding lookup is unaffected. FP8 activations are refused: the CPU has no FP8
-//! arithmetic to make them worth emulating. With `activations: bf16` (the default: weight-only tiers) the BF16
-//! and INT4 matrices round their input to bf16 (`ActivationQuant::Bf16`), which lets CPUs with AVX-512 BF16
-//! multiply them by bf16 dot products, as llama.cpp does for BF16 weights; INT8 and FP8 weights keep f32
-//! inputs. `fp16` activations keep f32 inputs too (at least the precision asked for).
+//! arithmetic to make them worth emulating. With `activations: bf16` (the default: weight-only tiers) every
+//! matrix rounds its input to bf16 (`ActivationQuant::Bf16`), which lets CPUs with AVX-512 BF16 multiply it by
+//! bf16 dot products (BF16 and INT4 weights as llama.cpp does for BF16; INT8 and FP8 weights are exact in
+//! bf16 too), as a GPU's W8A16/W4A16 kernels take bf16 activations. `fp16` activations keep f32 inputs (at
+//! least the precision asked for).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -349,12 +350,11 @@ fn needs_calibration(spec: &WeightSpec) -> bool {
 }
 
 /// A matrix of `tier` as it will run: INT8/INT4 weights of an `activations: int8` tier quantize their input at
-/// run time; BF16/INT4 weights of an `activations: bf16` tier round it to bf16 (INT8 and FP8 weights keep
-/// f32 inputs: their kernels take no bf16 products, so rounding would cost accuracy and save nothing).
+/// run time; every matrix of an `activations: bf16` tier rounds it to bf16.
 fn with_tier_activations(mut p: PackedMatrix, tier: &TierSpec) -> Result<PackedMatrix> {
     let activations = match (tier.activations, p.format) {
         (ActivationPrecision::Int8, PackedFormat::Int8 | PackedFormat::Int4 { .. }) => ActivationQuant::Int8,
-        (ActivationPrecision::Bf16, PackedFormat::Bf16 | PackedFormat::Int4 { .. }) => ActivationQuant::Bf16,
+        (ActivationPrecision::Bf16, _) => ActivationQuant::Bf16,
         _ => return Ok(p),
     };
     p.activations = activations;

@@ -116,12 +116,14 @@ fn packed_tiers<D: Device>(backend: impl Fn() -> GpuBackend<D>) {
     let path = common::smollm2_path();
     let cases = [
         // FP8 weights with an FP8 KV cache: both sides quantize K/V per (token, head), the GPU from f16 keys and
-        // values, the CPU from f32 ones, so codes near a rounding boundary differ. Budget: what an FP8 KV cache
-        // adds over f16 on the CPU (tiers_real.rs: < 0.005); measured 0.0027 mean KLD, top-1 18/19.
+        // values, the CPU from f32 ones, so codes near a rounding boundary differ; the CPU also rounds the FP8
+        // products' inputs to bf16 (the tier's `activations: bf16`), the GPU to f16. Budget: what an FP8 KV
+        // cache adds over f16 on the CPU (tiers_real.rs: < 0.005); measured 0.0029 mean KLD, top-1 17/19
+        // (0.0027 and 18/19 with f32 inputs on the CPU).
         (
             r#"{"name":"fp8","weights":{"format":"fp8-e4m3","scaling":"per-channel"},"kvCache":{"dtype":"fp8-e4m3"}}"#,
             5e-3,
-            0.9,
+            0.85,
         ),
         // INT4 g64 asymmetric layers, INT8 embeddings (a packed embedding, gathered from its f16 copy and
         // used as the tied LM head in its packed form), BF16 first layer (the 16-bit weight GEMV).

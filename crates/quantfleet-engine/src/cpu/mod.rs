@@ -184,19 +184,17 @@ impl Backend for CpuBackend {
         Ok(CpuMatrix::Gguf { view, file: Arc::clone(store) })
     }
 
-    /// INT4 and BF16 matrices are re-ordered into interleaved rows where a kernel reads them so: INT4 with
-    /// INT8 activations in groups of eight rows for the x86 integer kernels (`PackedLayout::Int4Rows8`, rows
-    /// a multiple of 8); INT4 and BF16 with bf16 activations, on a CPU with AVX-512 BF16, in groups of sixteen
-    /// for its bf16 dot products (`PackedLayout::Int4Rows16` / `Bf16Rows16`, rows a multiple of 16, columns
+    /// Matrices are re-ordered into interleaved rows where a kernel reads them so: INT4 with INT8 activations
+    /// in groups of eight rows for the x86 integer kernels (`PackedLayout::Int4Rows8`, rows a multiple of 8);
+    /// every format with bf16 activations, on a CPU with AVX-512 BF16, in groups of sixteen for its bf16 dot
+    /// products (`PackedLayout::Int4Rows16` / `Bf16Rows16` / `Byte8Rows16`, rows a multiple of 16, columns
     /// of 32).
     fn upload_packed(&self, m: PackedMatrix) -> Result<CpuMatrix> {
         m.validate()?;
-        if !matches!(m.format, PackedFormat::Int4 { .. } | PackedFormat::Bf16) {
-            return Ok(CpuMatrix::Packed(m));
-        }
         let x86 = matches!(self.level, SimdLevel::Avx2Fma | SimdLevel::Avx512);
+        let int4 = matches!(m.format, PackedFormat::Int4 { .. });
         let m = match m.activations {
-            ActivationQuant::Int8 if x86 && m.rows.is_multiple_of(8) => m.interleave_rows8()?,
+            ActivationQuant::Int8 if int4 && x86 && m.rows.is_multiple_of(8) => m.interleave_rows8()?,
             ActivationQuant::Bf16
                 if self.level == SimdLevel::Avx512
                     && bf16_dot_products()

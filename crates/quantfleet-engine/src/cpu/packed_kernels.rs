@@ -30,13 +30,15 @@
 //! one vector, so each block costs one scale multiply for eight rows and no row pays a horizontal sum. On
 //! SmolLM2's shapes it ran the products 2.2-2.8x faster than the row kernels (`tier_bench --kernels`).
 //!
-//! BF16 activations (weight-only tiers' BF16 and INT4 matrices, [`ActivationQuant::Bf16`]): `prepare` rounds
-//! the input to bf16 on every level. With AVX-512 BF16 (`x86_bf16`, [`bf16_dot`]) BF16 weights are multiplied
-//! as stored and INT4 weights, interleaved by sixteen rows at load (`PackedLayout::Int4Rows16`), become bf16
-//! in registers, both by `vdpbf16ps`; any number of tokens runs through them, 8 per pass over each task's
-//! rows. Elsewhere the f32 kernels below multiply the rounded input. On SmolLM2's shapes the INT4 products
-//! ran about 3x faster than the f32 kernels, the BF16 ones 2x at one token and 3x at eight
-//! (`tier_bench --kernels`).
+//! BF16 activations (weight-only tiers, [`ActivationQuant::Bf16`]): `prepare` rounds the input to bf16 on
+//! every level. With AVX-512 BF16 (`x86_bf16`, [`bf16_dot`]) every format is interleaved by sixteen rows at
+//! load (`PackedLayout::Bf16Rows16` / `Byte8Rows16` / `Int4Rows16`): BF16 weights are multiplied as stored,
+//! INT8, FP8 and INT4 weights become bf16 in registers, all by `vdpbf16ps`; any number of tokens runs
+//! through them, 8 per pass over each task's rows. Elsewhere the f32 kernels below multiply the rounded
+//! input. On SmolLM2's shapes, against the f32 kernels (`tier_bench --kernels`): INT4 about 3x faster; BF16
+//! 2x at one token and 3x at eight; FP8 1.5x at one token and 2.4x at eight; INT8 3x at eight, and at one
+//! token 0.9x on the layer matrices (its conversion through f32 costs as much as the f32 product) and 1.4x
+//! on the 49152-row lm_head.
 //!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
 //! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
@@ -72,8 +74,8 @@ pub(crate) struct Prepared {
     xb: Vec<u16>,
 }
 
-/// Whether `m`'s products run on the AVX-512 BF16 kernels at `level` (`x86_bf16`): BF16 or INT4 weights
-/// interleaved for them (`PackedLayout::Bf16Rows16` / `Int4Rows16`, which the CPU backend builds at load
+/// Whether `m`'s products run on the AVX-512 BF16 kernels at `level` (`x86_bf16`): weights interleaved for
+/// them (`PackedLayout::Bf16Rows16` / `Byte8Rows16` / `Int4Rows16`, which the CPU backend builds at load
 /// where this CPU has AVX-512 BF16), with bf16 activations. Other matrices with bf16 activations multiply the
 /// rounded input in f32.
 fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
@@ -84,7 +86,9 @@ fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
             && m.activations == ActivationQuant::Bf16
             && matches!(
                 (m.format, m.layout),
-                (PackedFormat::Bf16, PackedLayout::Bf16Rows16) | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
+                (PackedFormat::Bf16, PackedLayout::Bf16Rows16)
+                    | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
+                    | (PackedFormat::Int8 | PackedFormat::Fp8E4m3, PackedLayout::Byte8Rows16)
             )
             && x86_bf16::has_avx512bf16()
     }
@@ -105,6 +109,12 @@ fn bf16_input(m: &PackedMatrix, xs: &[f32]) -> (Vec<u16>, Vec<f32>) {
         _ => Vec::new(),
     };
     (bits, gsum)
+}
+
+/// The interleaved INT8 or FP8 matrix `m` for the `x86_bf16` kernels.
+#[cfg(target_arch = "x86_64")]
+fn b8_rows16(m: &PackedMatrix) -> x86_bf16::B8Rows16<'_> {
+    x86_bf16::B8Rows16 { bytes: &m.data, scales: &m.row_scales, rows: m.rows, cols: m.cols }
 }
 
 /// The interleaved INT4 matrix `m` for the `x86_bf16` kernels.
@@ -385,7 +395,7 @@ fn dot_int4(
 /// Rows `r0 .. r0 + out.len()` of `m` times the prepared input.
 #[inline(always)]
 fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32: impl Fn(f16) -> f32) {
-    if matches!(m.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16) {
+    if matches!(m.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16) {
         // Interleaved for the AVX-512 BF16 kernels but run where they are not (a test's other levels).
         return rows_reference(m, &p.x, r0, out);
     }
@@ -502,10 +512,11 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
 fn rows_bf16(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     // Sixteen-row groups: the task's rows are whole groups (rows % 16 == 0, ROWS_PER_TASK % 16 == 0).
     let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
-    if m.format == PackedFormat::Bf16 {
-        x86_bf16::bf16x16_rows::<1>((&m.data, m.rows, m.cols), [&p.xb], (r0, out.len), out);
-    } else {
-        x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out);
+    match m.format {
+        PackedFormat::Bf16 => x86_bf16::bf16x16_rows::<1>((&m.data, m.rows, m.cols), [&p.xb], (r0, out.len), out),
+        PackedFormat::Int8 => x86_bf16::b8x16_rows::<1, false>(b8_rows16(m), [&p.xb], (r0, out.len), out),
+        PackedFormat::Fp8E4m3 => x86_bf16::b8x16_rows::<1, true>(b8_rows16(m), [&p.xb], (r0, out.len), out),
+        PackedFormat::Int4 { .. } => x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out),
     }
 }
 
@@ -896,11 +907,14 @@ fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
                     let xb: [&[u16]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].0[..]);
                     // SAFETY: `bf16_dot` found AVX-512 BF16; tasks write disjoint row ranges of `out`.
                     unsafe {
-                        if m.format == PackedFormat::Bf16 {
-                            x86_bf16::bf16x16_rows::<$nt>((&m.data, rows, cols), xb, (r0, nr), o)
-                        } else {
-                            let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
-                            x86_bf16::i4x16_rows::<$nt>(i4_rows16(m), xb, gsum, (r0, nr), o)
+                        match m.format {
+                            PackedFormat::Bf16 => x86_bf16::bf16x16_rows::<$nt>((&m.data, rows, cols), xb, (r0, nr), o),
+                            PackedFormat::Int8 => x86_bf16::b8x16_rows::<$nt, false>(b8_rows16(m), xb, (r0, nr), o),
+                            PackedFormat::Fp8E4m3 => x86_bf16::b8x16_rows::<$nt, true>(b8_rows16(m), xb, (r0, nr), o),
+                            PackedFormat::Int4 { .. } => {
+                                let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
+                                x86_bf16::i4x16_rows::<$nt>(i4_rows16(m), xb, gsum, (r0, nr), o)
+                            }
                         }
                     }
                 }};
@@ -1048,16 +1062,27 @@ mod tests {
 
     /// BF16 activations (weight-only tiers): every level, for one token, a batch step and a prefill, with and
     /// without input scales, against the scalar reference on the bf16-rounded input. On a CPU with AVX-512
-    /// BF16 the AVX-512 level runs the `x86_bf16` kernels: BF16 and INT4 weights (every group size) in the
-    /// sixteen-row layouts (`PackedLayout::Bf16Rows16` / `Int4Rows16`, also run at the other levels through
-    /// the reference); the row layout takes the f32 kernels on the rounded input. Bound: 2e-6 * sum|w x| plus f32 rounding of the INT4 kernels' offset sums,
+    /// BF16 the AVX-512 level runs the `x86_bf16` kernels: BF16, INT8, FP8 (per-row and per-tensor scales) and
+    /// INT4 weights (every group size) in the sixteen-row layouts (`PackedLayout::Bf16Rows16` / `Byte8Rows16`
+    /// / `Int4Rows16`, also run at the other levels through the reference); the row layout takes the f32
+    /// kernels on the rounded input. Bound: 2e-6 * sum|w x| plus f32 rounding of the INT4 kernels' offset sums,
     /// 2e-7 * sum 144 |s x|. Rounding the input moves outputs by ~1e-3 relative: the test also checks that it
     /// happened (a kernel fed the unrounded input fails the bound). SYNTHETIC weights.
     #[test]
     fn bf16_activation_kernels_match_the_reference_on_every_level() {
         let mut rng = Rng(0x0b0f_1600_1234_5678);
-        let formats =
-            [WeightFormat::Bf16, int4(128, false), int4(128, true), int4(256, false), int4(32, true), int4(64, false)];
+        let fp8 = |scaling| WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling };
+        let formats = [
+            WeightFormat::Bf16,
+            WeightFormat::Int8,
+            fp8(Fp8Scaling::PerRow),
+            fp8(Fp8Scaling::PerTensor),
+            int4(128, false),
+            int4(128, true),
+            int4(256, false),
+            int4(32, true),
+            int4(64, false),
+        ];
         #[cfg(target_arch = "x86_64")]
         let bf16_cpu = SimdLevel::Avx512.is_supported() && x86_bf16::has_avx512bf16();
         #[cfg(not(target_arch = "x86_64"))]
@@ -1080,6 +1105,7 @@ mod tests {
                             (m.format, m.layout),
                             (PackedFormat::Bf16, PackedLayout::Bf16Rows16)
                                 | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
+                                | (PackedFormat::Int8 | PackedFormat::Fp8E4m3, PackedLayout::Byte8Rows16)
                         );
                     let name = format!("{} {:?} {rows}x{cols}", m.format.name(), m.layout);
                     assert_eq!(bf16_dot(SimdLevel::Avx512, &m), bf16_cpu && fast, "{name}");

@@ -1,6 +1,6 @@
 //! AVX-512 BF16 kernels for the weight-only tiers whose products take bf16 inputs
-//! ([`ActivationQuant::Bf16`](crate::packed::ActivationQuant::Bf16)): BF16 and INT4 weights against the
-//! input rounded to bf16, multiplied by `vdpbf16ps` (32 products per instruction, summed in pairs into 16 f32
+//! ([`ActivationQuant::Bf16`](crate::packed::ActivationQuant::Bf16)): BF16, INT8, FP8 and INT4 weights
+//! against the input rounded to bf16, multiplied by `vdpbf16ps` (32 products per instruction, summed in pairs into 16 f32
 //! lanes). This is llama.cpp's arithmetic for BF16 weights (its BF16 dot product also rounds the input to
 //! bf16), and it halves the work of the f32 kernels, which widen every weight to f32 and multiply 16 at a
 //! time.
@@ -17,6 +17,13 @@
 //! inputs. The offset and the zero point come out per group through the group's input sum: the accumulators
 //! start at `-(128 + z) sum x` and the group ends with one multiply by its scale. Every product of `(128 + n)`
 //! (8 significant bits) and a bf16 input is exact in f32; the sums are f32.
+//!
+//! INT8 and FP8 E4M3 weights (`PackedLayout::Byte8Rows16`, the BF16 layout with one byte per value) become
+//! bf16 in registers, exactly: every INT8 code and every E4M3 value is a bf16 number. INT8 goes through f32
+//! (sign-extend, convert, and one `vcvtne2ps2bf16` for 32 codes); E4M3 by integer arithmetic on 16-bit lanes:
+//! a normal code's exponent and mantissa bits `em` (7 bits) become bf16 bits `(em << 4) + (120 << 7)` (the
+//! exponent re-biased from 7 to 127), the eight subnormal magnitudes come from a table by a masked permute,
+//! and the sign bit moves from bit 7 to bit 15. The row scale multiplies the 16 rows' sums at the end.
 //!
 //! `cpu::packed_kernels` checks these kernels against the scalar reference (`PackedMatrix::dot_reference`,
 //! which rounds the input to bf16 too).
@@ -217,5 +224,163 @@ pub(crate) fn i4x16_rows<const NT: usize>(
         1 => i4x16_body::<NT, 4>(m, xb, gsum, rows, out),
         2..=4 => i4x16_body::<NT, 2>(m, xb, gsum, rows, out),
         _ => i4x16_body::<NT, 1>(m, xb, gsum, rows, out),
+    }
+}
+
+/// An INT8 or FP8 E4M3 matrix in `PackedLayout::Byte8Rows16` (see `packed.rs`): the interleaved codes and
+/// the per-row scales (row order).
+#[derive(Clone, Copy)]
+pub(crate) struct B8Rows16<'a> {
+    pub bytes: &'a [u8],
+    pub scales: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// bf16 bits of the E4M3 subnormal magnitudes `k * 2^-9`, k = 0..7, in the first eight 16-bit lanes.
+const E4M3_SUBNORMAL_BF16: [u16; 32] = {
+    let mut t = [0u16; 32];
+    // k * 2^-9 = 2^(e - 127) * (1 + f / 128): k = 1 -> e = 118, f = 0; 2, 3 -> 119 (f = 0, 64); 4..7 -> 120.
+    let bits = [0x0000, 0x3b00, 0x3b80, 0x3bc0, 0x3c00, 0x3c20, 0x3c40, 0x3c60];
+    let mut k = 0;
+    while k < 8 {
+        t[k] = bits[k];
+        k += 1;
+    }
+    t
+};
+
+/// Column pair `p`'s 16 rows of INT8 codes (the 32 bytes at `p`) as bf16.
+///
+/// # Safety
+/// `p` has 32 readable bytes; the caller has AVX-512 F/BW/BF16.
+#[inline(always)]
+unsafe fn int8_pair_bh(p: *const u8) -> __m512bh {
+    // SAFETY: as documented. Rows 0..7's codes are the first 16 bytes, rows 8..15's the next 16;
+    // `cvtne2ps` puts its second operand in the low 16 lanes. |code| <= 128 is exact in bf16.
+    unsafe {
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i)));
+        _mm512_cvtne2ps_pbh(hi, lo)
+    }
+}
+
+/// Column pair `p`'s 16 rows of FP8 E4M3 codes (the 32 bytes at `p`) as bf16 (see the module docs). The NaN
+/// codes never reach a kernel (`PackedMatrix::validate` refuses them).
+///
+/// # Safety
+/// `p` has 32 readable bytes; the caller has AVX-512 F/BW.
+#[inline(always)]
+unsafe fn fp8_pair_bh(p: *const u8) -> __m512bh {
+    // SAFETY: as documented.
+    unsafe {
+        let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const __m256i));
+        let em = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
+        let normal = _mm512_add_epi16(_mm512_slli_epi16::<4>(em), _mm512_set1_epi16(120 << 7));
+        let table = _mm512_loadu_si512(E4M3_SUBNORMAL_BF16.as_ptr() as *const __m512i);
+        let subnormal = _mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(8));
+        let magnitude = _mm512_mask_permutexvar_epi16(normal, subnormal, em, table);
+        // magnitude | (code << 8 & 0x8000): truth table 0xF8 = a | (b & c).
+        let sign = _mm512_slli_epi16::<8>(w);
+        let bits = _mm512_ternarylogic_epi32::<0xF8>(magnitude, sign, _mm512_set1_epi16(0x8000u16 as i16));
+        std::mem::transmute::<__m512i, __m512bh>(bits)
+    }
+}
+
+/// Rows `r0 .. r0 + nr` (multiples of 16) of an INT8 (`FP8 = false`) or FP8 E4M3 (`FP8 = true`) matrix in
+/// `PackedLayout::Byte8Rows16` against `NT` tokens' bf16 inputs, as [`bf16x16_body`] does for BF16: each
+/// 32-byte load is a column pair of 16 rows, turned into bf16 once and multiplied into every token's
+/// accumulators; the sums are multiplied by the 16 rows' scales.
+#[inline(always)]
+fn b8x16_body<const NT: usize, const SPLIT: usize, const FP8: bool>(
+    m: B8Rows16<'_>,
+    xb: [&[u16]; NT],
+    (r0, nr): (usize, usize),
+    out: OutPtr,
+) {
+    assert!(
+        r0.is_multiple_of(16)
+            && nr.is_multiple_of(16)
+            && r0 + nr <= m.rows
+            && m.rows.is_multiple_of(16)
+            && m.cols.is_multiple_of(32)
+            && m.bytes.len() == m.rows * m.cols
+            && m.scales.len() == m.rows
+            && xb.iter().all(|x| x.len() == m.cols),
+        "8-bit rows16 shapes"
+    );
+    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are 16 * cols from
+    // 16 * cols * R, pair p's 32 at 32 p of them (p < cols / 2); its scales are the 16 from 16 R; input pairs
+    // are read at columns 2 p + 1 < cols; all checked above.
+    unsafe {
+        for rg in r0 / 16..(r0 + nr) / 16 {
+            let base = m.bytes.as_ptr().add(16 * m.cols * rg);
+            let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
+            for p0 in (0..m.cols / 2).step_by(SPLIT) {
+                for q in 0..SPLIT {
+                    let p = p0 + q;
+                    let w = if FP8 { fp8_pair_bh(base.add(32 * p)) } else { int8_pair_bh(base.add(32 * p)) };
+                    for (a, x) in acc.iter_mut().zip(xb) {
+                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * p)));
+                    }
+                }
+            }
+            let scale = _mm512_loadu_ps(m.scales.as_ptr().add(16 * rg));
+            for (t, a) in acc.iter().enumerate() {
+                let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
+                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), _mm512_mul_ps(sum, scale));
+            }
+        }
+    }
+}
+
+/// [`b8x16_body`] for one to eight tokens, with the accumulator split that suits the count.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub(crate) fn b8x16_rows<const NT: usize, const FP8: bool>(
+    m: B8Rows16<'_>,
+    xb: [&[u16]; NT],
+    rows: (usize, usize),
+    out: OutPtr,
+) {
+    match NT {
+        1 => b8x16_body::<NT, 4, FP8>(m, xb, rows, out),
+        2..=4 => b8x16_body::<NT, 2, FP8>(m, xb, rows, out),
+        _ => b8x16_body::<NT, 1, FP8>(m, xb, rows, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every E4M3 code but the two NaNs becomes the bf16 bits of its value (E4M3 values are all bf16
+    /// numbers, so exactly), and every INT8 code its value.
+    #[test]
+    fn eight_bit_codes_become_their_bf16_values() {
+        if !has_avx512bf16() {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        fn convert(codes: &[u8; 32], fp8: bool) -> [u16; 32] {
+            // SAFETY: 32 bytes; the features are enabled on this function and the CPU has them (checked).
+            unsafe {
+                let v = if fp8 { fp8_pair_bh(codes.as_ptr()) } else { int8_pair_bh(codes.as_ptr()) };
+                std::mem::transmute::<__m512bh, [u16; 32]>(v)
+            }
+        }
+        for chunk in 0..8u8 {
+            let codes: [u8; 32] = std::array::from_fn(|i| 32 * chunk + i as u8);
+            // SAFETY: the CPU has AVX-512 BF16 (checked above), which implies F/BW/VL here.
+            let (fp8, int8) = unsafe { (convert(&codes, true), convert(&codes, false)) };
+            for (i, &c) in codes.iter().enumerate() {
+                let v = quantfleet_quant::Fp8Format::E4M3.decode(c);
+                if !v.is_nan() {
+                    assert_eq!(fp8[i], half::bf16::from_f32(v).to_bits(), "E4M3 code {c:#04x} = {v}");
+                    assert_eq!(half::bf16::from_bits(fp8[i]).to_f32(), v);
+                }
+                assert_eq!(half::bf16::from_bits(int8[i]).to_f32(), c as i8 as f32, "INT8 code {c:#04x}");
+            }
+        }
     }
 }
