@@ -47,7 +47,7 @@ use quantfleet_quant::smoothquant::{ActivationFormat, SmoothQuantConfig, smoothq
 use quantfleet_quant::{Fp8Format, Fp8Scaling, Int4Config, MatrixRef, ScaleStorage, WeightFormat, quantize_rtn};
 use rayon::prelude::*;
 
-use crate::backend::{Backend, SeqSpan};
+use crate::backend::{Backend, KvLayout, SeqSpan};
 use crate::cpu::{CpuBackend, CpuMatrix, CpuTensor};
 use crate::dtype::dequantize_row_reference;
 use crate::error::{EngineError, Result};
@@ -504,7 +504,10 @@ fn calibrate_layers(
     let n = tokens.len();
     let be = model.backend.clone();
     let c = model.config.clone();
-    let layout = c.kv_layout(crate::kv_cache::DEFAULT_BLOCK_TOKENS);
+    // One layer's keys and values at a time: the pass finishes a layer before the next one starts, so every
+    // layer writes and reads layer 0 of a one-layer cache (an all-layer f32 cache of 8192 tokens would hold
+    // 360 MiB on SmolLM2 for nothing).
+    let layout = KvLayout { n_layers: 1, ..c.kv_layout(crate::kv_cache::DEFAULT_BLOCK_TOKENS) };
     let blocks: usize = windows.iter().map(|w| w.len().div_ceil(layout.block_tokens)).sum();
     let mut kv = KvCache::with_budget(&be, layout, blocks * layout.block_elems() * 4)?;
     let mut seqs: Vec<SeqKv> = windows.iter().map(|_| SeqKv::default()).collect();
@@ -541,8 +544,8 @@ fn calibrate_layers(
         be.matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &ws.h, &mut [&mut ws.q, &mut ws.k, &mut ws.v])?;
         be.rope(&mut ws.q, c.head_dim, &ws.rope)?;
         be.rope(&mut ws.k, c.head_dim, &ws.rope)?;
-        be.kv_write(&mut kv.storage, l, &ws.k, &ws.v, &spans)?;
-        be.attention(&ws.q, &kv.storage, l, &spans, &mut ws.attn)?;
+        be.kv_write(&mut kv.storage, 0, &ws.k, &ws.v, &spans)?;
+        be.attention(&ws.q, &kv.storage, 0, &spans, &mut ws.attn)?;
         requantize(model, &[3], &ws.attn)?;
         be.matmul(&model.layers[l].wo, &ws.attn, &mut ws.proj)?;
         be.add_assign(&mut ws.x, &ws.proj)?;
