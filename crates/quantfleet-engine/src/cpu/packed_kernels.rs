@@ -36,9 +36,9 @@
 //! INT8, FP8 and INT4 weights become bf16 in registers, all by `vdpbf16ps`; any number of tokens runs
 //! through them, 8 per pass over each task's rows. Elsewhere the f32 kernels below multiply the rounded
 //! input. On SmolLM2's shapes, against the f32 kernels (`tier_bench --kernels`): INT4 about 3x faster; BF16
-//! 2x at one token and 3x at eight; FP8 1.5x at one token and 2.4x at eight; INT8 3x at eight, and at one
-//! token 0.9x on the layer matrices (its conversion through f32 costs as much as the f32 product) and 1.4x
-//! on the 49152-row lm_head.
+//! 2x at one token and 3x at eight; FP8 1.2-1.5x at one token and 1.5-3.7x at eight; INT8 1.7-4.7x at
+//! eight, and at one token 0.86-1.18x on the layer matrices (its conversion through f32 costs about what
+//! the f32 product does) and 1.1x on the 49152-row lm_head.
 //!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
 //! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
@@ -55,7 +55,7 @@ use super::matmul::{ROWS_PER_TASK, SimdLevel, by_token_count, gemm_dequantized, 
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 #[cfg(target_arch = "x86_64")]
-use super::x86_bf16;
+use super::x86_bf16::{self, PAIRS_BF16, PAIRS_FP8, PAIRS_INT8, pairs16_rows};
 use crate::packed::{
     ACT_BLOCK, ActivationQuant, PackedFormat, PackedLayout, PackedMatrix, quantize_activation_block, round_to_bf16,
 };
@@ -111,10 +111,11 @@ fn bf16_input(m: &PackedMatrix, xs: &[f32]) -> (Vec<u16>, Vec<f32>) {
     (bits, gsum)
 }
 
-/// The interleaved INT8 or FP8 matrix `m` for the `x86_bf16` kernels.
+/// The BF16, INT8 or FP8 matrix `m` in a column-pair layout for the `x86_bf16` kernels.
 #[cfg(target_arch = "x86_64")]
-fn b8_rows16(m: &PackedMatrix) -> x86_bf16::B8Rows16<'_> {
-    x86_bf16::B8Rows16 { bytes: &m.data, scales: &m.row_scales, rows: m.rows, cols: m.cols }
+fn pair_rows16(m: &PackedMatrix) -> x86_bf16::PairRows16<'_> {
+    let scales = (m.format != PackedFormat::Bf16).then_some(&m.row_scales[..]);
+    x86_bf16::PairRows16 { bytes: &m.data, scales, rows: m.rows, cols: m.cols }
 }
 
 /// The interleaved INT4 matrix `m` for the `x86_bf16` kernels.
@@ -513,9 +514,9 @@ fn rows_bf16(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     // Sixteen-row groups: the task's rows are whole groups (rows % 16 == 0, ROWS_PER_TASK % 16 == 0).
     let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
     match m.format {
-        PackedFormat::Bf16 => x86_bf16::bf16x16_rows::<1>((&m.data, m.rows, m.cols), [&p.xb], (r0, out.len), out),
-        PackedFormat::Int8 => x86_bf16::b8x16_rows::<1, false>(b8_rows16(m), [&p.xb], (r0, out.len), out),
-        PackedFormat::Fp8E4m3 => x86_bf16::b8x16_rows::<1, true>(b8_rows16(m), [&p.xb], (r0, out.len), out),
+        PackedFormat::Bf16 => pairs16_rows::<1, PAIRS_BF16>(pair_rows16(m), [&p.xb], (r0, out.len), out),
+        PackedFormat::Int8 => pairs16_rows::<1, PAIRS_INT8>(pair_rows16(m), [&p.xb], (r0, out.len), out),
+        PackedFormat::Fp8E4m3 => pairs16_rows::<1, PAIRS_FP8>(pair_rows16(m), [&p.xb], (r0, out.len), out),
         PackedFormat::Int4 { .. } => x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out),
     }
 }
@@ -890,13 +891,13 @@ fn matmul_multi_x86(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usi
     });
 }
 
-/// Several tokens through the AVX-512 BF16 kernels (`x86_bf16::bf16x16_rows` / `i4x16_rows`, 8 tokens per
+/// Several tokens through the AVX-512 BF16 kernels (`x86_bf16::pairs16_rows` / `i4x16_rows`, 8 tokens per
 /// pass); the caller checked [`bf16_dot`].
 #[cfg(target_arch = "x86_64")]
 fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     let xs = effective_tokens(m, x);
     let inputs: Vec<(Vec<u16>, Vec<f32>)> = xs.par_chunks_exact(m.cols).map(|xt| bf16_input(m, xt)).collect();
-    let (rows, cols, inputs) = (m.rows, m.cols, &inputs);
+    let (rows, inputs) = (m.rows, &inputs);
     par_row_chunks(rows, out, |r0, nr, chunk_out| {
         for t0 in (0..n_tokens).step_by(8) {
             let nt = (n_tokens - t0).min(8);
@@ -908,9 +909,9 @@ fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
                     // SAFETY: `bf16_dot` found AVX-512 BF16; tasks write disjoint row ranges of `out`.
                     unsafe {
                         match m.format {
-                            PackedFormat::Bf16 => x86_bf16::bf16x16_rows::<$nt>((&m.data, rows, cols), xb, (r0, nr), o),
-                            PackedFormat::Int8 => x86_bf16::b8x16_rows::<$nt, false>(b8_rows16(m), xb, (r0, nr), o),
-                            PackedFormat::Fp8E4m3 => x86_bf16::b8x16_rows::<$nt, true>(b8_rows16(m), xb, (r0, nr), o),
+                            PackedFormat::Bf16 => pairs16_rows::<$nt, PAIRS_BF16>(pair_rows16(m), xb, (r0, nr), o),
+                            PackedFormat::Int8 => pairs16_rows::<$nt, PAIRS_INT8>(pair_rows16(m), xb, (r0, nr), o),
+                            PackedFormat::Fp8E4m3 => pairs16_rows::<$nt, PAIRS_FP8>(pair_rows16(m), xb, (r0, nr), o),
                             PackedFormat::Int4 { .. } => {
                                 let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
                                 x86_bf16::i4x16_rows::<$nt>(i4_rows16(m), xb, gsum, (r0, nr), o)

@@ -57,67 +57,15 @@ unsafe fn pair_bh(p: *const u16) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))) }
 }
 
-/// Rows `r0 .. r0 + nr` (multiples of 16) of a BF16 matrix in `PackedLayout::Bf16Rows16` (`data`, `rows` x
-/// `cols`) against `NT` tokens' bf16 inputs (`xb`, column order): each 64-byte load is a column pair of 16
-/// rows, multiplied into every token's accumulators against the token's broadcast input pair; each token
-/// keeps `SPLIT` accumulators (see [`i4x16_body`]). `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of
-/// token `t`.
+/// Whether rows `r0 .. r0 + nr` are whole groups of sixteen of a `rows` x `cols` matrix in a sixteen-row
+/// layout (which holds `rows % 16 == 0` and `cols % 32 == 0`).
 #[inline(always)]
-fn bf16x16_body<const NT: usize, const SPLIT: usize>(
-    (data, rows, cols): (&[u8], usize, usize),
-    xb: [&[u16]; NT],
-    (r0, nr): (usize, usize),
-    out: OutPtr,
-) {
-    assert!(
-        r0.is_multiple_of(16)
-            && nr.is_multiple_of(16)
-            && r0 + nr <= rows
-            && rows.is_multiple_of(16)
-            && cols.is_multiple_of(32)
-            && data.len() == 2 * rows * cols
-            && xb.iter().all(|x| x.len() == cols),
-        "bf16 rows16 shapes"
-    );
-    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are 32 * cols from
-    // 32 * cols * R, pair p's 64 at 64 p of them (p < cols / 2); input pairs are read at columns 2 p + 1 < cols;
-    // all checked above.
-    unsafe {
-        for rg in r0 / 16..(r0 + nr) / 16 {
-            let base = data.as_ptr().add(32 * cols * rg);
-            let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
-            // SPLIT consecutive pairs per step, one per accumulator (cols / 2 is a multiple of 16, so of SPLIT);
-            // constant indices keep the accumulators in registers.
-            for p0 in (0..cols / 2).step_by(SPLIT) {
-                for q in 0..SPLIT {
-                    let p = p0 + q;
-                    let w = load_bh(base.add(64 * p) as *const u16);
-                    for (a, x) in acc.iter_mut().zip(xb) {
-                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * p)));
-                    }
-                }
-            }
-            for (t, a) in acc.iter().enumerate() {
-                let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
-                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), sum);
-            }
-        }
-    }
-}
-
-/// [`bf16x16_body`] for one to eight tokens, with the accumulator split that suits the count.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) fn bf16x16_rows<const NT: usize>(
-    matrix: (&[u8], usize, usize),
-    xb: [&[u16]; NT],
-    rows: (usize, usize),
-    out: OutPtr,
-) {
-    match NT {
-        1 => bf16x16_body::<NT, 4>(matrix, xb, rows, out),
-        2..=4 => bf16x16_body::<NT, 2>(matrix, xb, rows, out),
-        _ => bf16x16_body::<NT, 1>(matrix, xb, rows, out),
-    }
+fn rows16_fit((r0, nr): (usize, usize), rows: usize, cols: usize) -> bool {
+    r0.is_multiple_of(16)
+        && nr.is_multiple_of(16)
+        && r0 + nr <= rows
+        && rows.is_multiple_of(16)
+        && cols.is_multiple_of(32)
 }
 
 /// An INT4 matrix in `PackedLayout::Int4Rows16` (see `packed.rs`): the interleaved bytes, and the scales and
@@ -146,11 +94,7 @@ fn i4x16_body<const NT: usize, const SPLIT: usize>(
 ) {
     let gpr = m.cols.div_ceil(m.group);
     assert!(
-        r0.is_multiple_of(16)
-            && nr.is_multiple_of(16)
-            && r0 + nr <= m.rows
-            && m.rows.is_multiple_of(16)
-            && m.cols.is_multiple_of(32)
+        rows16_fit((r0, nr), m.rows, m.cols)
             && m.group.is_multiple_of(8)
             && m.bytes.len() == m.rows * m.cols / 2
             && m.scales.len() == m.rows * gpr
@@ -227,16 +171,6 @@ pub(crate) fn i4x16_rows<const NT: usize>(
     }
 }
 
-/// An INT8 or FP8 E4M3 matrix in `PackedLayout::Byte8Rows16` (see `packed.rs`): the interleaved codes and
-/// the per-row scales (row order).
-#[derive(Clone, Copy)]
-pub(crate) struct B8Rows16<'a> {
-    pub bytes: &'a [u8],
-    pub scales: &'a [f32],
-    pub rows: usize,
-    pub cols: usize,
-}
-
 /// bf16 bits of the E4M3 subnormal magnitudes `k * 2^-9`, k = 0..7, in the first eight 16-bit lanes.
 const E4M3_SUBNORMAL_BF16: [u16; 32] = {
     let mut t = [0u16; 32];
@@ -287,65 +221,88 @@ unsafe fn fp8_pair_bh(p: *const u8) -> __m512bh {
     }
 }
 
-/// Rows `r0 .. r0 + nr` (multiples of 16) of an INT8 (`FP8 = false`) or FP8 E4M3 (`FP8 = true`) matrix in
-/// `PackedLayout::Byte8Rows16` against `NT` tokens' bf16 inputs, as [`bf16x16_body`] does for BF16: each
-/// 32-byte load is a column pair of 16 rows, turned into bf16 once and multiplied into every token's
-/// accumulators; the sums are multiplied by the 16 rows' scales.
+/// What a column-pair layout's values are (`PairRows16::kind`): the const parameter of [`pairs16_rows`].
+pub(crate) const PAIRS_BF16: u8 = 0;
+pub(crate) const PAIRS_INT8: u8 = 1;
+pub(crate) const PAIRS_FP8: u8 = 2;
+
+/// A matrix in a column-pair layout (see `packed.rs`): `PackedLayout::Bf16Rows16` (`PAIRS_BF16`, no scales)
+/// or `PackedLayout::Byte8Rows16` (`PAIRS_INT8` / `PAIRS_FP8`, with the per-row scales in row order).
+#[derive(Clone, Copy)]
+pub(crate) struct PairRows16<'a> {
+    pub bytes: &'a [u8],
+    pub scales: Option<&'a [f32]>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Rows `r0 .. r0 + nr` (multiples of 16) of a column-pair matrix of values `KIND` against `NT` tokens' bf16
+/// inputs (`xb`, column order): each load is a column pair of 16 rows (64 bytes of bf16, or 32 of INT8/FP8
+/// codes turned into bf16 once), multiplied into every token's accumulators against the token's broadcast
+/// input pair; each token keeps `SPLIT` accumulators (see [`i4x16_body`]); the sums are multiplied by the
+/// rows' scales when the format has them. `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of token `t`.
 #[inline(always)]
-fn b8x16_body<const NT: usize, const SPLIT: usize, const FP8: bool>(
-    m: B8Rows16<'_>,
+fn pairs16_body<const NT: usize, const SPLIT: usize, const KIND: u8>(
+    m: PairRows16<'_>,
     xb: [&[u16]; NT],
     (r0, nr): (usize, usize),
     out: OutPtr,
 ) {
+    let pair_bytes = if KIND == PAIRS_BF16 { 64 } else { 32 };
     assert!(
-        r0.is_multiple_of(16)
-            && nr.is_multiple_of(16)
-            && r0 + nr <= m.rows
-            && m.rows.is_multiple_of(16)
-            && m.cols.is_multiple_of(32)
-            && m.bytes.len() == m.rows * m.cols
-            && m.scales.len() == m.rows
+        rows16_fit((r0, nr), m.rows, m.cols)
+            && m.bytes.len() == pair_bytes * m.rows * m.cols / 32
+            && m.scales.is_some() == (KIND != PAIRS_BF16)
+            && m.scales.is_none_or(|s| s.len() == m.rows)
             && xb.iter().all(|x| x.len() == m.cols),
-        "8-bit rows16 shapes"
+        "column-pair rows16 shapes"
     );
-    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are 16 * cols from
-    // 16 * cols * R, pair p's 32 at 32 p of them (p < cols / 2); its scales are the 16 from 16 R; input pairs
-    // are read at columns 2 p + 1 < cols; all checked above.
+    // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are
+    // pair_bytes * cols / 2 from pair_bytes * cols / 2 * R, pair p's pair_bytes at pair_bytes * p of them
+    // (p < cols / 2); its scales are the 16 from 16 R; input pairs are read at columns 2 p + 1 < cols; all
+    // checked above.
     unsafe {
         for rg in r0 / 16..(r0 + nr) / 16 {
-            let base = m.bytes.as_ptr().add(16 * m.cols * rg);
+            let base = m.bytes.as_ptr().add(pair_bytes * m.cols / 2 * rg);
             let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
+            // SPLIT consecutive pairs per step, one per accumulator (cols / 2 is a multiple of 16, so of SPLIT);
+            // constant indices keep the accumulators in registers.
             for p0 in (0..m.cols / 2).step_by(SPLIT) {
                 for q in 0..SPLIT {
-                    let p = p0 + q;
-                    let w = if FP8 { fp8_pair_bh(base.add(32 * p)) } else { int8_pair_bh(base.add(32 * p)) };
+                    let at = base.add(pair_bytes * (p0 + q));
+                    let w = match KIND {
+                        PAIRS_BF16 => load_bh(at as *const u16),
+                        PAIRS_INT8 => int8_pair_bh(at),
+                        _ => fp8_pair_bh(at),
+                    };
                     for (a, x) in acc.iter_mut().zip(xb) {
-                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * p)));
+                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * (p0 + q))));
                     }
                 }
             }
-            let scale = _mm512_loadu_ps(m.scales.as_ptr().add(16 * rg));
             for (t, a) in acc.iter().enumerate() {
-                let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
-                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), _mm512_mul_ps(sum, scale));
+                let mut sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
+                if let Some(s) = m.scales {
+                    sum = _mm512_mul_ps(sum, _mm512_loadu_ps(s.as_ptr().add(16 * rg)));
+                }
+                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), sum);
             }
         }
     }
 }
 
-/// [`b8x16_body`] for one to eight tokens, with the accumulator split that suits the count.
+/// [`pairs16_body`] for one to eight tokens, with the accumulator split that suits the count.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) fn b8x16_rows<const NT: usize, const FP8: bool>(
-    m: B8Rows16<'_>,
+pub(crate) fn pairs16_rows<const NT: usize, const KIND: u8>(
+    m: PairRows16<'_>,
     xb: [&[u16]; NT],
     rows: (usize, usize),
     out: OutPtr,
 ) {
     match NT {
-        1 => b8x16_body::<NT, 4, FP8>(m, xb, rows, out),
-        2..=4 => b8x16_body::<NT, 2, FP8>(m, xb, rows, out),
-        _ => b8x16_body::<NT, 1, FP8>(m, xb, rows, out),
+        1 => pairs16_body::<NT, 4, KIND>(m, xb, rows, out),
+        2..=4 => pairs16_body::<NT, 2, KIND>(m, xb, rows, out),
+        _ => pairs16_body::<NT, 1, KIND>(m, xb, rows, out),
     }
 }
 
