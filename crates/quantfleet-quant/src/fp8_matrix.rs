@@ -41,12 +41,11 @@ pub fn calibrate_fp8_scale(format: Fp8Format, batches: &[MatrixRef<'_>]) -> Resu
     Ok(fp8_scale(format, batches.iter().map(|b| amax(b.data())).fold(0f32, f32::max)))
 }
 
-/// Quantize a matrix to FP8 with the given scaling.
-pub fn quantize_fp8(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> Result<Fp8Matrix> {
-    let (rows, cols) = (m.rows(), m.cols());
-    let scales = match scaling {
+/// The scales `scaling` gives matrix `m` (one, or one per row), as [`Fp8Matrix::scales`] holds them.
+pub fn fp8_scales(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> Result<Vec<f32>> {
+    Ok(match scaling {
         Fp8Scaling::PerTensor => vec![fp8_scale(format, amax(m.data()))],
-        Fp8Scaling::PerRow => (0..rows).map(|r| fp8_scale(format, amax(m.row(r)))).collect(),
+        Fp8Scaling::PerRow => (0..m.rows()).map(|r| fp8_scale(format, amax(m.row(r)))).collect(),
         Fp8Scaling::Static(s) => {
             if !(s.is_finite() && s > 0.0) {
                 return Err(QuantError::InvalidParameter {
@@ -56,7 +55,13 @@ pub fn quantize_fp8(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -
             }
             vec![s]
         }
-    };
+    })
+}
+
+/// Quantize a matrix to FP8 with the given scaling.
+pub fn quantize_fp8(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> Result<Fp8Matrix> {
+    let (rows, cols) = (m.rows(), m.cols());
+    let scales = fp8_scales(m, format, scaling)?;
     let mut codes = vec![0u8; rows * cols];
     for r in 0..rows {
         let s = scales[if scales.len() == 1 { 0 } else { r }];

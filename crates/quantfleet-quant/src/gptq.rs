@@ -8,7 +8,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::fp8::{Fp8Format, Saturation};
-use crate::fp8_matrix::{Fp8Matrix, Fp8Scaling, fp8_scale};
+use crate::fp8_matrix::{Fp8Matrix, fp8_scales};
 use crate::halfp::f16;
 use crate::int4::{GroupParams, Int4Config, Int4Matrix, Int4Scales, ScaleStorage, pack_nibbles};
 use crate::int8::{Int8Matrix, int8_scale};
@@ -276,20 +276,7 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
             Grid::Int4 { config: c, params, gpr, rounding }
         }
         WeightFormat::Int8 => Grid::Int8 { scales: (0..rows).map(|r| int8_scale(amax(w.row(r)))).collect() },
-        WeightFormat::Fp8 { format, scaling } => Grid::Fp8 {
-            format,
-            scales: match scaling {
-                Fp8Scaling::PerRow => (0..rows).map(|r| fp8_scale(format, amax(w.row(r)))).collect(),
-                Fp8Scaling::PerTensor => vec![fp8_scale(format, amax(w.data()))],
-                Fp8Scaling::Static(s) if s.is_finite() && s > 0.0 => vec![s],
-                Fp8Scaling::Static(s) => {
-                    return Err(QuantError::InvalidParameter {
-                        name: "static scale",
-                        reason: format!("{s} is not a positive finite number"),
-                    });
-                }
-            },
-        },
+        WeightFormat::Fp8 { format, scaling } => Grid::Fp8 { format, scales: fp8_scales(w, format, scaling)? },
         _ => {
             return Err(QuantError::InvalidParameter {
                 name: "format",
