@@ -99,6 +99,13 @@ pub enum PackedLayout {
     Byte8Rows16,
 }
 
+impl PackedLayout {
+    /// The sixteen-row layouts of the AVX-512 BF16 kernels.
+    pub fn is_rows16(self) -> bool {
+        matches!(self, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16)
+    }
+}
+
 /// Input features per INT8 activation block.
 pub const ACT_BLOCK: usize = 32;
 
@@ -438,7 +445,7 @@ impl PackedMatrix {
     /// [`PackedLayout::Bf16Rows16`] or [`PackedLayout::Byte8Rows16`] (the same values re-ordered); an error
     /// when it does not fit that layout.
     pub fn interleave_rows16(mut self) -> Result<Self> {
-        if matches!(self.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16) {
+        if self.layout.is_rows16() {
             return Ok(self);
         }
         if self.layout != PackedLayout::Rows {
@@ -498,12 +505,9 @@ impl PackedMatrix {
 
     /// The first byte of BF16, INT8 or FP8 element (row `r`, column `c`) in this matrix's layout.
     fn element_position(&self, r: usize, c: usize) -> usize {
-        let es = if self.format == PackedFormat::Bf16 { 2 } else { 1 };
-        match self.layout {
-            PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16 => {
-                es * (32 * ((r / 16) * self.cols / 2 + c / 2) + 2 * (r % 16) + c % 2)
-            }
-            _ => r * self.row_bytes() + es * c,
+        match self.pair_element_bytes() {
+            Some(es) => es * (32 * ((r / 16) * self.cols / 2 + c / 2) + 2 * (r % 16) + c % 2),
+            None => r * self.row_bytes() + c * if self.format == PackedFormat::Bf16 { 2 } else { 1 },
         }
     }
 

@@ -565,7 +565,7 @@ fn calibrate_layers(
     }
     let head_input = if keep_head_input {
         be.rms_norm(&ws.x, &model.output_norm, c.rms_eps, &mut ws.h)?;
-        Some(ws.h.clone())
+        Some(std::mem::take(&mut ws.h))
     } else {
         None
     };

@@ -396,7 +396,7 @@ fn dot_int4(
 /// Rows `r0 .. r0 + out.len()` of `m` times the prepared input.
 #[inline(always)]
 fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32: impl Fn(f16) -> f32) {
-    if matches!(m.layout, PackedLayout::Int4Rows16 | PackedLayout::Bf16Rows16 | PackedLayout::Byte8Rows16) {
+    if m.layout.is_rows16() {
         // Interleaved for the AVX-512 BF16 kernels but run where they are not (a test's other levels).
         return rows_reference(m, &p.x, r0, out);
     }
@@ -513,11 +513,25 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
 fn rows_bf16(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     // Sixteen-row groups: the task's rows are whole groups (rows % 16 == 0, ROWS_PER_TASK % 16 == 0).
     let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
+    bf16_kernel(m, [&p.xb], [&p.gsum], (r0, out.len), out)
+}
+
+/// Rows `r0 .. r0 + nr` of `m` for `NT` tokens' bf16 inputs (and INT4's group sums) through the `x86_bf16`
+/// kernel of `m`'s format ([`bf16_dot`] holds for `m`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
+fn bf16_kernel<const NT: usize>(
+    m: &PackedMatrix,
+    xb: [&[u16]; NT],
+    gsum: [&[f32]; NT],
+    rows: (usize, usize),
+    out: OutPtr,
+) {
     match m.format {
-        PackedFormat::Bf16 => pairs16_rows::<1, PAIRS_BF16>(pair_rows16(m), [&p.xb], (r0, out.len), out),
-        PackedFormat::Int8 => pairs16_rows::<1, PAIRS_INT8>(pair_rows16(m), [&p.xb], (r0, out.len), out),
-        PackedFormat::Fp8E4m3 => pairs16_rows::<1, PAIRS_FP8>(pair_rows16(m), [&p.xb], (r0, out.len), out),
-        PackedFormat::Int4 { .. } => x86_bf16::i4x16_rows::<1>(i4_rows16(m), [&p.xb], [&p.gsum], (r0, out.len), out),
+        PackedFormat::Bf16 => pairs16_rows::<NT, PAIRS_BF16>(pair_rows16(m), xb, rows, out),
+        PackedFormat::Int8 => pairs16_rows::<NT, PAIRS_INT8>(pair_rows16(m), xb, rows, out),
+        PackedFormat::Fp8E4m3 => pairs16_rows::<NT, PAIRS_FP8>(pair_rows16(m), xb, rows, out),
+        PackedFormat::Int4 { .. } => x86_bf16::i4x16_rows::<NT>(i4_rows16(m), xb, gsum, rows, out),
     }
 }
 
@@ -906,18 +920,9 @@ fn matmul_multi_bf16(m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f3
             macro_rules! run {
                 ($nt:literal) => {{
                     let xb: [&[u16]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].0[..]);
+                    let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
                     // SAFETY: `bf16_dot` found AVX-512 BF16; tasks write disjoint row ranges of `out`.
-                    unsafe {
-                        match m.format {
-                            PackedFormat::Bf16 => pairs16_rows::<$nt, PAIRS_BF16>(pair_rows16(m), xb, (r0, nr), o),
-                            PackedFormat::Int8 => pairs16_rows::<$nt, PAIRS_INT8>(pair_rows16(m), xb, (r0, nr), o),
-                            PackedFormat::Fp8E4m3 => pairs16_rows::<$nt, PAIRS_FP8>(pair_rows16(m), xb, (r0, nr), o),
-                            PackedFormat::Int4 { .. } => {
-                                let gsum: [&[f32]; $nt] = std::array::from_fn(|t| &inputs[t0 + t].1[..]);
-                                x86_bf16::i4x16_rows::<$nt>(i4_rows16(m), xb, gsum, (r0, nr), o)
-                            }
-                        }
-                    }
+                    unsafe { bf16_kernel::<$nt>(m, xb, gsum, (r0, nr), o) }
                 }};
             }
             by_token_count!(nt, run)
