@@ -33,6 +33,8 @@ pub mod policy {
 pub mod reason {
     pub const ALL_TIERS_FIT: &str = "AllTiersFit";
     pub const TIER_DOES_NOT_FIT: &str = "TierDoesNotFit";
+    /// A tier's `calibration.dataset` names a ConfigMap that is missing, lacks key `calibration.txt`, or is empty.
+    pub const CALIBRATION_DATA_MISSING: &str = "CalibrationDataMissing";
     pub const UNSUPPORTED_PRECISION: &str = "UnsupportedPrecision";
     pub const UNKNOWN_ACCELERATOR: &str = "UnknownAccelerator";
     pub const INVALID_SPEC: &str = "InvalidSpec";

@@ -187,6 +187,22 @@ fn default_replicas() -> i32 {
     1
 }
 
+impl TierSpec {
+    /// Whether loading the tier runs a calibration pass: some part of it (the tier's weights or a layer
+    /// override) uses AWQ, GPTQ or SmoothQuant.
+    pub fn needs_calibration(&self) -> bool {
+        std::iter::once(&self.weights)
+            .chain(self.layer_overrides.iter().map(|o| &o.weights))
+            .any(|w| w.method.needs_calibration())
+    }
+
+    /// The ConfigMap holding the tier's calibration text when `calibration.dataset` is `configmap/NAME` and the
+    /// tier calibrates at all (a tier that only rounds to nearest never reads it).
+    pub fn calibration_config_map(&self) -> Option<&str> {
+        self.calibration.as_ref().and_then(CalibrationSpec::config_map).filter(|_| self.needs_calibration())
+    }
+}
+
 /// How the weights of a tier (or of an overridden part of it) are quantized.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
@@ -338,7 +354,11 @@ pub struct LayerOverride {
 #[serde(rename_all = "camelCase")]
 pub struct CalibrationSpec {
     /// `builtin` (text bundled with the node: chat, code, math and JSON samples) or `configmap/NAME` for a
-    /// ConfigMap in the model's namespace whose key `calibration.txt` holds the text.
+    /// ConfigMap in the model's namespace whose key `calibration.txt` holds the text. The operator mounts that
+    /// ConfigMap in the tier's pods and rolls them when the text changes (seen at its next resync, within
+    /// 5 minutes); until it exists with a non-empty
+    /// `calibration.txt` the tier is not applied (Ready=False, reason CalibrationDataMissing). Read only by
+    /// tiers that use awq, gptq or smoothquant.
     #[serde(default = "default_dataset")]
     #[schemars(length(max = 270))]
     pub dataset: String,
@@ -350,6 +370,13 @@ pub struct CalibrationSpec {
     #[serde(default = "default_sequence_length")]
     #[schemars(range(min = 16, max = 8192))]
     pub sequence_length: i32,
+}
+
+impl CalibrationSpec {
+    /// NAME of a `configmap/NAME` dataset; None for `builtin`.
+    pub fn config_map(&self) -> Option<&str> {
+        self.dataset.strip_prefix("configmap/")
+    }
 }
 
 impl Default for CalibrationSpec {

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 pub const NODE_CONFIG_KEY: &str = "node.yaml";
 /// Directory the tier ConfigMap is mounted at in node pods.
 pub const NODE_CONFIG_DIR: &str = "/etc/quantfleet";
+/// ConfigMap key holding a tier's calibration text (`calibration.dataset: configmap/NAME`).
+pub const CALIBRATION_KEY: &str = "calibration.txt";
+/// Directory a tier's calibration ConfigMap is mounted at in node pods (beside, not under, [`NODE_CONFIG_DIR`]:
+/// a mount inside another ConfigMap volume would need a directory the kubelet cannot create there).
+pub const CALIBRATION_DIR: &str = "/etc/quantfleet-calibration";
 /// gRPC port of the inference service (Generate, Score, ModelInfo, grpc.health.v1).
 pub const NODE_GRPC_PORT: u16 = 50051;
 /// HTTP port of the node's Prometheus metrics.
@@ -40,4 +45,8 @@ pub struct NodeConfig {
     /// KV-cache budget in bytes, from the fit planner; None lets the node size it from free memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_budget_bytes: Option<u64>,
+    /// Path of the tier's calibration text in the pod, when `tier.calibration.dataset` names a ConfigMap (the
+    /// operator mounts its key [`CALIBRATION_KEY`] there). None: the node's built-in text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_file: Option<String>,
 }

@@ -37,6 +37,10 @@ pub struct NodeArgs {
     /// KV-cache dtype of a tier given by flags: fp16, bf16, fp8-e4m3, int8, int4.
     #[arg(long, requires = "tier")]
     pub kv_cache_dtype: Option<String>,
+    /// Calibration text for a tier that uses AWQ, GPTQ or SmoothQuant, replacing its `calibration.dataset`
+    /// (default: the config's calibrationFile for a `configmap/NAME` dataset, else the built-in text).
+    #[arg(long)]
+    pub calibration_file: Option<PathBuf>,
     /// Address to bind the gRPC server to.
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
@@ -111,6 +115,9 @@ pub struct NodeSettings {
     pub sha256: Option<String>,
     pub model_name: String,
     pub tier: TierSpec,
+    /// The tier's calibration text and the file it was read from (None: the engine's built-in text), read
+    /// before anything is loaded.
+    pub calibration: Option<(PathBuf, String)>,
     /// The declared shape the checkpoint must match (from the config file).
     pub architecture: Option<quantfleet_api::model::ModelArchitecture>,
     pub grpc_addr: SocketAddr,
@@ -222,6 +229,8 @@ impl NodeSettings {
             ));
         }
 
+        let calibration = resolve_calibration(args, file.as_ref(), &tier)?;
+
         let ip: std::net::IpAddr =
             args.host.parse().map_err(|e| err("--host", format!("{:?} is not an IP address: {e}", args.host)))?;
         let kv_budget_bytes = args
@@ -265,6 +274,7 @@ impl NodeSettings {
             sha256,
             model_name,
             tier,
+            calibration,
             architecture: file.as_ref().map(|c| c.architecture.clone()),
             grpc_addr: SocketAddr::new(ip, args.port),
             metrics_addr: SocketAddr::new(ip, args.metrics_port),
@@ -281,4 +291,39 @@ impl NodeSettings {
             backend: args.backend,
         })
     }
+}
+
+/// The calibration text the tier is quantized with: `--calibration-file`, else the config's calibrationFile
+/// (where the operator mounts a `configmap/NAME` dataset), else None for the built-in text. A tier that does
+/// not calibrate reads nothing; one whose dataset names a ConfigMap never falls back to the built-in text.
+fn resolve_calibration(
+    args: &NodeArgs,
+    file: Option<&NodeConfig>,
+    tier: &TierSpec,
+) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    if !tier.needs_calibration() {
+        return Ok(None);
+    }
+    let (path, field) = match (&args.calibration_file, file.and_then(|c| c.calibration_file.as_ref())) {
+        (Some(p), _) => (p.clone(), "--calibration-file"),
+        (None, Some(p)) => (PathBuf::from(p), "calibrationFile"),
+        (None, None) => match tier.calibration_config_map() {
+            Some(name) => {
+                return Err(err(
+                    "tier.calibration.dataset",
+                    format!(
+                        "configmap/{name}: the operator mounts that ConfigMap's calibration.txt and names it in the \
+                         config's calibrationFile; outside a cluster pass --calibration-file PATH"
+                    ),
+                ));
+            }
+            None => return Ok(None),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| err(field, format!("cannot read calibration text {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Err(err(field, format!("calibration text {} is empty", path.display())));
+    }
+    Ok(Some((path, text)))
 }

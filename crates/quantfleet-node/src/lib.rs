@@ -118,17 +118,18 @@ struct Loaded {
 fn load(s: &config::NodeSettings, chosen: Chosen, metrics: &Arc<Metrics>) -> Result<Loaded> {
     let started = Instant::now();
     let what = || format!("loading {} at tier {}", s.model_path.display(), s.tier.name);
+    let options =
+        LoadOptions { calibration_text: s.calibration.as_ref().map(|(_, t)| t.clone()), ..LoadOptions::default() };
     match chosen {
         Chosen::Cpu => {
-            let engine = Engine::open_cpu_tier(&s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
-                .with_context(what)?;
+            let engine =
+                Engine::open_cpu_tier(&s.model_path, s.sha256.as_deref(), &s.tier, &options).with_context(what)?;
             finish(engine, s, metrics, started)
         }
         #[cfg(feature = "cuda")]
         Chosen::Cuda(backend) => {
-            let engine =
-                Engine::open_gpu_tier(*backend, &s.model_path, s.sha256.as_deref(), &s.tier, &LoadOptions::default())
-                    .with_context(what)?;
+            let engine = Engine::open_gpu_tier(*backend, &s.model_path, s.sha256.as_deref(), &s.tier, &options)
+                .with_context(what)?;
             finish(engine, s, metrics, started)
         }
     }
@@ -180,6 +181,12 @@ where
         max_batch: s.max_batch as u32,
         max_queue: s.max_queue as u32,
         eos_token_ids: eos.clone(),
+        calibration_tokens: report.calibration_tokens as u64,
+        calibration_source: match (&s.calibration, report.calibration_tokens) {
+            (_, 0) => String::new(),
+            (Some((path, _)), _) => path.display().to_string(),
+            (None, _) => "builtin".into(),
+        },
     };
     metrics.set_info(&backend, kv.total_blocks() as u64);
     tracing::info!(
@@ -191,6 +198,8 @@ where
         max_context = context,
         kv_cache_dtype = %info.kv_cache_dtype,
         quantize_seconds = report.quantize_seconds,
+        calibration_tokens = report.calibration_tokens,
+        calibration_source = %info.calibration_source,
         seconds = started.elapsed().as_secs_f64(),
         "model loaded at its tier"
     );

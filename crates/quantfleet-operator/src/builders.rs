@@ -5,7 +5,7 @@
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    GRPCAction, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    GRPCAction, KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
@@ -13,7 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use quantfleet_api::model::{ModelSource, QuantizedModel, TierSpec};
-use quantfleet_api::node::{NODE_CONFIG_DIR, NODE_CONFIG_KEY, NODE_GRPC_PORT, NODE_METRICS_PORT, NodeConfig};
+use quantfleet_api::node::{
+    CALIBRATION_DIR, CALIBRATION_KEY, NODE_CONFIG_DIR, NODE_CONFIG_KEY, NODE_GRPC_PORT, NODE_METRICS_PORT, NodeConfig,
+};
 use quantfleet_api::plan::TierPlan;
 use std::collections::BTreeMap;
 
@@ -23,6 +25,9 @@ pub const FIELD_MANAGER: &str = "quantfleet-operator";
 pub use quantfleet_api::node::{MODEL_LABEL, TIER_LABEL};
 /// Pod-template annotation with a hash of the node configuration: a changed tier spec rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "quantfleet.io/config-hash";
+/// Pod-template annotation with a hash of the tier's calibration text (`calibration.dataset: configmap/NAME`):
+/// the node quantizes at start, so edited calibration text rolls the pods.
+pub const CALIBRATION_HASH_ANNOTATION: &str = "quantfleet.io/calibration-hash";
 /// GPU extended resource and product label (NVIDIA device plugin and GPU feature discovery).
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
@@ -47,6 +52,8 @@ pub enum BuildError {
     UnsupportedSource(String),
     #[error("serializing the node configuration: {0}")]
     Config(String),
+    #[error("tier {tier}: calibration.dataset names ConfigMap {config_map}, whose text was not read")]
+    CalibrationNotRead { tier: String, config_map: String },
 }
 
 /// The objects of one tier.
@@ -169,11 +176,14 @@ fn grpc_probe(period: i32, failures: i32) -> Probe {
     }
 }
 
-/// Builds the ConfigMap, Deployment and Service of `tier` from its plan.
+/// Builds the ConfigMap, Deployment and Service of `tier` from its plan. `calibration` is the text of the
+/// tier's calibration ConfigMap ([`TierSpec::calibration_config_map`]), as the caller read it; the pods mount
+/// that ConfigMap and carry a hash of the text, so an edit rolls them.
 pub fn build_tier(
     model: &QuantizedModel,
     tier: &TierSpec,
     plan: &TierPlan,
+    calibration: Option<&str>,
     settings: &Settings,
 ) -> Result<TierObjects, BuildError> {
     let model_name = model.metadata.name.as_deref().ok_or(BuildError::MissingMetadata("metadata.name"))?;
@@ -198,6 +208,13 @@ pub fn build_tier(
     };
 
     let source = plan_source(&model.spec.source, settings)?;
+    let calibration = match (tier.calibration_config_map(), calibration) {
+        (None, _) => None,
+        (Some(config_map), Some(text)) => Some((config_map, stable_hash(text.as_bytes()))),
+        (Some(config_map), None) => {
+            return Err(BuildError::CalibrationNotRead { tier: tier.name.clone(), config_map: config_map.into() });
+        }
+    };
     let config = NodeConfig {
         model_name: model_name.into(),
         source: ModelSource { uri: source.node_uri.clone(), ..model.spec.source.clone() },
@@ -206,6 +223,7 @@ pub fn build_tier(
         tier: TierSpec { replicas: 1, ..tier.clone() },
         serving: model.spec.serving.clone(),
         kv_budget_bytes: u64::try_from(plan.kv_budget_bytes).ok().filter(|&b| b > 0),
+        calibration_file: calibration.as_ref().map(|_| format!("{CALIBRATION_DIR}/{CALIBRATION_KEY}")),
     };
     let config_yaml = serde_yaml::to_string(&config).map_err(|e| BuildError::Config(e.to_string()))?;
     let config_map = ConfigMap {
@@ -236,6 +254,24 @@ pub fn build_tier(
         Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Volume::default() },
     ];
     volumes.extend(source.volume);
+    if let Some((config_map, _)) = &calibration {
+        volume_mounts.push(VolumeMount {
+            name: "calibration".into(),
+            mount_path: CALIBRATION_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "calibration".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: (*config_map).into(),
+                items: Some(vec![KeyToPath { key: CALIBRATION_KEY.into(), path: CALIBRATION_KEY.into(), mode: None }]),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
 
     let node = Container {
         name: "node".into(),
@@ -275,6 +311,9 @@ pub fn build_tier(
     let mut template_annotations =
         BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), stable_hash(config_yaml.as_bytes()))]);
     template_annotations.insert("quantfleet.io/weight-bytes".into(), plan.weights.bytes.to_string());
+    if let Some((_, hash)) = calibration {
+        template_annotations.insert(CALIBRATION_HASH_ANNOTATION.into(), hash);
+    }
     let pod = PodSpec {
         init_containers: source.init.map(|c| vec![c]),
         containers: vec![node],

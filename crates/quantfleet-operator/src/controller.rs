@@ -18,6 +18,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use quantfleet_api::conditions::{Condition, Time, policy as pcond, reason, set_condition};
+use quantfleet_api::node::CALIBRATION_KEY;
 use quantfleet_api::plan::{AcceleratorTable, plan_model};
 use quantfleet_api::validate::policy_against_model;
 use quantfleet_api::{CanaryPhase, PrecisionPolicy, PrecisionPolicyStatus, QuantizedModel};
@@ -68,7 +69,8 @@ pub struct Context {
 /// How often a settled object is re-checked, and how often a running canary polls the router.
 const RESYNC: Duration = Duration::from_secs(300);
 const CANARY_POLL: Duration = Duration::from_secs(10);
-/// How often a model with serving tiers whose precision is not verified (or mismatched) is re-checked.
+/// How often a model with serving tiers whose precision is not verified (or mismatched), or with a tier waiting
+/// for its calibration ConfigMap, is re-checked.
 const VERIFY_POLL: Duration = Duration::from_secs(20);
 /// How old a router read may be for the QuantizedModel status (node ModelInfo changes only with the pods).
 const NODES_MAX_AGE: Duration = Duration::from_secs(5);
@@ -202,11 +204,23 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, shared: Arc<ModelContex
 
     let plan = plan_model(&model.spec, &ctx.accelerators);
     let mut observed = BTreeMap::new();
+    let mut blocked = BTreeMap::new();
     for (tier, tier_plan) in model.spec.tiers.iter().zip(&plan.tiers) {
         if !tier_plan.fits() {
             continue;
         }
-        let objects = build_tier(&model, tier, tier_plan, &ctx.settings)?;
+        let calibration = match tier.calibration_config_map() {
+            None => None,
+            Some(config_map) => match calibration_text(&config_maps, &ns, config_map).await? {
+                Ok(text) => Some(text),
+                Err(why) => {
+                    // Like a tier that does not fit: not applied, so a running one keeps its previous config.
+                    blocked.insert(tier.name.clone(), why);
+                    continue;
+                }
+            },
+        };
+        let objects = build_tier(&model, tier, tier_plan, calibration.as_deref(), &ctx.settings)?;
         apply(&config_maps, Some(&owned.config_maps), &objects.config_map).await?;
         apply(&services, Some(&owned.services), &objects.service).await?;
         // The Deployment is read from the API server: its status (readiness) may be newer than the cache.
@@ -226,7 +240,7 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, shared: Arc<ModelContex
         }
         None => None,
     };
-    let status = model_status(&model, &plan, &observed, nodes.as_deref(), model.status.as_ref(), &now());
+    let status = model_status(&model, &plan, &observed, &blocked, nodes.as_deref(), model.status.as_ref(), &now());
     if model.status.as_ref() != Some(&status) {
         apply_status(&Api::<QuantizedModel>::namespaced(ctx.client.clone(), &ns), &name, &status).await?;
     }
@@ -239,7 +253,24 @@ pub async fn reconcile_model(model: Arc<QuantizedModel>, shared: Arc<ModelContex
             quantfleet_api::conditions::model::QUANTIZATION_VERIFIED,
         )
         .is_some_and(|c| c.status != quantfleet_api::conditions::status::TRUE);
-    Ok(Action::requeue(if awaiting { VERIFY_POLL } else { RESYNC }))
+    // A missing calibration ConfigMap is not watched (the operator watches only its own objects): look again
+    // soon, so creating it takes effect without waiting for the resync.
+    Ok(Action::requeue(if awaiting || !blocked.is_empty() { VERIFY_POLL } else { RESYNC }))
+}
+
+/// The calibration text of ConfigMap `name` (key [`CALIBRATION_KEY`]), or why the tier cannot use it.
+async fn calibration_text(api: &Api<ConfigMap>, ns: &str, name: &str) -> Result<Result<String, String>, Error> {
+    let dataset = format!("calibration.dataset: configmap/{name}");
+    let Some(config_map) = api.get_opt(name).await? else {
+        return Ok(Err(format!("ConfigMap {name} not found in {ns} ({dataset})")));
+    };
+    Ok(match config_map.data.as_ref().and_then(|d| d.get(CALIBRATION_KEY)) {
+        None => Err(format!("ConfigMap {name} has no data key {CALIBRATION_KEY} ({dataset})")),
+        Some(text) if text.trim().is_empty() => {
+            Err(format!("ConfigMap {name} key {CALIBRATION_KEY} is empty ({dataset})"))
+        }
+        Some(text) => Ok(text.clone()),
+    })
 }
 
 fn policy_condition(type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {

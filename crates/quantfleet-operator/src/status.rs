@@ -175,12 +175,14 @@ pub fn quantization_condition(
     )
 }
 
-/// Computes the whole status. `observed` maps tier names to their Deployment (absent: not created); `nodes`
-/// is what the router reports of the nodes' ModelInfo (None: no router, or not read).
+/// Computes the whole status. `observed` maps tier names to their Deployment (absent: not created); `blocked`
+/// maps tiers that fit but were not applied to why (their calibration ConfigMap cannot be used); `nodes` is
+/// what the router reports of the nodes' ModelInfo (None: no router, or not read).
 pub fn model_status(
     model: &QuantizedModel,
     plan: &ModelPlan,
     observed: &BTreeMap<String, DeploymentObservation>,
+    blocked: &BTreeMap<String, String>,
     nodes: Option<&[NodeReport]>,
     previous: Option<&QuantizedModelStatus>,
     now: &Time,
@@ -200,6 +202,9 @@ pub fn model_status(
             }
             if p.fits() {
                 t.endpoint = Some(format!("{}.{namespace}.svc:{NODE_GRPC_PORT}", tier_object_name(name, &spec.name)));
+            }
+            if let Some(why) = blocked.get(&spec.name) {
+                t.message = Some(why.clone());
             }
             t
         })
@@ -230,7 +235,7 @@ pub fn model_status(
     let deployed: Vec<(&str, DeploymentObservation)> = plan
         .tiers
         .iter()
-        .filter(|t| t.fits())
+        .filter(|t| t.fits() && !blocked.contains_key(&t.name))
         .map(|t| (t.name.as_str(), observed.get(&t.name).copied().unwrap_or_default()))
         .collect();
     let rolling: Vec<&str> = deployed.iter().filter(|(_, o)| !o.rolled_out()).map(|(n, _)| *n).collect();
@@ -278,6 +283,16 @@ pub fn model_status(
             false,
             reason::TIER_DOES_NOT_FIT,
             format!("not deployed: {}", names.join(", ")),
+            generation,
+            now,
+        )
+    } else if !blocked.is_empty() {
+        let why: Vec<String> = blocked.iter().map(|(tier, why)| format!("{tier}: {why}")).collect();
+        condition(
+            cond::READY,
+            false,
+            reason::CALIBRATION_DATA_MISSING,
+            format!("not applied: {}", why.join("; ")),
             generation,
             now,
         )
@@ -352,14 +367,15 @@ mod tests {
     fn a_healthy_model_is_ready_and_a_second_pass_changes_nothing() {
         let qm = sample();
         let plan = plan_model(&qm.spec, &AcceleratorTable::builtin());
-        let first = model_status(&qm, &plan, &healthy(&qm), None, None, &at("2026-11-23T10:00:00Z"));
+        let first = model_status(&qm, &plan, &healthy(&qm), &BTreeMap::new(), None, None, &at("2026-11-23T10:00:00Z"));
         assert_eq!(status_of(&first, cond::READY), ("True".into(), "AllReplicasServing".into()));
         assert_eq!(status_of(&first, cond::FITS_ACCELERATOR), ("True".into(), "AllTiersFit".into()));
         assert_eq!(status_of(&first, cond::QUANTIZATION_VERIFIED), ("Unknown".into(), "AwaitingNodes".into()));
         assert_eq!(first.observed_generation, Some(3));
         assert_eq!(first.tiers[3].endpoint.as_deref(), Some("smollm2-135m-int4-awq.serving.svc:50051"));
         assert_eq!((first.tiers[3].replicas, first.tiers[3].ready_replicas), (2, 2));
-        let second = model_status(&qm, &plan, &healthy(&qm), None, Some(&first), &at("2026-11-23T11:00:00Z"));
+        let second =
+            model_status(&qm, &plan, &healthy(&qm), &BTreeMap::new(), None, Some(&first), &at("2026-11-23T11:00:00Z"));
         assert_eq!(first, second, "same observation, same status: no write");
     }
 
@@ -371,7 +387,7 @@ mod tests {
         observed.get_mut("fp8").unwrap().ready = 0;
         observed.get_mut("fp8").unwrap().unavailable = true;
         observed.remove("bf16");
-        let s = model_status(&qm, &plan, &observed, None, None, &at("2026-11-23T10:00:00Z"));
+        let s = model_status(&qm, &plan, &observed, &BTreeMap::new(), None, None, &at("2026-11-23T10:00:00Z"));
         assert_eq!(status_of(&s, cond::READY), ("False".into(), "RollingOut".into()));
         let progressing = find(&s.conditions, cond::PROGRESSING).unwrap();
         assert_eq!(progressing.message, "rolling out: bf16, fp8");
@@ -385,11 +401,27 @@ mod tests {
         qm.spec.tiers[0].weights = quantfleet_api::WeightSpec::of(quantfleet_api::WeightFormat::Fp8E4m3);
         qm.spec.accelerator.product = "NVIDIA-A100-SXM4-80GB".into();
         let plan = plan_model(&qm.spec, &AcceleratorTable::builtin());
-        let s = model_status(&qm, &plan, &healthy(&qm), None, None, &at("2026-11-23T10:00:00Z"));
+        let s = model_status(&qm, &plan, &healthy(&qm), &BTreeMap::new(), None, None, &at("2026-11-23T10:00:00Z"));
         assert_eq!(status_of(&s, cond::FITS_ACCELERATOR), ("False".into(), "UnsupportedPrecision".into()));
         assert_eq!(status_of(&s, cond::READY), ("False".into(), "TierDoesNotFit".into()));
         assert!(!s.tiers[0].fits && s.tiers[0].endpoint.is_none());
         assert!(s.tiers[0].message.as_ref().unwrap().contains("needs SM89"));
+    }
+
+    #[test]
+    fn a_tier_without_its_calibration_text_is_named_and_not_counted_as_rolling_out() {
+        let qm = sample();
+        let plan = plan_model(&qm.spec, &AcceleratorTable::builtin());
+        let mut observed = healthy(&qm);
+        observed.remove("int4-awq");
+        let why = "ConfigMap chat-logs not found in serving (calibration.dataset: configmap/chat-logs)";
+        let blocked = BTreeMap::from([("int4-awq".to_owned(), why.to_owned())]);
+        let s = model_status(&qm, &plan, &observed, &blocked, None, None, &at("2026-11-23T10:00:00Z"));
+        assert_eq!(status_of(&s, cond::READY), ("False".into(), "CalibrationDataMissing".into()));
+        assert_eq!(find(&s.conditions, cond::READY).unwrap().message, format!("not applied: int4-awq: {why}"));
+        assert_eq!(s.tiers[3].message.as_deref(), Some(why));
+        assert_eq!(status_of(&s, cond::FITS_ACCELERATOR).0, "True");
+        assert_eq!(status_of(&s, cond::PROGRESSING).0, "False", "the other tiers are rolled out");
     }
 
     #[test]
@@ -540,7 +572,15 @@ mod tests {
         }
         // Replicas are not precision: a node configured with 1 matches a tier of 2.
         assert_eq!(qm.spec.tiers[3].replicas, 2);
-        let verified = model_status(&qm, &plan, &healthy(&qm), Some(&all(&qm)), None, &at("2026-11-23T10:00:00Z"));
+        let verified = model_status(
+            &qm,
+            &plan,
+            &healthy(&qm),
+            &BTreeMap::new(),
+            Some(&all(&qm)),
+            None,
+            &at("2026-11-23T10:00:00Z"),
+        );
         assert_eq!(status_of(&verified, cond::QUANTIZATION_VERIFIED), ("True".into(), "AllTiersVerified".into()));
     }
 }

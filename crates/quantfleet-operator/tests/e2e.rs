@@ -352,6 +352,54 @@ async fn operator_end_to_end() -> Result<(), Error> {
     let created = deployments.list(&ListParams::default().labels(&format!("{MODEL_LABEL}=llama-70b"))).await.unwrap();
     assert!(created.items.is_empty(), "a tier that does not fit must not be deployed");
 
+    // 2b. A tier calibrated on a ConfigMap that does not exist yet is not applied, and says why; once the
+    //     ConfigMap exists, the tier's pods mount it and the node config names the file.
+    let mut calibrated = qm.clone();
+    calibrated.metadata.name = Some("calibrated".into());
+    calibrated.spec.tiers = vec![qm.spec.tiers[3].clone()];
+    calibrated.spec.tiers[0].calibration.as_mut().unwrap().dataset = "configmap/chat-logs".into();
+    models.create(&PostParams::default(), &calibrated).await.map_err(kerr("creating the calibrated model"))?;
+    until("the calibrated model to report CalibrationDataMissing", CONVERGE, || async {
+        Ok(match condition_of(&models, "calibrated", "Ready").await? {
+            Some((s, r)) if s == "False" && r == "CalibrationDataMissing" => Probe::Done(()),
+            other => Probe::Pending(format!("{other:?}")),
+        })
+    })
+    .await?;
+    let status = models.get("calibrated").await.map_err(kerr("reading the model"))?.status.unwrap();
+    assert_eq!(
+        status.tiers[0].message.as_deref(),
+        Some(format!("ConfigMap chat-logs not found in {ns} (calibration.dataset: configmap/chat-logs)").as_str())
+    );
+    let lp = ListParams::default().labels(&format!("{MODEL_LABEL}=calibrated"));
+    assert!(deployments.list(&lp).await.unwrap().items.is_empty(), "no tier without its calibration text");
+    let text = ConfigMap {
+        metadata: ObjectMeta { name: Some("chat-logs".into()), ..ObjectMeta::default() },
+        data: Some([("calibration.txt".to_owned(), "User: hi\nAssistant: Hello! How can I help?".to_owned())].into()),
+        ..ConfigMap::default()
+    };
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &text)
+        .await
+        .map_err(kerr("creating the calibration ConfigMap"))?;
+    let deployment = until("the calibrated tier to be applied", CONVERGE, || async {
+        let mut items = deployments.list(&lp).await.map_err(kerr("listing deployments"))?.items;
+        Ok(match items.pop() {
+            Some(d) => Probe::Done(d),
+            None => Probe::Pending("no Deployment yet".into()),
+        })
+    })
+    .await?;
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == "calibration").expect("a calibration volume");
+    assert_eq!(volume.config_map.unwrap().name, "chat-logs");
+    let node_config = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .get("calibrated-int4-awq")
+        .await
+        .map_err(kerr("reading the tier ConfigMap"))?;
+    let node_yaml = &node_config.data.unwrap()["node.yaml"];
+    assert!(node_yaml.contains("calibrationFile: /etc/quantfleet-calibration/calibration.txt"), "{node_yaml}");
+
     // 3. No steady-state writes: nothing the operator owns changes while nothing else does.
     let before = resource_versions(&client, &ns, "smollm2-135m").await;
     tokio::time::sleep(Duration::from_secs(15)).await;

@@ -1,7 +1,8 @@
 //! The operator's ClusterRole (deploy/rbac/operator-clusterrole.yaml) is enough: the controllers run under a
-//! ServiceAccount bound to it, on a real API server, and converge a model and a policy with no API error.
+//! ServiceAccount bound to it, on a real API server, and converge a model (one tier calibrated on a ConfigMap)
+//! and a policy with no API error.
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use quantfleet_api::conditions::find;
@@ -104,6 +105,17 @@ async fn the_operator_runs_with_exactly_its_cluster_role() -> Result<(), Error> 
     let mut qm: QuantizedModel =
         serde_yaml::from_str(&repo_file("deploy/samples/smollm2-135m.quantizedmodel.yaml")).unwrap();
     qm.spec.tiers[3].replicas = 1;
+    // int4-awq calibrates on a ConfigMap of the namespace, which the operator reads by name.
+    qm.spec.tiers[3].calibration.as_mut().unwrap().dataset = "configmap/calibration".into();
+    let text = ConfigMap {
+        metadata: ObjectMeta { name: Some("calibration".into()), ..ObjectMeta::default() },
+        data: Some([("calibration.txt".to_owned(), "User: What is 2+2?\nAssistant: 4.".to_owned())].into()),
+        ..ConfigMap::default()
+    };
+    Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &text)
+        .await
+        .map_err(k("creating the calibration ConfigMap"))?;
     let pp: PrecisionPolicy =
         serde_yaml::from_str(&repo_file("deploy/samples/smollm2-135m.precisionpolicy.yaml")).unwrap();
     let models: Api<QuantizedModel> = Api::namespaced(admin.clone(), &ns);

@@ -206,3 +206,32 @@ fn the_chart_renders_router_arguments_and_settings_the_binary_accepts() {
     let out = quantfleet(&["router"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"), "{out:?}");
 }
+
+/// A tier calibrated on a ConfigMap needs that text: `up` (no cluster) and `eval` (without --calibration-file)
+/// refuse it at once, naming the tier, instead of quietly calibrating on the built-in text.
+#[test]
+fn up_and_eval_refuse_a_configmap_calibrated_tier_without_its_text() {
+    let sample = std::fs::read_to_string(repo().join("deploy/samples/smollm2-135m.quantizedmodel.yaml")).unwrap();
+    let edited = sample.replace("dataset: builtin", "dataset: configmap/chat-logs");
+    assert_ne!(sample, edited, "the sample's int4-awq tier names its dataset");
+    let model = temp_file("calibrated.yaml", &edited);
+    let up = quantfleet(&["up", "--model-resource", model.to_str().unwrap(), "--model", "/nonexistent.gguf"]);
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(!up.status.success());
+    assert!(err.contains("tier int4-awq: calibration.dataset configmap/chat-logs"), "{err}");
+    let eval = quantfleet(&[
+        "eval",
+        "--model",
+        "/nonexistent.gguf",
+        "--data",
+        "/nonexistent",
+        "--tiers",
+        model.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&eval.stderr);
+    assert!(!eval.status.success());
+    assert!(
+        err.contains("tier int4-awq calibrates on configmap/chat-logs") && err.contains("--calibration-file"),
+        "{err}"
+    );
+}

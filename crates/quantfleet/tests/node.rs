@@ -498,6 +498,74 @@ fn configuration_errors_name_the_field_before_loading() {
     let (code, err) = run(&["--model", model.to_str().unwrap(), "--tier", "x", "--weights", "int3"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("--weights") && err.contains("int3"), "{err}");
+
+    // A tier calibrated on a ConfigMap never falls back to the built-in text: without the file, or with an
+    // unreadable or empty one, the node stops before loading and names what to fix.
+    let spec = dir.join("gptq.yaml");
+    std::fs::write(
+        &spec,
+        "name: int8-gptq\nweights: {format: int8, method: gptq}\ncalibration: {dataset: configmap/chat-logs}\n",
+    )
+    .unwrap();
+    let with_spec = |extra: &[&str]| {
+        let mut args = vec!["--model", model.to_str().unwrap(), "--tier-spec", spec.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (code, err) = with_spec(&[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("tier.calibration.dataset: configmap/chat-logs") && err.contains("--calibration-file"),
+        "{err}"
+    );
+    let (code, err) = with_spec(&["--calibration-file", "/nonexistent/calibration.txt"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--calibration-file: cannot read calibration text /nonexistent/calibration.txt"), "{err}");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, " \n").unwrap();
+    let (code, err) = with_spec(&["--calibration-file", empty.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is empty"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The operator's config for a tier calibrated on a ConfigMap: the node quantizes with the mounted file (its
+/// `samples` x `sequenceLength` windows, not the built-in text's) and says so in ModelInfo.
+#[test]
+fn a_gptq_tier_calibrates_on_the_file_the_config_names() {
+    let dir = std::env::temp_dir().join(format!("qf-node-calib-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("calibration.txt");
+    let paragraph = "User: How do I reverse a list in Python?\nAssistant: Use slicing, `items[::-1]`, which \
+                     returns a new list, or `items.reverse()`, which reverses it in place and returns None.\n\
+                     User: What is 17 * 23?\nAssistant: 17 * 23 = 391.\n";
+    std::fs::write(&text, paragraph.repeat(8)).unwrap();
+    let config = dir.join("node.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "modelName: smollm2-135m\nsource:\n  uri: file://{}\narchitecture: {{numLayers: 30, hiddenSize: 576, \
+             intermediateSize: 1536, numAttentionHeads: 9, numKeyValueHeads: 3, headDim: 64, vocabSize: 49152, \
+             tiedEmbeddings: true, maxPositionEmbeddings: 8192}}\ntier:\n  name: int8-gptq\n  weights: {{format: \
+             int8, method: gptq}}\n  calibration: {{dataset: configmap/chat-logs, samples: 4, sequenceLength: 64}}\n\
+             serving: {{maxContextTokens: 2048, maxConcurrency: 4}}\ncalibrationFile: {}\n",
+            model_path().display(),
+            text.display()
+        ),
+    )
+    .unwrap();
+    let node = Node::start_tier(&["--config", config.to_str().unwrap()], &[]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        node.wait_serving(&ch).await;
+        let mut client = InferenceClient::new(ch.clone());
+        let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.tier, "int8-gptq");
+        assert_eq!(info.calibration_source, text.display().to_string());
+        assert_eq!(info.calibration_tokens, 4 * 64, "four windows of 64 tokens of the file");
+        let out = collect(&mut client, greedy("The capital of France is", 4)).await.unwrap();
+        assert!(!out.0.is_empty(), "generated nothing");
+    });
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -17,7 +17,19 @@ fn settings() -> Settings {
 
 fn build(qm: &QuantizedModel, index: usize) -> Result<TierObjects, BuildError> {
     let plan = plan_model(&qm.spec, &AcceleratorTable::builtin());
-    build_tier(qm, &qm.spec.tiers[index], &plan.tiers[index], &settings())
+    build_tier(qm, &qm.spec.tiers[index], &plan.tiers[index], None, &settings())
+}
+
+/// The sample with its int4-awq tier calibrated on ConfigMap `chat-logs`.
+fn with_calibration_config_map() -> QuantizedModel {
+    let mut qm = sample();
+    qm.spec.tiers[3].calibration.as_mut().unwrap().dataset = "configmap/chat-logs".into();
+    qm
+}
+
+fn build_calibrated(qm: &QuantizedModel, index: usize, text: Option<&str>) -> Result<TierObjects, BuildError> {
+    let plan = plan_model(&qm.spec, &AcceleratorTable::builtin());
+    build_tier(qm, &qm.spec.tiers[index], &plan.tiers[index], text, &settings())
 }
 
 fn node_config(objects: &TierObjects) -> NodeConfig {
@@ -162,4 +174,53 @@ fn objects_without_server_metadata_or_with_odd_sources_are_refused() {
     let mut qm = sample();
     qm.spec.source.uri = "pvc://claim-without-path".into();
     assert!(matches!(build(&qm, 0).unwrap_err(), BuildError::UnsupportedSource(_)));
+}
+
+#[test]
+fn a_calibration_config_map_is_mounted_named_in_the_config_and_hashed() {
+    let qm = with_calibration_config_map();
+    let objects = build_calibrated(&qm, 3, Some("User: hi\nAssistant: hello")).unwrap();
+    assert_eq!(node_config(&objects).calibration_file.as_deref(), Some("/etc/quantfleet-calibration/calibration.txt"));
+    let template = objects.deployment.spec.as_ref().unwrap().template.clone();
+    let pod = template.spec.unwrap();
+    let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "calibration").unwrap();
+    let source = volume.config_map.as_ref().unwrap();
+    assert_eq!((source.name.as_str(), source.optional), ("chat-logs", Some(false)));
+    let items = source.items.as_ref().unwrap();
+    assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("calibration.txt", "calibration.txt"));
+    let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "calibration").unwrap();
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/quantfleet-calibration", Some(true)));
+
+    // Edited text rolls the pods (a new template hash); the same text does not.
+    let hash = |objects: &TierObjects| {
+        let annotations = objects.deployment.spec.as_ref().unwrap().template.metadata.clone().unwrap().annotations;
+        annotations.unwrap().get(CALIBRATION_HASH_ANNOTATION).cloned()
+    };
+    let again = build_calibrated(&qm, 3, Some("User: hi\nAssistant: hello")).unwrap();
+    let edited = build_calibrated(&qm, 3, Some("User: hi\nAssistant: hello!")).unwrap();
+    assert!(hash(&objects).is_some());
+    assert_eq!(hash(&objects), hash(&again));
+    assert_ne!(hash(&objects), hash(&edited));
+
+    // The text must have been read: building without it is an error, never a pod on the built-in text.
+    assert_eq!(
+        build_calibrated(&qm, 3, None).unwrap_err(),
+        BuildError::CalibrationNotRead { tier: "int4-awq".into(), config_map: "chat-logs".into() }
+    );
+}
+
+#[test]
+fn tiers_that_do_not_calibrate_or_use_the_builtin_text_mount_nothing() {
+    // The sample's int4-awq tier calibrates on the built-in text.
+    let builtin = build(&sample(), 3).unwrap();
+    // An RTN tier with a ConfigMap dataset never reads it.
+    let mut qm = with_calibration_config_map();
+    qm.spec.tiers[1].calibration = qm.spec.tiers[3].calibration.clone();
+    let rtn = build_calibrated(&qm, 1, None).unwrap();
+    for objects in [builtin, rtn] {
+        assert_eq!(node_config(&objects).calibration_file, None);
+        let template = objects.deployment.spec.unwrap().template;
+        assert!(template.spec.unwrap().volumes.unwrap().iter().all(|v| v.name != "calibration"));
+        assert!(!template.metadata.unwrap().annotations.unwrap().contains_key(CALIBRATION_HASH_ANNOTATION));
+    }
 }

@@ -67,6 +67,10 @@ pub struct Args {
     /// calibration.sequenceLength).
     #[arg(long, default_value_t = LoadOptions::default().calibration_tokens)]
     calibration_tokens: usize,
+    /// Calibration text for AWQ/GPTQ/SmoothQuant tiers, replacing their calibration.dataset (needed for a
+    /// tier whose dataset is configmap/NAME: evaluate it on that ConfigMap's text).
+    #[arg(long)]
+    calibration_file: Option<PathBuf>,
     /// Skip the peak-memory child processes.
     #[arg(long)]
     no_memory: bool,
@@ -218,17 +222,32 @@ fn tiers(args: &Args) -> Result<Vec<TierSpec>> {
             bail!("none of the tiers {:?} is in {}", args.only, args.tiers.display());
         }
     }
+    if args.calibration_file.is_none()
+        && let Some(t) = tiers.iter().find(|t| t.calibration_config_map().is_some())
+    {
+        bail!(
+            "tier {} calibrates on configmap/{}: pass that text with --calibration-file (or leave the tier out \
+             with --only)",
+            t.name,
+            t.calibration_config_map().unwrap_or_default()
+        );
+    }
     Ok(tiers)
 }
 
-fn load_options(args: &Args) -> LoadOptions {
-    LoadOptions {
+fn load_options(args: &Args) -> Result<LoadOptions> {
+    let calibration_text = args
+        .calibration_file
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("--calibration-file: reading {}", p.display())))
+        .transpose()?;
+    Ok(LoadOptions {
+        calibration_text,
         awq_tokens: args.awq_tokens,
         awq_grid: args.awq_grid,
         awq_clip_grid: args.awq_clip_grid,
         calibration_tokens: args.calibration_tokens,
-        ..LoadOptions::default()
-    }
+    })
 }
 
 #[derive(Debug, Deserialize, serde::Serialize)]
@@ -252,7 +271,7 @@ fn memory_probe(args: &Args, tier_json: &str) -> Result<ExitCode> {
     let rtn = |w: &mut quantfleet_api::model::WeightSpec| w.method = quantfleet_api::vocab::QuantMethod::Rtn;
     rtn(&mut tier.weights);
     tier.layer_overrides.iter_mut().for_each(|o| rtn(&mut o.weights));
-    let e = Engine::open_cpu_tier(&args.model, None, &tier, &load_options(args))?;
+    let e = Engine::open_cpu_tier(&args.model, None, &tier, &load_options(args)?)?;
     let prompt = prompts(args, &e)?.into_iter().find(|(c, _)| *c == "long").context("long prompt")?.1;
     let tokens = prompt.len() + args.continuation;
     let layout = e.model.config.kv_layout(quantfleet_engine::kv_cache::DEFAULT_BLOCK_TOKENS);
@@ -308,6 +327,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return memory_probe(&args, json);
     }
     let started = Instant::now();
+    // The tier list first: a bad one is refused before minutes of reference runs.
+    let tiers = tiers(&args)?;
     let reference = Engine::open_cpu(&args.model, None).context("opening the model")?;
     let vocab = reference.model.config.vocab;
     let samples = prompts(&args, &reference)?;
@@ -321,7 +342,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let ref_ppl = perplexity(&reference, &chunks)?;
     let arch = architecture(&reference.model);
-    let tiers = tiers(&args)?;
 
     println!(
         "Quality per tier vs the fp32 reference (SmolLM2-135M, the Q4_1 file dequantized to f32, f32 KV cache)\n\
@@ -340,7 +360,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut memory_rows = Vec::new();
     for tier in &tiers {
         let t0 = Instant::now();
-        let e = Engine::open_cpu_tier(&args.model, None, tier, &load_options(&args))
+        let e = Engine::open_cpu_tier(&args.model, None, tier, &load_options(&args)?)
             .with_context(|| format!("loading tier {}", tier.name))?;
         let load_s = t0.elapsed().as_secs_f64();
         let ppl = perplexity(&e, &chunks)?;

@@ -167,6 +167,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bail!("--tiers: the model has no tier {t:?}");
         }
     }
+    for tier in qm.spec.tiers.iter().filter(|t| args.tiers.is_empty() || args.tiers.contains(&t.name)) {
+        if let Some(name) = tier.calibration_config_map() {
+            bail!(
+                "tier {}: calibration.dataset configmap/{name} is a ConfigMap in the cluster, which `quantfleet up` \
+                 does not have; use dataset builtin here, or run that tier with `quantfleet node --calibration-file`",
+                tier.name
+            );
+        }
+    }
     let model = model_path(args.model)?;
     let run_dir = match args.run_dir {
         Some(d) => d,
@@ -190,6 +199,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 tier,
                 serving: qm.spec.serving.clone(),
                 kv_budget_bytes: None,
+                calibration_file: None,
             };
             nodes.push(spawn_node(&exe, &run_dir, &model, &config)?);
         }
