@@ -4,7 +4,17 @@
 # $QUANTFLEET_CACHE/llama.cpp. Prints the directory holding the binaries on stdout (progress on stderr).
 # llama.cpp is the CPU peer of scripts/bench-engine.sh; nothing else uses it. Idempotent: a re-run only prints.
 # The cold build takes ~10-15 min on 2 cores; it runs under `nice -n 10` so it shares the machine politely.
+#
+#   scripts/build-llama-cpp.sh            # GGML_NATIVE: every instruction set this CPU has
+#   scripts/build-llama-cpp.sh --avx2     # AVX2/FMA/F16C only (no AVX-512), the peer of QUANTFLEET_CPU_ISA=avx2
 set -euo pipefail
+
+variant=native
+case "${1:-}" in
+    "") ;;
+    --avx2) variant=avx2 ;;
+    *) echo "build-llama-cpp: unknown option ${1}; use --avx2 or nothing" >&2; exit 2 ;;
+esac
 
 readonly SDIST_SPEC="llama-cpp-python==0.3.36"
 readonly SDIST_NAME="llama_cpp_python-0.3.36.tar.gz"
@@ -13,7 +23,9 @@ readonly BUILD_TOOLS=("cmake==4.4.4" "ninja==1.13.2" "scikit-build-core==1.1.2")
 
 cache="${QUANTFLEET_CACHE:-$HOME/.cache/quantfleet}"
 root="$cache/llama.cpp"
-bin="$root/bin"
+if [[ "$variant" == native ]]; then bin="$root/bin" build="$root/build" isa_flags=(-DGGML_NATIVE=ON)
+# Without GGML_NATIVE, ggml enables AVX, AVX2, BMI2, FMA and F16C and leaves every AVX-512 option off.
+else bin="$root/bin-avx2" build="$root/build-avx2" isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF); fi
 venv="$cache/venv-llama-build"
 
 log() { printf 'build-llama-cpp: %s\n' "$*" >&2; }
@@ -47,11 +59,10 @@ if [[ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]]; then
     tar -xzf "$sdist" -C "$src" --strip-components=1
 fi
 
-build="$root/build"
 start=$(date +%s)
-log "configuring and building ${TOOLS[*]} (CPU, GGML_NATIVE) in $build"
+log "configuring and building ${TOOLS[*]} (CPU, ${isa_flags[*]}) in $build"
 nice -n 10 "$venv/bin/cmake" -S "$src/vendor/llama.cpp" -B "$build" -G Ninja \
-    -DCMAKE_MAKE_PROGRAM="$venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DCMAKE_MAKE_PROGRAM="$venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release "${isa_flags[@]}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=ON >&2
 nice -n 10 "$venv/bin/cmake" --build "$build" -j2 --target "${TOOLS[@]}" >&2

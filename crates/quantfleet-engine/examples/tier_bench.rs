@@ -634,6 +634,9 @@ fn main() -> Res<()> {
          then {} steps of one token per sequence; median of {} repetitions",
         o.prompt, o.gen_tokens, o.batch, o.batch, o.prompt, o.gen_tokens, o.reps
     );
+    if let Some(bin) = &o.llama_bin {
+        println!("llama.cpp binaries: {}", bin.display());
+    }
     let (bw1_a, bwn_a) = measure_bandwidth(o.threads);
     eprintln!("tier_bench: bandwidth {:.1} / {:.1} GB/s", bw1_a / 1e9, bwn_a / 1e9);
 

@@ -228,8 +228,11 @@ fn kv_cache_dtypes_add_little_divergence() {
     let (base_long, base_decoded) = (logits_all(&base, &long), logits_decoded(&base, &long, 24));
     let kivi = KvDtype::Int4Kivi { sink_tokens: 4, residual_tokens: 64 };
     // (kvCache JSON, dtype, capacity vs fp16, max added KLD: short prompts, long prompt, decoded tail)
+    // FP8 on the short prompts (59 positions) measured 0.0040 with the AVX-512 kernels and 0.0053 with the
+    // AVX2 ones (QUANTFLEET_CPU_ISA=avx2): the E4M3 codes of keys near a rounding boundary follow the weights'
+    // last bits, and so does this small sample's mean. `quantfleet eval` measures the target on 640.
     let cases = [
-        (r#"{"dtype":"fp8-e4m3"}"#, KvDtype::Fp8E4m3, 1.8, [0.005, 0.02, 0.01]),
+        (r#"{"dtype":"fp8-e4m3"}"#, KvDtype::Fp8E4m3, 1.8, [0.006, 0.02, 0.01]),
         (r#"{"dtype":"int8"}"#, KvDtype::Int8, 1.8, [0.005, 0.01, 0.005]),
         (r#"{"dtype":"bf16"}"#, KvDtype::Bf16, 1.0, [0.001, 0.001, 0.001]),
         (r#"{"dtype":"int4","scheme":"kivi","sinkTokens":4,"residualTokens":64}"#, kivi, 2.5, [0.0005, 0.005, 0.008]),

@@ -230,6 +230,7 @@ impl NodeSettings {
         }
 
         let calibration = resolve_calibration(args, file.as_ref(), &tier)?;
+        quantfleet_engine::cpu::isa_cap().map_err(|e| err(quantfleet_engine::cpu::ISA_ENV, e))?;
 
         let ip: std::net::IpAddr =
             args.host.parse().map_err(|e| err("--host", format!("{:?} is not an IP address: {e}", args.host)))?;

@@ -17,9 +17,55 @@ pub enum Isa {
     Scalar,
 }
 
+/// Environment variable capping the instruction set of every Quantfleet CPU kernel (these and the engine's):
+/// `avx512`, `avx2` or `portable`. Unset, each uses the widest the CPU has; `avx2` on an AVX-512 machine runs
+/// exactly what an AVX2-only machine runs. A cap above the CPU's level changes nothing.
+pub const ISA_ENV: &str = "QUANTFLEET_CPU_ISA";
+
+/// The cap [`ISA_ENV`] sets, read once per process: None when unset or empty, an error naming the accepted
+/// values when it is not one of them (the node refuses to start on it; [`Isa::detect`] then ignores it).
+pub fn isa_cap() -> Result<Option<Isa>, String> {
+    static CAP: std::sync::OnceLock<Result<Option<Isa>, String>> = std::sync::OnceLock::new();
+    CAP.get_or_init(|| match std::env::var(ISA_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => Isa::parse(&v).map(Some),
+        Err(e) => Err(format!("{ISA_ENV}: {e}")),
+    })
+    .clone()
+}
+
 impl Isa {
-    /// Widest variant this CPU supports.
+    /// A variant by its [`ISA_ENV`] name.
+    pub fn parse(name: &str) -> Result<Isa, String> {
+        match name {
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" => Ok(Isa::Avx2),
+            "portable" => Ok(Isa::Scalar),
+            other => Err(format!("{ISA_ENV}={other:?} is not one of avx512, avx2, portable")),
+        }
+    }
+
+    /// Width rank: Scalar < Avx2 < Avx512.
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512 => 2,
+        }
+    }
+
+    /// Widest variant this CPU supports, capped by [`ISA_ENV`].
     pub fn detect() -> Isa {
+        let hardware = Isa::hardware();
+        match isa_cap() {
+            Ok(Some(cap)) if cap.rank() < hardware.rank() => cap,
+            _ => hardware,
+        }
+    }
+
+    /// Widest variant this CPU supports.
+    fn hardware() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512f")

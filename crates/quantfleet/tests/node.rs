@@ -41,6 +41,11 @@ impl Node {
     }
 
     fn start_tier(tier: &[&str], extra: &[&str]) -> Node {
+        Node::start_env(tier, extra, &[])
+    }
+
+    /// A node at `tier` with `extra` flags and `env` variables set for its process.
+    fn start_env(tier: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Node {
         let dir = std::env::temp_dir().join(format!("qf-node-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let ready = dir.join("ready.json");
@@ -56,6 +61,7 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
             .args(&args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -626,4 +632,34 @@ fn backend_auto_falls_back_to_the_cpu_and_cuda_without_a_gpu_fails_at_start_up()
     let line = text.lines().find(|l| l.contains("serving on the CPU backend")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(no_gpu), "{line}");
     drop(node);
+}
+
+/// QUANTFLEET_CPU_ISA caps the kernels' instruction set (an AVX2-only machine, reproduced on this one): the
+/// node serves on the capped level and says so in ModelInfo; a value it does not know stops it at start-up.
+#[test]
+fn the_cpu_isa_cap_is_served_and_a_bad_one_refused() {
+    let model = model_path();
+    let out = Command::new(env!("CARGO_BIN_EXE_quantfleet"))
+        .args(["node", "--model", model.to_str().unwrap(), "--tier", "bf16", "--weights", "bf16"])
+        .env("QUANTFLEET_CPU_ISA", "avx3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(r#"QUANTFLEET_CPU_ISA: QUANTFLEET_CPU_ISA="avx3" is not one of avx512, avx2, portable"#),
+        "{err}"
+    );
+
+    let node = Node::start_env(&["--tier", "int8", "--weights", "int8"], &[], &[("QUANTFLEET_CPU_ISA", "avx2")]);
+    rt().block_on(async {
+        let ch = node.channel().await;
+        node.wait_serving(&ch).await;
+        let mut client = InferenceClient::new(ch);
+        let info = client.model_info(pb::ModelInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.backend, "cpu-avx2fma");
+        let (tokens, text, _) = collect(&mut client, greedy("The capital of France is", 4)).await.unwrap();
+        assert_eq!(tokens.len(), 4);
+        assert!(text.contains("Paris"), "{text:?}");
+    });
 }

@@ -16,17 +16,50 @@ use super::gemm::{OutPtr, gemm_tile, portable_4x4};
 use super::x86;
 use crate::dtype::{GgmlType, dequantize_row_reference};
 
-/// Instruction sets the CPU kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Instruction sets the CPU kernels are compiled for, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SimdLevel {
     Portable,
     Avx2Fma,
     Avx512,
 }
 
+/// Environment variable capping the instruction set of the CPU kernels (`avx512`, `avx2`, `portable`; see
+/// [`quantfleet_quant::simd::ISA_ENV`], which the load-time quantizers follow too).
+pub use quantfleet_quant::simd::ISA_ENV;
+
+/// The cap [`ISA_ENV`] sets as a [`SimdLevel`]: None when unset, an error naming the accepted values.
+pub fn isa_cap() -> Result<Option<SimdLevel>, String> {
+    quantfleet_quant::simd::isa_cap().map(|cap| cap.map(SimdLevel::from))
+}
+
+impl From<quantfleet_quant::Isa> for SimdLevel {
+    fn from(isa: quantfleet_quant::Isa) -> Self {
+        match isa {
+            quantfleet_quant::Isa::Avx512 => SimdLevel::Avx512,
+            quantfleet_quant::Isa::Avx2 => SimdLevel::Avx2Fma,
+            quantfleet_quant::Isa::Scalar => SimdLevel::Portable,
+        }
+    }
+}
+
 impl SimdLevel {
-    /// The best level this CPU supports.
+    /// A level by its [`ISA_ENV`] name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        quantfleet_quant::Isa::parse(name).map(SimdLevel::from)
+    }
+
+    /// The best level this CPU supports, capped by [`ISA_ENV`].
     pub fn detect() -> Self {
+        let hardware = Self::hardware();
+        match isa_cap() {
+            Ok(Some(cap)) => hardware.min(cap),
+            _ => hardware,
+        }
+    }
+
+    /// The best level this CPU supports.
+    fn hardware() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f")

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-pub use matmul::SimdLevel;
+pub use matmul::{ISA_ENV, SimdLevel, isa_cap};
 
 use crate::backend::{Backend, KvLayout, RopeTable, SeqSpan};
 use crate::dtype::dequantize_row_reference;

@@ -329,3 +329,16 @@ fn gguf_batch_steps_equal_one_token_products_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn isa_names_parse_and_a_cap_only_lowers_the_level() {
+    assert_eq!(SimdLevel::parse("avx512"), Ok(SimdLevel::Avx512));
+    assert_eq!(SimdLevel::parse("avx2"), Ok(SimdLevel::Avx2Fma));
+    assert_eq!(SimdLevel::parse("portable"), Ok(SimdLevel::Portable));
+    let err = SimdLevel::parse("AVX2").unwrap_err();
+    assert!(err.contains("QUANTFLEET_CPU_ISA=\"AVX2\"") && err.contains("avx512, avx2, portable"), "{err}");
+    // detect() is the hardware level min the cap: the levels are ordered.
+    assert!(SimdLevel::Portable < SimdLevel::Avx2Fma && SimdLevel::Avx2Fma < SimdLevel::Avx512);
+    assert_eq!(SimdLevel::Avx512.min(SimdLevel::Avx2Fma), SimdLevel::Avx2Fma);
+    assert_eq!(SimdLevel::Avx2Fma.min(SimdLevel::Avx512), SimdLevel::Avx2Fma);
+}
