@@ -41,7 +41,7 @@ use quantfleet_api::vocab::{
     ActivationPrecision, KvCacheDtype, KvCacheScheme, QuantMethod, WeightFormat as ApiFormat, WeightScaling,
 };
 use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
-use quantfleet_quant::gptq::{GptqConfig, gptq_with_hessian, layer_hessian};
+use quantfleet_quant::gptq::{GptqConfig, finish_hessian, gptq_with_hessian, hessian_accumulate};
 use quantfleet_quant::matrix::subsample_rows;
 use quantfleet_quant::smoothquant::{ActivationFormat, SmoothQuantConfig, smoothquant};
 use quantfleet_quant::{Fp8Format, Fp8Scaling, Int4Config, MatrixRef, ScaleStorage, WeightFormat, quantize_rtn};
@@ -68,7 +68,8 @@ pub struct LoadOptions {
     /// `calibration.sequenceLength` (see [`calibration_windows`]); GPTQ's Hessians use them all. The default
     /// keeps GPTQ's Hessians well above full rank (1536 inputs for SmolLM2's down_proj): on SmolLM2 FP8 with a
     /// bf16 lm_head, `quantfleet eval`'s mean KLD went 0.0076 -> 0.0070 -> 0.0058 from 2048 to 4096 to 8192
-    /// tokens, for a load of about 35, 50 and 80 s on 2 cores.
+    /// tokens. At 8192 an int4-gptq load takes 36-40 s on 2 cores (`tier_bench`, LOAD s): the calibration
+    /// forward pass, the Hessians and the down_proj Cholesky inverses take about a quarter each.
     pub calibration_tokens: usize,
     /// AWQ: tokens its searches use (evenly subsampled), alpha grid points (alpha = 0, 1/grid, .., 1) and
     /// clipping ratios. AWQ's cost grows with all three; these defaults keep a 28-layer search to minutes.
@@ -331,7 +332,7 @@ fn quantize_group(
             let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
             let xs = subsample_rows(&xr, config.max_tokens);
             let xs = MatrixRef::new("calibration", &xs, xs.len() / x.cols, x.cols).map_err(quant_err(&name))?;
-            let h = layer_hessian(&xs);
+            let h = parallel_hessian(&xs);
             names
                 .par_iter()
                 .zip(ms.par_iter())
@@ -343,6 +344,27 @@ fn quantize_group(
                 .collect()
         }
     }
+}
+
+/// GPTQ's layer Hessian 2/n X^T X with its rows split across the rayon pool: each part gets about the same
+/// share of the lower triangle (row i costs i + 1 products per token), a few parts per thread.
+fn parallel_hessian(x: &MatrixRef<'_>) -> Vec<f64> {
+    let (n, d) = (x.rows(), x.cols());
+    let parts = (4 * rayon::current_num_threads()).clamp(1, d.max(1));
+    // Equal areas under the triangle: part k ends at row d * sqrt(k / parts).
+    let mut cuts: Vec<usize> =
+        (0..=parts).map(|k| ((d as f64) * (k as f64 / parts as f64).sqrt()).round() as usize).collect();
+    cuts.dedup();
+    let mut h = vec![0f64; d * d];
+    let mut rest = h.as_mut_slice();
+    let mut jobs = Vec::with_capacity(cuts.len());
+    for w in cuts.windows(2) {
+        let (part, tail) = rest.split_at_mut((w[1] - w[0]) * d);
+        jobs.push((w[0]..w[1], part));
+        rest = tail;
+    }
+    jobs.into_par_iter().for_each(|(rows, part)| hessian_accumulate(x.data(), n, d, rows, part));
+    finish_hessian(h, n, d)
 }
 
 fn needs_calibration(spec: &WeightSpec) -> bool {
