@@ -305,7 +305,11 @@ fn resolve_calibration(
     if !tier.needs_calibration() {
         return Ok(None);
     }
-    let (path, field) = match (&args.calibration_file, file.and_then(|c| c.calibration_file.as_ref())) {
+    // The config's file belongs to the config's tier (not to one given by --tier-spec or --weights instead).
+    let config_file = file
+        .filter(|c| c.tier.name == tier.name && c.tier.calibration == tier.calibration)
+        .and_then(|c| c.calibration_file.as_ref());
+    let (path, field) = match (&args.calibration_file, config_file) {
         (Some(p), _) => (p.clone(), "--calibration-file"),
         (None, Some(p)) => (PathBuf::from(p), "calibrationFile"),
         (None, None) => match tier.calibration_config_map() {
@@ -327,4 +331,71 @@ fn resolve_calibration(
         return Err(err(field, format!("calibration text {} is empty", path.display())));
     }
     Ok(Some((path, text)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch directory with a stand-in model file (resolve only checks that it is a file), a calibration
+    /// text and a node config whose GPTQ tier names that text.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("qf-node-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.gguf"), b"stand-in").unwrap();
+        std::fs::write(dir.join("calibration.txt"), "User: hi\nAssistant: hello").unwrap();
+        std::fs::write(dir.join("other.txt"), "other text").unwrap();
+        std::fs::write(
+            dir.join("node.yaml"),
+            format!(
+                "modelName: m\nsource: {{uri: \"file://{0}/model.gguf\"}}\narchitecture: {{numLayers: 30, \
+                 hiddenSize: 576, intermediateSize: 1536, numAttentionHeads: 9, numKeyValueHeads: 3, headDim: 64, \
+                 vocabSize: 49152, maxPositionEmbeddings: 8192}}\ntier: {{name: int8-gptq, weights: {{format: int8, \
+                 method: gptq}}, calibration: {{dataset: configmap/chat}}}}\nserving: {{}}\ncalibrationFile: \
+                 {0}/calibration.txt\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(dir.join("rtn.yaml"), "name: int8\nweights: {format: int8}\n").unwrap();
+        std::fs::write(dir.join("awq.yaml"), "name: int4-awq\nweights: {format: int4, method: awq}\n").unwrap();
+        dir
+    }
+
+    fn resolve(dir: &std::path::Path, extra: impl FnOnce(&mut NodeArgs)) -> Result<NodeSettings, ConfigError> {
+        let mut args = NodeArgs {
+            config: Some(dir.join("node.yaml")),
+            host: "127.0.0.1".into(),
+            max_queue: 64,
+            default_max_tokens: 256,
+            drain_seconds: 30,
+            fault_threshold: 3,
+            ..NodeArgs::default()
+        };
+        extra(&mut args);
+        NodeSettings::resolve(&args)
+    }
+
+    #[test]
+    fn calibration_text_comes_from_the_flag_then_the_configs_file_for_its_own_tier() {
+        let dir = scratch("calibration");
+        let text = |s: &NodeSettings| s.calibration.as_ref().map(|(p, t)| (p.clone(), t.clone()));
+        // The operator's config: its tier calibrates on the mounted file.
+        let s = resolve(&dir, |_| {}).unwrap();
+        assert_eq!(text(&s), Some((dir.join("calibration.txt"), "User: hi\nAssistant: hello".into())));
+        // --calibration-file replaces it.
+        let s = resolve(&dir, |a| a.calibration_file = Some(dir.join("other.txt"))).unwrap();
+        assert_eq!(text(&s), Some((dir.join("other.txt"), "other text".into())));
+        // Another tier (its built-in dataset) does not inherit the config tier's file, and a tier that does not
+        // calibrate reads nothing.
+        let s = resolve(&dir, |a| a.tier_spec = Some(dir.join("awq.yaml"))).unwrap();
+        assert_eq!(text(&s), None);
+        let s = resolve(&dir, |a| {
+            a.tier_spec = Some(dir.join("rtn.yaml"));
+            a.calibration_file = Some(dir.join("missing.txt"));
+        })
+        .unwrap();
+        assert_eq!(text(&s), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

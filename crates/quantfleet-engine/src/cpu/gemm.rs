@@ -1,7 +1,7 @@
-//! Register-blocked f32 micro-kernels for prefill (many tokens): a tile of weight rows, dequantized once into
-//! f32, multiplies a block of activation rows. The 4x4 kernel keeps 16 accumulators of 16 lanes (16 zmm
-//! registers with AVX-512) and loads 4 weight and 4 activation vectors per step: 8 loads feed 16 FMAs, so the
-//! loop is bound by FMA throughput rather than by loads, unlike a plain dot product (2 loads per FMA).
+//! The portable prefill kernels (many tokens): a tile of weight rows, dequantized once into f32, multiplies a
+//! block of activation rows. The 4x4 kernel keeps 16 accumulators of 16 lanes and loads 4 weight and 4
+//! activation vectors per step: 8 loads feed 16 FMAs. x86 levels use the k-major broadcast kernels of
+//! `x86.rs` instead (`matmul::gemm_dequantized`); this one serves the portable level and other targets.
 
 /// Lanes per accumulator: one AVX-512 register of f32 (two AVX2 registers).
 const L: usize = 16;

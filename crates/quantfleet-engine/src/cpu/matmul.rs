@@ -238,8 +238,8 @@ pub(crate) fn gemm_dequantized(
             let k = cols;
             scratch.resize(ROWS_PER_TASK * k + k, 0.0);
             #[cfg(target_arch = "x86_64")]
-            if level == SimdLevel::Avx512 {
-                // k-major tile (`wt[kk * 32 + r]`, padded rows zero) for the broadcast kernel.
+            if matches!(level, SimdLevel::Avx512 | SimdLevel::Avx2Fma) {
+                // k-major tile (`wt[kk * 32 + r]`, padded rows zero) for the broadcast kernels.
                 let (wt, row_buf) = scratch.split_at_mut(ROWS_PER_TASK * k);
                 wt.fill(0.0);
                 for r in 0..nr {
@@ -248,14 +248,19 @@ pub(crate) fn gemm_dequantized(
                         wt[kk * ROWS_PER_TASK + r] = v;
                     }
                 }
-                // SAFETY: Avx512 is only selected where the CPU supports it (SimdLevel::detect).
-                unsafe { x86::gemm_kmajor32_avx512(wt, nr, x, n_tokens, k, tile_out) };
+                // SAFETY: these levels are only selected where the CPU supports them (SimdLevel::detect).
+                unsafe {
+                    match level {
+                        SimdLevel::Avx512 => x86::gemm_kmajor32_avx512(wt, nr, x, n_tokens, k, tile_out),
+                        _ => x86::gemm_kmajor32_avx2(wt, nr, x, n_tokens, k, tile_out),
+                    }
+                }
                 return;
             }
             for r in 0..nr {
                 dequant(r0 + r, &mut scratch[r * k..(r + 1) * k]);
             }
-            gemm_dispatch(level, &scratch[..nr * k], nr, x, n_tokens, k, tile_out);
+            gemm_portable(&scratch[..nr * k], nr, x, n_tokens, k, tile_out);
         });
     });
 }
@@ -339,26 +344,7 @@ fn matvec_dispatch(level: SimdLevel, w: BlockMatrix<'_>, r0: usize, x: &[f32], x
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-fn gemm_avx512(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
-    gemm_tile::<true>(w, nr, x, nt, k, out, |w, x, k| x86::kernel_4x4_avx512(w, x, k))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gemm_avx2(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
-    gemm_tile::<true>(w, nr, x, nt, k, out, portable_4x4::<true>)
-}
-
-fn gemm_dispatch(level: SimdLevel, w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see matvec_dispatch.
-        SimdLevel::Avx512 => unsafe { gemm_avx512(w, nr, x, nt, k, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see matvec_dispatch.
-        SimdLevel::Avx2Fma => unsafe { gemm_avx2(w, nr, x, nt, k, out) },
-        _ => gemm_tile::<false>(w, nr, x, nt, k, out, portable_4x4::<false>),
-    }
+/// The portable prefill kernels (x86 levels take the k-major broadcast kernels of `gemm_dequantized`).
+fn gemm_portable(w: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    gemm_tile::<false>(w, nr, x, nt, k, out, portable_4x4::<false>)
 }

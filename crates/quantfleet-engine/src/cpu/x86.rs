@@ -304,52 +304,6 @@ pub(crate) fn dot_q8_0_avx2(row: &[u8], x: &[f32]) -> f32 {
     hsum256(acc)
 }
 
-/// Prefill micro-kernel: dot products of 4 dequantized weight rows with 4 activation rows, `k` a multiple of
-/// 16. 16 accumulators + 4 weight + 4 activation vectors = 24 of the 32 zmm registers, so nothing spills
-/// (the portable version spills its lane arrays to the stack); 8 loads feed 16 FMAs per step.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(crate) fn kernel_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], k: usize) -> [[f32; 4]; 4] {
-    assert!(k.is_multiple_of(16) && w.iter().chain(&x).all(|s| s.len() >= k), "kernel_4x4 shapes");
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-    let (w0, w1, w2, w3) = (w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr());
-    let (x0, x1, x2, x3) = (x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr(), x[3].as_ptr());
-    let mut c = 0;
-    // Plain loads and loops (no closures): debug-profile test builds do not inline closures, and the
-    // engine's tests run this kernel on the real model.
-    while c < k {
-        // SAFETY: c + 16 <= k <= every slice's length (asserted above).
-        let (wv, xv) = unsafe {
-            (
-                [
-                    _mm512_loadu_ps(w0.add(c)),
-                    _mm512_loadu_ps(w1.add(c)),
-                    _mm512_loadu_ps(w2.add(c)),
-                    _mm512_loadu_ps(w3.add(c)),
-                ],
-                [
-                    _mm512_loadu_ps(x0.add(c)),
-                    _mm512_loadu_ps(x1.add(c)),
-                    _mm512_loadu_ps(x2.add(c)),
-                    _mm512_loadu_ps(x3.add(c)),
-                ],
-            )
-        };
-        for r in 0..4 {
-            for t in 0..4 {
-                acc[r][t] = _mm512_fmadd_ps(wv[r], xv[t], acc[r][t]);
-            }
-        }
-        c += 16;
-    }
-    let mut out = [[0.0f32; 4]; 4];
-    for r in 0..4 {
-        for t in 0..4 {
-            out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-        }
-    }
-    out
-}
-
 /// Prefill kernel over a k-major tile of 32 weight rows (`wt[kk * 32 + r]`): for each kk, two weight vectors
 /// (rows 0-15, 16-31) times the broadcast activation of each of up to 6 tokens. 12 accumulators hold finished
 /// output rows, so unlike the 4x4 dot kernel nothing needs a horizontal reduction at the end; per step 2
@@ -402,6 +356,66 @@ fn tile_kmajor<const NT: usize>(wt: &[f32], x: &[f32], k: usize) -> [[f32; 32]; 
         unsafe {
             _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
             _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+        }
+    }
+    out
+}
+
+/// The AVX2 form of [`gemm_kmajor32_avx512`] over the same k-major 32-row tile, as two halves of 16 rows:
+/// per half, two weight vectors times the broadcast activation of each of up to 6 tokens, so 12 accumulators,
+/// 2 weight vectors and the broadcast fill 15 of the 16 ymm registers (the portable 4x4 dot kernel, with
+/// 16-lane arrays, needed 32 and spilled: AVX2 prefill ran at a third of llama.cpp's).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn gemm_kmajor32_avx2(wt: &[f32], nr: usize, x: &[f32], nt: usize, k: usize, out: OutPtr) {
+    assert!(wt.len() >= 32 * k && x.len() >= nt * k && nr <= 32, "gemm_kmajor32 shapes");
+    let mut t = 0;
+    while t < nt {
+        let n = (nt - t).min(6);
+        let rows = &x[t * k..(t + n) * k];
+        for half in 0..nr.div_ceil(16) {
+            let acc = match n {
+                6 => tile_kmajor16_avx2::<6>(wt, half, rows, k),
+                5 => tile_kmajor16_avx2::<5>(wt, half, rows, k),
+                4 => tile_kmajor16_avx2::<4>(wt, half, rows, k),
+                3 => tile_kmajor16_avx2::<3>(wt, half, rows, k),
+                2 => tile_kmajor16_avx2::<2>(wt, half, rows, k),
+                _ => tile_kmajor16_avx2::<1>(wt, half, rows, k),
+            };
+            let (r0, r1) = (16 * half, nr.min(16 * half + 16));
+            for (j, lanes) in acc.iter().enumerate().take(n) {
+                out.with_row0(out.row0 + r0).write_rows(t + j, &lanes[..r1 - r0]);
+            }
+        }
+        t += n;
+    }
+}
+
+/// `NT` tokens (`x`, NT x k) against rows `16 * half ..` of the k-major 32-row tile; returns [token][row].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn tile_kmajor16_avx2<const NT: usize>(wt: &[f32], half: usize, x: &[f32], k: usize) -> [[f32; 16]; 6] {
+    assert!(wt.len() >= 32 * k && x.len() >= NT * k && half < 2);
+    let mut acc = [[_mm256_setzero_ps(); 2]; NT];
+    let wp = wt.as_ptr().wrapping_add(16 * half);
+    let xp = x.as_ptr();
+    for kk in 0..k {
+        // SAFETY: kk * 32 + 16 * half + 16 <= wt.len() and j * k + kk < x.len() (asserted above).
+        unsafe {
+            let w0 = _mm256_loadu_ps(wp.add(kk * 32));
+            let w1 = _mm256_loadu_ps(wp.add(kk * 32 + 8));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*xp.add(j * k + kk));
+                a[0] = _mm256_fmadd_ps(w0, xb, a[0]);
+                a[1] = _mm256_fmadd_ps(w1, xb, a[1]);
+            }
+        }
+    }
+    let mut out = [[0.0f32; 16]; 6];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        // SAFETY: each row of `out` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), a[1]);
         }
     }
     out
