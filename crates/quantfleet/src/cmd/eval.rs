@@ -226,8 +226,8 @@ fn tiers(args: &Args) -> Result<Vec<TierSpec>> {
         && let Some(t) = tiers.iter().find(|t| t.calibration_config_map().is_some())
     {
         bail!(
-            "tier {} calibrates on configmap/{}: pass that text with --calibration-file (or leave the tier out \
-             with --only)",
+            "tier {} calibrates on configmap/{}: pass that text with --calibration-file (or name the other \
+             tiers with --tier)",
             t.name,
             t.calibration_config_map().unwrap_or_default()
         );
