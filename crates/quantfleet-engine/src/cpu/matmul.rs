@@ -180,7 +180,7 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
     }
     let (xsum, per_token_sums) = (&xsum, cols / 32);
     #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx512 && matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+    if matches!(level, SimdLevel::Avx512 | SimdLevel::Avx2Fma) && matches!(w.ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
         // Each block widened once for up to 8 tokens, with each token's one-token arithmetic.
         let n_tokens = x.len() / cols;
         let q4_1 = w.ty == GgmlType::Q4_1;
@@ -201,8 +201,14 @@ fn matmul_by_token(level: SimdLevel, w: BlockMatrix<'_>, x: &[f32], out: &mut [f
                 let m = (w.data, w.row_bytes(), cols);
                 macro_rules! run {
                     ($nt:literal) => {
-                        // SAFETY: Avx512 is only selected where the CPU supports it (SimdLevel::detect).
-                        unsafe { x86::gguf_rows_multi_avx512::<$nt>(q4_1, m, (r0, nr), xt, st, o) }
+                        // SAFETY: these levels are only selected where the CPU supports them (SimdLevel::detect).
+                        unsafe {
+                            if level == SimdLevel::Avx512 {
+                                x86::gguf_rows_multi_avx512::<$nt>(q4_1, m, (r0, nr), xt, st, o)
+                            } else {
+                                x86::gguf_rows_multi_avx2::<$nt>(q4_1, m, (r0, nr), xt, st, o)
+                            }
+                        }
                     };
                 }
                 by_token_count!(nt, run)

@@ -304,6 +304,81 @@ pub(crate) fn dot_q8_0_avx2(row: &[u8], x: &[f32]) -> f32 {
     hsum256(acc)
 }
 
+/// The AVX2 form of [`gguf_rows_multi_avx512`]: each Q4_1 or Q8_0 block is widened once for the `NT` tokens,
+/// and each token's arithmetic is exactly [`dot_q4_1_avx2`]'s or [`dot_q8_0_avx2`]'s (the block's four 8-lane
+/// products in the same order, one accumulator, the min terms summed in block order), so a batch step
+/// reproduces every token's one-token product bit for bit. `NT` accumulators, the four widened weight vectors
+/// and a product fit in the 16 ymm registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn gguf_rows_multi_avx2<const NT: usize>(
+    q4_1: bool,
+    (data, row_bytes, cols): (&[u8], usize, usize),
+    (r0, nr): (usize, usize),
+    x: &[f32],
+    xsum_t: &[f32],
+    out: OutPtr,
+) {
+    let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
+    assert!(
+        NT <= 8
+            && cols.is_multiple_of(32)
+            && row_bytes == blocks * block_bytes
+            && data.len() >= (r0 + nr) * row_bytes
+            && x.len() >= NT * cols
+            && (!q4_1 || xsum_t.len() >= 8 * blocks),
+        "gguf_rows_multi shapes"
+    );
+    let mask = _mm_set1_epi8(0x0f);
+    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    for r in 0..nr {
+        let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+        let mut acc = [_mm256_setzero_ps(); NT];
+        // Lane t: token t's min term, a multiply then an add per block as the one-token kernel's scalar sum.
+        let mut mins = _mm256_setzero_ps();
+        for (b, k) in row.chunks_exact(block_bytes).enumerate() {
+            let d = _mm256_set1_ps(f16_to_f32(k[0], k[1]));
+            // SAFETY: k holds the block's 20 or 34 bytes; each load stays inside it (unaligned loads).
+            let w = unsafe {
+                if q4_1 {
+                    let q = _mm_loadu_si128(k.as_ptr().add(4) as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    [f(lo), f(_mm_srli_si128(lo, 8)), f(hi), f(_mm_srli_si128(hi, 8))]
+                } else {
+                    let qp = k.as_ptr().add(2);
+                    let g = |i: usize| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qp.add(8 * i) as *const __m128i)))
+                    };
+                    [g(0), g(1), g(2), g(3)]
+                }
+            };
+            if q4_1 {
+                let m = _mm256_set1_ps(f16_to_f32(k[2], k[3]));
+                // SAFETY: 8 * b + 8 <= 8 * blocks <= xsum_t.len() (asserted above).
+                let sums = unsafe { _mm256_loadu_ps(xsum_t.as_ptr().add(8 * b)) };
+                mins = _mm256_add_ps(mins, _mm256_mul_ps(m, sums));
+            }
+            for (t, a) in acc.iter_mut().enumerate() {
+                // SAFETY: t < NT and 32 b + 32 <= cols, so the 32 floats lie in x (asserted above).
+                unsafe {
+                    let xp = x.as_ptr().add(t * cols + 32 * b);
+                    let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
+                    s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xp.add(8)), s);
+                    s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xp.add(16)), s);
+                    s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xp.add(24)), s);
+                    *a = _mm256_fmadd_ps(d, s, *a);
+                }
+            }
+        }
+        let mut mn = [0.0f32; 8];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(mn.as_mut_ptr(), mins) };
+        for (t, a) in acc.iter().enumerate() {
+            out.write(t, r, if q4_1 { hsum256(*a) + mn[t] } else { hsum256(*a) });
+        }
+    }
+}
+
 /// Prefill kernel over a k-major tile of 32 weight rows (`wt[kk * 32 + r]`): for each kk, two weight vectors
 /// (rows 0-15, 16-31) times the broadcast activation of each of up to 6 tokens. 12 accumulators hold finished
 /// output rows, so unlike the 4x4 dot kernel nothing needs a horizontal reduction at the end; per step 2
