@@ -151,6 +151,29 @@ pub(crate) fn dot_q8_0_avx512(row: &[u8], x: &[f32]) -> f32 {
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
 
+/// Checks the shapes the `gguf_rows_multi_*` kernels read (rows up to `row_end`, `nt` tokens) and returns
+/// (bytes per block, blocks per row).
+fn gguf_rows_multi_shapes(
+    q4_1: bool,
+    nt: usize,
+    (data, row_bytes, cols): (&[u8], usize, usize),
+    row_end: usize,
+    x: &[f32],
+    xsum_t: &[f32],
+) -> (usize, usize) {
+    let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
+    assert!(
+        nt <= 8
+            && cols.is_multiple_of(32)
+            && row_bytes == blocks * block_bytes
+            && data.len() >= row_end * row_bytes
+            && x.len() >= nt * cols
+            && (!q4_1 || xsum_t.len() >= 8 * blocks),
+        "gguf_rows_multi shapes"
+    );
+    (block_bytes, blocks)
+}
+
 /// Rows `r0 .. r0 + nr` of a GGUF Q4_1 or Q8_0 matrix (`data`, `row_bytes` per row, `cols` columns) against
 /// `NT` tokens (`x`: `NT` rows of `cols`; Q4_1 also `xsum_t`, the block sums by block, eight lanes per block,
 /// lane t for token t, so that one 8-lane multiply-add serves every token's min term): each weight
@@ -167,16 +190,7 @@ pub(crate) fn gguf_rows_multi_avx512<const NT: usize>(
     xsum_t: &[f32],
     out: OutPtr,
 ) {
-    let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
-    assert!(
-        NT <= 8
-            && cols.is_multiple_of(32)
-            && row_bytes == blocks * block_bytes
-            && data.len() >= (r0 + nr) * row_bytes
-            && x.len() >= NT * cols
-            && (!q4_1 || xsum_t.len() >= 8 * blocks),
-        "gguf_rows_multi shapes"
-    );
+    let (block_bytes, blocks) = gguf_rows_multi_shapes(q4_1, NT, (data, row_bytes, cols), r0 + nr, x, xsum_t);
     let mask = _mm_set1_epi8(0x0f);
     for r in 0..nr {
         let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
@@ -318,16 +332,7 @@ pub(crate) fn gguf_rows_multi_avx2<const NT: usize>(
     xsum_t: &[f32],
     out: OutPtr,
 ) {
-    let (block_bytes, blocks) = (if q4_1 { 20 } else { 34 }, cols / 32);
-    assert!(
-        NT <= 8
-            && cols.is_multiple_of(32)
-            && row_bytes == blocks * block_bytes
-            && data.len() >= (r0 + nr) * row_bytes
-            && x.len() >= NT * cols
-            && (!q4_1 || xsum_t.len() >= 8 * blocks),
-        "gguf_rows_multi shapes"
-    );
+    let (block_bytes, _) = gguf_rows_multi_shapes(q4_1, NT, (data, row_bytes, cols), r0 + nr, x, xsum_t);
     let mask = _mm_set1_epi8(0x0f);
     let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
     for r in 0..nr {
