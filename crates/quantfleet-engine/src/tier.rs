@@ -367,10 +367,6 @@ fn parallel_hessian(x: &MatrixRef<'_>) -> Vec<f64> {
     finish_hessian(h, n, d)
 }
 
-fn needs_calibration(spec: &WeightSpec) -> bool {
-    matches!(spec.method, QuantMethod::Awq | QuantMethod::Gptq | QuantMethod::SmoothQuant)
-}
-
 /// A matrix of `tier` as it will run: INT8/INT4 weights of an `activations: int8` tier quantize their input at
 /// run time; every matrix of an `activations: bf16` tier rounds it to bf16.
 fn with_tier_activations(mut p: PackedMatrix, tier: &TierSpec) -> Result<PackedMatrix> {
@@ -401,7 +397,7 @@ pub fn apply_tier(
     let head_site = if model.output.is_some() { TensorSite::LmHead } else { TensorSite::Embedding };
     let head_spec = weight_spec_for(&arch, tier, head_site);
     let head_gptq = head_spec.method == QuantMethod::Gptq;
-    let calibrate = head_gptq || (0..n_layers).any(|l| needs_calibration(layer_spec(l)));
+    let calibrate = head_gptq || (0..n_layers).any(|l| layer_spec(l).method.needs_calibration());
     let mut report = TierLoadReport::default();
 
     let mut head_input = None;
