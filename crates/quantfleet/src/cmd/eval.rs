@@ -327,8 +327,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         return memory_probe(&args, json);
     }
     let started = Instant::now();
-    // The tier list first: a bad one is refused before minutes of reference runs.
+    // The tier list and the load options first: a bad one is refused before minutes of reference runs, and
+    // a calibration file is read once for every tier.
     let tiers = tiers(&args)?;
+    let options = load_options(&args)?;
     let reference = Engine::open_cpu(&args.model, None).context("opening the model")?;
     let vocab = reference.model.config.vocab;
     let samples = prompts(&args, &reference)?;
@@ -360,7 +362,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut memory_rows = Vec::new();
     for tier in &tiers {
         let t0 = Instant::now();
-        let e = Engine::open_cpu_tier(&args.model, None, tier, &load_options(&args)?)
+        let e = Engine::open_cpu_tier(&args.model, None, tier, &options)
             .with_context(|| format!("loading tier {}", tier.name))?;
         let load_s = t0.elapsed().as_secs_f64();
         let ppl = perplexity(&e, &chunks)?;
