@@ -227,7 +227,7 @@ impl PackedMatrix {
                     return Err(bad("only FP8 E4M3 weights are supported".into()));
                 }
                 let mut p = base(PackedFormat::Fp8E4m3, m.codes.clone());
-                p.row_scales = (0..rows).map(|r| m.row_scale(r)).collect();
+                p.row_scales = (0..rows).map(|r| m.scale(r, 0)).collect();
                 p
             }
             QuantizedMatrix::Int8(m) => {

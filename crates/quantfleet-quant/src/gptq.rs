@@ -7,8 +7,8 @@
 //! layout keeps contiguous groups and needs no column permutation at inference time.
 
 use crate::error::{QuantError, Result};
-use crate::fp8::{Fp8Format, Saturation};
-use crate::fp8_matrix::{Fp8Matrix, fp8_scales};
+use crate::fp8::Saturation;
+use crate::fp8_matrix::{Fp8Matrix, Fp8Scaling, fp8_scales};
 use crate::halfp::f16;
 use crate::int4::{GroupParams, Int4Config, Int4Matrix, Int4Scales, ScaleStorage, pack_nibbles};
 use crate::int8::{Int8Matrix, int8_scale};
@@ -232,13 +232,11 @@ enum Grid {
     Int8 {
         scales: Vec<f32>,
     },
-    /// FP8 with one scale per row (`scales[r]`) or one for the matrix (`scales.len() == 1`), fixed from the
-    /// original weights' amax. E4M3's grid is relative (three mantissa bits at every magnitude), so the error
-    /// feedback is what GPTQ adds over RTN here: each rounding error is pushed onto correlated inputs.
-    Fp8 {
-        format: Fp8Format,
-        scales: Vec<f32>,
-    },
+    /// FP8 with one scale per row, per group or for the matrix, fixed from the original weights' amax (an
+    /// empty matrix: `Fp8Matrix::scale` indexes them). E4M3's grid is relative (three mantissa bits at every
+    /// magnitude), so the error feedback is what GPTQ adds over RTN here: each rounding error is pushed onto
+    /// correlated inputs.
+    Fp8(Fp8Matrix),
 }
 
 impl Grid {
@@ -255,10 +253,10 @@ impl Grid {
                 let q = (v / scales[r]).round_ties_even().clamp(-127.0, 127.0);
                 (q as i8 as u8, q * scales[r])
             }
-            Grid::Fp8 { format, scales } => {
-                let s = scales[if scales.len() == 1 { 0 } else { r }];
-                let code = format.encode(v / s, Saturation::Saturating);
-                (code, format.decode(code) * s)
+            Grid::Fp8(m) => {
+                let s = m.scale(r, c);
+                let code = m.format.encode(v / s, Saturation::Saturating);
+                (code, m.format.decode(code) * s)
             }
         }
     }
@@ -414,7 +412,14 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
             Grid::Int4 { config: c, params, gpr, rounding }
         }
         WeightFormat::Int8 => Grid::Int8 { scales: (0..rows).map(|r| int8_scale(amax(w.row(r)))).collect() },
-        WeightFormat::Fp8 { format, scaling } => Grid::Fp8 { format, scales: fp8_scales(w, format, scaling)? },
+        WeightFormat::Fp8 { format, scaling } => {
+            let group_size = match scaling {
+                Fp8Scaling::PerGroup(g) => Some(g),
+                _ => None,
+            };
+            let scales = fp8_scales(w, format, scaling)?;
+            Grid::Fp8(Fp8Matrix { format, rows, cols, codes: Vec::new(), scales, group_size })
+        }
         _ => {
             return Err(QuantError::InvalidParameter {
                 name: "format",
@@ -489,7 +494,7 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
         Grid::Int8 { scales } => {
             QuantizedMatrix::Int8(Int8Matrix { rows, cols, codes: codes.iter().map(|&c| c as i8).collect(), scales })
         }
-        Grid::Fp8 { format, scales } => QuantizedMatrix::Fp8(Fp8Matrix { format, rows, cols, codes, scales }),
+        Grid::Fp8(m) => QuantizedMatrix::Fp8(Fp8Matrix { codes, ..m }),
     })
 }
 

@@ -12,6 +12,7 @@ use quantfleet_quant::*;
 const OUT: usize = 64;
 const IN: usize = 128;
 const TOKENS: usize = 256;
+const GROUP32: std::num::NonZeroUsize = std::num::NonZeroUsize::new(32).unwrap();
 
 /// (layer, calibration tokens, held-out tokens).
 fn layer(seed: u64, gain: f32) -> (SyntheticLayer, Vec<f32>, Vec<f32>) {
@@ -75,6 +76,8 @@ fn gptq_beats_rtn_int4_and_int8() {
         (WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }, false, 0.4),
         (WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }, true, 0.4),
         (WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerTensor }, true, 0.4),
+        (WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerGroup(GROUP32) }, true, 0.4),
+        (WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerGroup(GROUP32) }, false, 0.4),
     ];
     // Stated margin for every case: held-out output error below 40% of RTN's.
     for (format, act_order, margin) in cases {
@@ -87,21 +90,26 @@ fn gptq_beats_rtn_int4_and_int8() {
     }
 }
 
-/// GPTQ's FP8 matrices keep RTN's layout: the same per-row (or per-tensor) scales, from the original weights'
-/// amax, so the fp8 tier stores the same bytes whichever method made it; only the codes differ.
+/// GPTQ's FP8 matrices keep RTN's layout: the same per-row (per-tensor, per-group) scales, from the original
+/// weights' amax, so the fp8 tier stores the same bytes whichever method made it; only the codes differ.
 #[test]
 fn gptq_fp8_keeps_rtn_scales_and_rejects_a_bad_static_scale() {
     let (l, calib, _) = layer(33, 10.0);
     let w = MatrixRef::new("w", &l.weight, OUT, IN).unwrap();
     let xc = MatrixRef::new("calib", &calib, TOKENS / 2, IN).unwrap();
-    for scaling in [Fp8Scaling::PerRow, Fp8Scaling::PerTensor, Fp8Scaling::Static(0.01)] {
+    let per_group = Fp8Scaling::PerGroup(std::num::NonZeroUsize::new(48).unwrap());
+    for scaling in [Fp8Scaling::PerRow, Fp8Scaling::PerTensor, Fp8Scaling::Static(0.01), per_group] {
         let format = WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling };
         let (QuantizedMatrix::Fp8(g), QuantizedMatrix::Fp8(r)) =
             (gptq(&w, &xc, &GptqConfig::new(format)).unwrap(), quantize_rtn(&w, &format).unwrap())
         else {
             panic!("{scaling:?}: FP8 in, FP8 out");
         };
-        assert_eq!((g.rows, g.cols, g.format, &g.scales), (r.rows, r.cols, r.format, &r.scales), "{scaling:?}");
+        assert_eq!(
+            (g.rows, g.cols, g.format, &g.scales, g.group_size),
+            (r.rows, r.cols, r.format, &r.scales, r.group_size),
+            "{scaling:?}"
+        );
         assert_ne!(g.codes, r.codes, "{scaling:?}: GPTQ must move some codes off RTN's");
     }
     for bad in [0.0, -1.0, f32::NAN] {

@@ -129,9 +129,34 @@ proptest! {
             // Half a step, plus the f32 rounding of x/s and q*s (a few ulps of |x|, which reaches 127 steps).
             let bound8 = m8.scales[r] * 0.5 + data[i].abs() * 4.0 * f32::EPSILON;
             prop_assert!((data[i] - d8[i]).abs() <= bound8, "{} vs {} (scale {})", data[i], d8[i], m8.scales[r]);
-            let s = mf.row_scale(r);
+            let s = mf.scale(r, i % cols);
             let bound = format.relative_error_bound() * data[i].abs() * (1.0 + 1e-5) + format.min_subnormal() * s;
             prop_assert!((data[i] - df[i]).abs() <= bound, "{} vs {}", data[i], df[i]);
+        }
+    }
+
+    /// Per-group FP8 scales: the same bound with each group's own scale, which is the group's amax mapped to
+    /// the largest finite value, so no group's scale exceeds its row's.
+    #[test]
+    fn fp8_per_group_errors_within_bound(cols in proptest::sample::select(AWKWARD.to_vec()), group in proptest::sample::select(vec![1usize, 32, 100, 128]), format in fp8_format(), seed in any::<u64>()) {
+        let rows = 3;
+        let data = matrix(rows, cols, seed);
+        let w = MatrixRef::new("w", &data, rows, cols).unwrap();
+        let g = std::num::NonZeroUsize::new(group).unwrap();
+        let qg = quantize_rtn(&w, &WeightFormat::Fp8 { format, scaling: Fp8Scaling::PerGroup(g) }).unwrap();
+        let qr = quantize_rtn(&w, &WeightFormat::Fp8 { format, scaling: Fp8Scaling::PerRow }).unwrap();
+        let (QuantizedMatrix::Fp8(mg), QuantizedMatrix::Fp8(mr)) = (&qg, &qr) else { unreachable!() };
+        prop_assert_eq!(mg.scales.len(), rows * cols.div_ceil(group));
+        let d = qg.dequantize();
+        for i in 0..rows * cols {
+            let (r, c) = (i / cols, i % cols);
+            let s = mg.scale(r, c);
+            prop_assert!(s <= mr.scale(r, c), "group scale {} above the row's {}", s, mr.scale(r, c));
+            let amax = data[r * cols + c / group * group..][..group.min(cols - c / group * group)]
+                .iter().fold(0f32, |a, v| a.max(v.abs()));
+            prop_assert_eq!(s, quantfleet_quant::fp8_matrix::fp8_scale(format, amax));
+            let bound = format.relative_error_bound() * data[i].abs() * (1.0 + 1e-5) + format.min_subnormal() * s;
+            prop_assert!((data[i] - d[i]).abs() <= bound, "{} vs {}", data[i], d[i]);
         }
     }
 
