@@ -237,7 +237,8 @@ pub struct WeightSpec {
     pub method: QuantMethod,
 
     /// Elements per scale group for per-group scaling: 32, 64, 128 or 256. Smaller groups are more accurate
-    /// and cost more scale memory. Defaults to 128 for int4.
+    /// and cost more scale memory (an f16 scale per group for int4, f32 for fp8-e4m3). Defaults to 128 for
+    /// int4; setting it on int8 or fp8-e4m3 selects per-group scaling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_size: Option<i32>,
 

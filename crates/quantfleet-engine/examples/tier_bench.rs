@@ -48,6 +48,11 @@ fn tiers() -> Vec<(&'static str, Option<Value>, &'static [&'static str])> {
         ("gguf-q4_1", None, &["Q4_1"]),
         ("bf16", Some(json!({"name": "bf16", "weights": {"format": "bf16"}})), &["BF16"]),
         ("fp8", Some(json!({"name": "fp8", "weights": {"format": "fp8-e4m3", "scaling": "per-channel"}})), &["Q8_0"]),
+        (
+            "fp8-g32",
+            Some(json!({"name": "fp8-g32", "weights": {"format": "fp8-e4m3", "scaling": "per-group", "groupSize": 32}})),
+            &["Q8_0"],
+        ),
         ("int8", Some(json!({"name": "int8", "weights": {"format": "int8"}})), &["Q8_0"]),
         // W8A8 / W4A8: the activations quantized per 32 like llama.cpp's Q8_0 activations, so these three are
         // llama.cpp's own arithmetic at matched bits (Q8_0, Q4_0 and Q4_1 weights, all times Q8 activations).

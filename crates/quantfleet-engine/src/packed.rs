@@ -1,11 +1,12 @@
-//! Weight matrices quantized at load for a precision tier: BF16, FP8 E4M3 (one f32 scale per output row),
-//! INT8 (one f32 scale per output row) and INT4 (groups of 32-256 input features, one f16 scale per group,
+//! Weight matrices quantized at load for a precision tier: BF16, FP8 E4M3 (one f32 scale per output row, or
+//! per group of 32-256 input features), INT8 (one f32 scale per output row) and INT4 (groups of 32-256 input features, one f16 scale per group,
 //! a u8 zero point per group when asymmetric). This is the host-side, backend-neutral form: the CPU backend
 //! computes on it directly (`cpu/packed_kernels.rs`), a GPU backend copies it to the device.
 //!
 //! Layout (row-major, `rows` = output features, `cols` = input features):
 //! * BF16: 2 bytes per element, little endian.
-//! * FP8 E4M3 and INT8: 1 byte per element; value = decode(code) * row_scales[row].
+//! * FP8 E4M3 and INT8: 1 byte per element; value = decode(code) * f32_scales[row] (FP8 with scale groups of
+//!   `g`: * f32_scales[row * groups + col / g], `groups` = [`PackedMatrix::scale_groups_per_row`]).
 //! * INT4: each row takes `ceil(cols / 2)` bytes; element `2k` is the LOW nibble of byte `k`, element `2k+1`
 //!   the HIGH nibble (the quant crate's order); value = (nibble - zero) * scale, where zero is 8 for symmetric
 //!   groups and `zeros[row * groups_per_row + g]` otherwise.
@@ -35,16 +36,23 @@ use crate::error::{EngineError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PackedFormat {
     Bf16,
-    Fp8E4m3,
+    /// FP8 E4M3 with one scale per row, or with `group` one per `group` consecutive columns of a row.
+    Fp8E4m3 {
+        group: Option<usize>,
+    },
     Int8,
-    Int4 { group: usize, symmetric: bool },
+    Int4 {
+        group: usize,
+        symmetric: bool,
+    },
 }
 
 impl PackedFormat {
     pub fn name(&self) -> String {
         match self {
             PackedFormat::Bf16 => "bf16".into(),
-            PackedFormat::Fp8E4m3 => "fp8-e4m3".into(),
+            PackedFormat::Fp8E4m3 { group: None } => "fp8-e4m3".into(),
+            PackedFormat::Fp8E4m3 { group: Some(g) } => format!("fp8-e4m3-g{g}"),
             PackedFormat::Int8 => "int8".into(),
             PackedFormat::Int4 { group, symmetric } => {
                 format!("int4-g{group}-{}", if *symmetric { "sym" } else { "asym" })
@@ -95,7 +103,8 @@ pub enum PackedLayout {
     Bf16Rows16,
     /// INT8 or FP8 E4M3 with bf16 activations, for the same kernels: [`Self::Bf16Rows16`] with one byte per
     /// value. Row group `R` and column pair `p` take the 32 bytes at `32 (R * cols / 2 + p)`: bytes `2 i`,
-    /// `2 i + 1` are row `16 R + i`'s two codes, column `2 p` first. The row scales keep their order.
+    /// `2 i + 1` are row `16 R + i`'s two codes, column `2 p` first. Scales of row group `R`, scale group `g`: the
+    /// sixteen rows' at `16 (R * groups + g) + i` (one scale per row: row order).
     Byte8Rows16,
 }
 
@@ -183,8 +192,9 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u8>,
-    /// FP8/INT8: one scale per row. Empty otherwise.
-    pub row_scales: Vec<f32>,
+    /// FP8/INT8: one scale per row, or for FP8 with scale groups one per (row, group) (see
+    /// [`Self::scale_groups_per_row`]; in the order of the [`PackedLayout`]). Empty otherwise.
+    pub f32_scales: Vec<f32>,
     /// INT4: one scale per (row, group). Empty otherwise.
     pub group_scales: Vec<f16>,
     /// INT4 asymmetric: one zero point per (row, group). Empty otherwise.
@@ -211,7 +221,7 @@ impl PackedMatrix {
             rows,
             cols,
             data,
-            row_scales: Vec::new(),
+            f32_scales: Vec::new(),
             group_scales: Vec::new(),
             zeros: Vec::new(),
             input_scales: None,
@@ -226,13 +236,17 @@ impl PackedMatrix {
                 if m.format != Fp8Format::E4M3 {
                     return Err(bad("only FP8 E4M3 weights are supported".into()));
                 }
-                let mut p = base(PackedFormat::Fp8E4m3, m.codes.clone());
-                p.row_scales = (0..rows).map(|r| m.scale(r, 0)).collect();
+                let group = m.group_size.map(|g| g.get());
+                let mut p = base(PackedFormat::Fp8E4m3 { group }, m.codes.clone());
+                p.f32_scales = match group {
+                    Some(_) => m.scales.clone(),
+                    None => (0..rows).map(|r| m.scale(r, 0)).collect(),
+                };
                 p
             }
             QuantizedMatrix::Int8(m) => {
                 let mut p = base(PackedFormat::Int8, m.codes.iter().map(|&c| c as u8).collect());
-                p.row_scales = m.scales.clone();
+                p.f32_scales = m.scales.clone();
                 p
             }
             QuantizedMatrix::Int4(m) => {
@@ -257,6 +271,7 @@ impl PackedMatrix {
         Ok(m)
     }
 
+    /// INT4: scale groups per row (0 for other formats).
     pub fn groups_per_row(&self) -> usize {
         match self.format {
             PackedFormat::Int4 { group, .. } => self.cols.div_ceil(group),
@@ -264,11 +279,37 @@ impl PackedMatrix {
         }
     }
 
+    /// FP8 and INT8: `f32_scales` per row (1, or FP8's scale groups per row); 0 for other formats.
+    pub fn scale_groups_per_row(&self) -> usize {
+        match self.format {
+            PackedFormat::Fp8E4m3 { group: Some(g) } => self.cols.div_ceil(g),
+            PackedFormat::Fp8E4m3 { group: None } | PackedFormat::Int8 => 1,
+            _ => 0,
+        }
+    }
+
+    /// FP8 and INT8: columns that share one of `f32_scales` (the group, or the whole row).
+    pub fn scale_span(&self) -> usize {
+        match self.format {
+            PackedFormat::Fp8E4m3 { group: Some(g) } => g,
+            _ => self.cols,
+        }
+    }
+
+    /// The index in `f32_scales` of (row `r`, column `c`) of an FP8 or INT8 matrix, in its layout.
+    fn f32_scale_index(&self, r: usize, c: usize) -> usize {
+        let (gpr, g) = (self.scale_groups_per_row(), c / self.scale_span());
+        match self.layout {
+            PackedLayout::Byte8Rows16 => 16 * ((r / 16) * gpr + g) + r % 16,
+            _ => r * gpr + g,
+        }
+    }
+
     /// Bytes of one row of `data`.
     pub fn row_bytes(&self) -> usize {
         match self.format {
             PackedFormat::Bf16 => 2 * self.cols,
-            PackedFormat::Fp8E4m3 | PackedFormat::Int8 => self.cols,
+            PackedFormat::Fp8E4m3 { .. } | PackedFormat::Int8 => self.cols,
             PackedFormat::Int4 { .. } => self.cols.div_ceil(2),
         }
     }
@@ -285,12 +326,18 @@ impl PackedMatrix {
         expect("data bytes", self.rows * self.row_bytes(), self.data.len())?;
         match self.format {
             PackedFormat::Bf16 => {}
-            PackedFormat::Fp8E4m3 | PackedFormat::Int8 => {
-                expect("row scales", self.rows, self.row_scales.len())?;
-                if self.format == PackedFormat::Fp8E4m3 && self.data.iter().any(|&c| c & 0x7f == 0x7f) {
+            PackedFormat::Fp8E4m3 { group } => {
+                if let Some(g) = group
+                    && !matches!(g, 32 | 64 | 128 | 256)
+                {
+                    return Err(bad(format!("FP8 scale group size {g} (32, 64, 128 or 256)")));
+                }
+                expect("FP8 scales", self.rows * self.scale_groups_per_row(), self.f32_scales.len())?;
+                if self.data.iter().any(|&c| c & 0x7f == 0x7f) {
                     return Err(bad("FP8 E4M3 NaN code".into()));
                 }
             }
+            PackedFormat::Int8 => expect("row scales", self.rows, self.f32_scales.len())?,
             PackedFormat::Int4 { group, symmetric } => {
                 if !matches!(group, 32 | 64 | 128 | 256) {
                     return Err(bad(format!("INT4 group size {group}")));
@@ -322,7 +369,7 @@ impl PackedMatrix {
             PackedLayout::Int4Rows16 => Some(("INT4", matches!(self.format, PackedFormat::Int4 { .. }))),
             PackedLayout::Bf16Rows16 => Some(("BF16", self.format == PackedFormat::Bf16)),
             PackedLayout::Byte8Rows16 => {
-                Some(("INT8 or FP8", matches!(self.format, PackedFormat::Int8 | PackedFormat::Fp8E4m3)))
+                Some(("INT8 or FP8", matches!(self.format, PackedFormat::Int8 | PackedFormat::Fp8E4m3 { .. })))
             }
             _ => None,
         };
@@ -356,7 +403,7 @@ impl PackedMatrix {
                 return Err(bad(format!("INT8 activations need a multiple of {ACT_BLOCK} columns, not {}", self.cols)));
             }
         }
-        let finite = self.row_scales.iter().all(|s| s.is_finite()) && self.group_scales.iter().all(|s| s.is_finite());
+        let finite = self.f32_scales.iter().all(|s| s.is_finite()) && self.group_scales.iter().all(|s| s.is_finite());
         if !finite {
             return Err(bad("non-finite scale".into()));
         }
@@ -366,7 +413,7 @@ impl PackedMatrix {
     /// Bytes this matrix occupies: values, scales, zero points and AWQ input scales.
     pub fn storage_bytes(&self) -> usize {
         self.data.len()
-            + 4 * self.row_scales.len()
+            + 4 * self.f32_scales.len()
             + 2 * self.group_scales.len()
             + self.zeros.len()
             + 4 * self.input_scales.as_ref().map_or(0, Vec::len)
@@ -414,7 +461,7 @@ impl PackedMatrix {
             rows: self.rows,
             cols: self.cols,
             data: vec![0; self.data.len()],
-            row_scales: self.row_scales.clone(),
+            f32_scales: self.f32_scales.clone(),
             group_scales: self.group_scales.clone(),
             zeros: self.zeros.clone(),
             input_scales: self.input_scales.clone(),
@@ -453,7 +500,7 @@ impl PackedMatrix {
         }
         let layout = match self.format {
             PackedFormat::Bf16 => PackedLayout::Bf16Rows16,
-            PackedFormat::Int8 | PackedFormat::Fp8E4m3 => PackedLayout::Byte8Rows16,
+            PackedFormat::Int8 | PackedFormat::Fp8E4m3 { .. } => PackedLayout::Byte8Rows16,
             PackedFormat::Int4 { .. } => PackedLayout::Int4Rows16,
         };
         self.layout = layout;
@@ -490,6 +537,11 @@ impl PackedMatrix {
             transpose_row_groups(&mut self.group_scales, 16, gpr);
             transpose_row_groups(&mut self.zeros, 16, gpr);
         }
+        if layout == PackedLayout::Byte8Rows16 {
+            // One scale per row keeps row order (a transpose of 16 x 1).
+            let gpr = self.scale_groups_per_row();
+            transpose_row_groups(&mut self.f32_scales, 16, gpr);
+        }
         Ok(self)
     }
 
@@ -525,8 +577,18 @@ impl PackedMatrix {
                     v.copy_from_slice(&self.data[at..at + es]);
                 }
             }
-            let out =
-                PackedMatrix { data, layout: PackedLayout::Rows, input_scales: self.input_scales.clone(), ..self };
+            // Scales back to (row, group) order: entry i is row i / gpr's group i % gpr.
+            let (gpr, span) = (self.scale_groups_per_row().max(1), self.scale_span());
+            let f32_scales = (0..self.f32_scales.len())
+                .map(|i| self.f32_scales[self.f32_scale_index(i / gpr, i % gpr * span)])
+                .collect();
+            let out = PackedMatrix {
+                data,
+                f32_scales,
+                layout: PackedLayout::Rows,
+                input_scales: self.input_scales.clone(),
+                ..self
+            };
             out.validate()?;
             return Ok(out);
         }
@@ -537,7 +599,7 @@ impl PackedMatrix {
             group_scales: vec![f16::ZERO; self.group_scales.len()],
             zeros: vec![0; self.zeros.len()],
             layout: PackedLayout::Rows,
-            row_scales: self.row_scales.clone(),
+            f32_scales: self.f32_scales.clone(),
             input_scales: self.input_scales.clone(),
             ..self
         };
@@ -579,8 +641,10 @@ impl PackedMatrix {
                 PackedFormat::Bf16 => {
                     half::bf16::from_bits(u16::from_le_bytes([self.data[at], self.data[at + 1]])).to_f32()
                 }
-                PackedFormat::Fp8E4m3 => Fp8Format::E4M3.decode(self.data[at]) * self.row_scales[r],
-                PackedFormat::Int8 => (self.data[at] as i8) as f32 * self.row_scales[r],
+                PackedFormat::Fp8E4m3 { .. } => {
+                    Fp8Format::E4M3.decode(self.data[at]) * self.f32_scales[self.f32_scale_index(r, c)]
+                }
+                PackedFormat::Int8 => (self.data[at] as i8) as f32 * self.f32_scales[self.f32_scale_index(r, c)],
                 PackedFormat::Int4 { .. } => unreachable!("decoded above"),
             };
         }
@@ -627,11 +691,12 @@ impl PackedMatrix {
 mod tests {
     use super::*;
     use quantfleet_quant::{Fp8Scaling, Int4Config, MatrixRef, WeightFormat, quantize_rtn};
+    use std::num::NonZeroUsize;
 
     /// The CPU's interleaved layouts hold the same values: every row dequantizes as in the row layout (the
     /// re-ordering loops and the reference's addressing are written independently), for INT4 with symmetric
     /// and asymmetric groups of 32-256 (a group cut short at the row end included) and for BF16, INT8 and FP8
-    /// in sixteen rows; matrices a layout does not fit are refused with a clear error. SYNTHETIC weights.
+    /// (per-row and per-group scales) in sixteen rows; matrices a layout does not fit are refused with a clear error. SYNTHETIC weights.
     #[test]
     fn interleaved_layouts_hold_the_same_values() {
         for (group, symmetric, rows, cols) in
@@ -651,13 +716,12 @@ mod tests {
             let bf16 = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Bf16).unwrap();
             let bf16 =
                 PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&bf16).unwrap() };
-            let bytes8 =
-                [WeightFormat::Int8, WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow }].map(
-                    |f| {
-                        let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
-                        PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&q).unwrap() }
-                    },
-                );
+            let fp8 = |scaling| WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling };
+            let groups = Fp8Scaling::PerGroup(std::num::NonZeroUsize::new(group).unwrap());
+            let bytes8 = [WeightFormat::Int8, fp8(Fp8Scaling::PerRow), fp8(groups)].map(|f| {
+                let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
+                PackedMatrix { activations: ActivationQuant::Bf16, ..PackedMatrix::from_quantized(&q).unwrap() }
+            });
             let sixteen = [(bf16, PackedLayout::Bf16Rows16)]
                 .into_iter()
                 .chain(bytes8.map(|m| (m, PackedLayout::Byte8Rows16)))
@@ -709,6 +773,14 @@ mod tests {
             WeightFormat::Bf16,
             WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow },
             WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerTensor },
+            WeightFormat::Fp8 {
+                format: Fp8Format::E4M3,
+                scaling: Fp8Scaling::PerGroup(NonZeroUsize::new(32).unwrap()),
+            },
+            WeightFormat::Fp8 {
+                format: Fp8Format::E4M3,
+                scaling: Fp8Scaling::PerGroup(NonZeroUsize::new(64).unwrap()),
+            },
             WeightFormat::Int8,
             WeightFormat::Int4(int4),
             WeightFormat::Int4(int4s),
@@ -734,7 +806,7 @@ mod tests {
         p.data[3] = 0x7f;
         assert!(p.validate().is_err(), "NaN code");
         let mut p = PackedMatrix::from_quantized(&q).unwrap();
-        p.row_scales.pop();
+        p.f32_scales.pop();
         assert!(p.validate().is_err(), "missing scale");
         let mut p = PackedMatrix::from_quantized(&q).unwrap();
         p.input_scales = Some(vec![0.0; 32]);
@@ -743,6 +815,20 @@ mod tests {
         let mut p = PackedMatrix::from_quantized(&q).unwrap();
         p.activations = ActivationQuant::Int8;
         assert!(p.validate().unwrap_err().to_string().contains("INT8 or INT4 weights"), "FP8 W8A8 on the CPU");
+        // FP8 with scale groups: one scale per (row, group), groups of 32-256.
+        let groups = Fp8Scaling::PerGroup(NonZeroUsize::new(32).unwrap());
+        let q = quantize_rtn(&m, &WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: groups }).unwrap();
+        let p = PackedMatrix::from_quantized(&q).unwrap();
+        assert_eq!(
+            (p.format, p.scale_groups_per_row(), p.f32_scales.len()),
+            (PackedFormat::Fp8E4m3 { group: Some(32) }, 1, 2)
+        );
+        let mut bad = p.clone();
+        bad.format = PackedFormat::Fp8E4m3 { group: Some(16) };
+        assert!(bad.validate().unwrap_err().to_string().contains("FP8 scale group size 16"));
+        let mut bad = p.clone();
+        bad.f32_scales.pop();
+        assert!(bad.validate().unwrap_err().to_string().contains("FP8 scales"), "missing group scale");
     }
 
     #[test]

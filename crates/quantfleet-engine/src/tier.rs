@@ -31,6 +31,7 @@
 //! bf16 too), as a GPU's W8A16/W4A16 kernels take bf16 activations. `fp16` activations keep f32 inputs (at
 //! least the precision asked for).
 
+use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
@@ -115,7 +116,16 @@ pub fn quant_format(spec: &WeightSpec) -> Result<WeightFormat> {
             Some(WeightScaling::PerTensor) => {
                 Ok(WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerTensor })
             }
-            other => unsupported(format!("fp8-e4m3 with {other:?} scaling (per-channel or per-tensor only)")),
+            Some(WeightScaling::PerGroup) => match spec.effective_group_size() {
+                Some(g @ (32 | 64 | 128 | 256)) => Ok(WeightFormat::Fp8 {
+                    format: Fp8Format::E4M3,
+                    scaling: Fp8Scaling::PerGroup(NonZeroUsize::new(g as usize).expect("a listed size")),
+                }),
+                other => {
+                    unsupported(format!("fp8-e4m3 per-group scales need groupSize 32, 64, 128 or 256, not {other:?}"))
+                }
+            },
+            None => unsupported("fp8-e4m3 without a scale granularity".into()),
         },
         ApiFormat::Int8 => {
             if scaling != Some(WeightScaling::PerChannel) || !spec.effective_symmetric() {

@@ -162,6 +162,9 @@ fn what_the_kernels_cannot_serve_is_refused_at_load() {
     let awq = tier(r#"{"name":"awq","weights":{"format":"int4","method":"awq"}}"#);
     let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &awq, &LoadOptions::default()));
     assert!(msg.contains("AWQ"), "{msg}");
+    let fp8_groups = tier(r#"{"name":"fp8g","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":32}}"#);
+    let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &fp8_groups, &LoadOptions::default()));
+    assert!(msg.contains("not per-group scales"), "{msg}");
     let int8_kv = tier(r#"{"name":"kv8","weights":{"format":"int8"},"kvCache":{"dtype":"int8"}}"#);
     let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &int8_kv, &LoadOptions::default()));
     assert!(msg.contains("not int8"), "{msg}");

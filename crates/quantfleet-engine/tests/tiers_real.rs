@@ -353,6 +353,10 @@ fn unsupported_tiers_are_clear_errors() {
             "fp8-e4m3 activations",
         ),
         (r#"{"name":"f16","weights":{"format":"fp16"}}"#, "fp16"),
+        (
+            r#"{"name":"fp8g","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":48}}"#,
+            "groupSize 32, 64, 128 or 256",
+        ),
     ];
     for (json, needle) in cases {
         let err = Engine::open_cpu_tier(&common::smollm2_path(), None, &tier(json), &LoadOptions::default())
@@ -390,6 +394,33 @@ fn fp8_tier_with_bf16_embedding_and_lm_head() {
     // Measured 0.0187 / 89.8% (the all-FP8 tier: 0.032 / 83%, so an ignored override fails both bounds); still
     // short of the issue's 0.01 / 97%: the FP8 layers alone exceed it.
     assert!(d.mean_kl() < 0.025 && d.top1() >= 0.85, "{d:?}");
+}
+
+/// FP8 with one scale per 32 weights of a row (RTN, every matrix FP8, the tied embedding/lm_head included):
+/// the stored bytes are the planner's (an f32 scale per group), and the divergence is well below the
+/// per-row tier's at 1/8 byte more per weight: a row's small weights no longer sit near E4M3's subnormal
+/// range. The per-row and per-group tiers load the same weights, so only the scale layout differs.
+#[test]
+fn fp8_per_group_scales_beat_per_row_scales() {
+    let row = tier(r#"{"name":"fp8","weights":{"format":"fp8-e4m3"}}"#);
+    let group = tier(r#"{"name":"fp8-g32","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":32}}"#);
+    let (er, eg) = (open(&row, &LoadOptions::default()), open(&group, &LoadOptions::default()));
+    let report = eg.tier.as_ref().unwrap();
+    assert!(report.formats.iter().all(|(_, f)| f == "fp8-e4m3-g32"), "{:?}", report.formats);
+    assert_eq!(report.weight_bytes, planned_matrix_bytes(&eg, &group));
+    let (dr, dg) = (divergence(&er), divergence(&eg));
+    println!(
+        "fp8 per-row: mean KLD {:.5} top-1 {:.3} ({} bytes); per-group 32: {:.5} / {:.3} ({} bytes)",
+        dr.mean_kl(),
+        dr.top1(),
+        er.tier.as_ref().unwrap().weight_bytes,
+        dg.mean_kl(),
+        dg.top1(),
+        report.weight_bytes
+    );
+    // Measured 0.0171 / 93.2% against 0.0319 / 81.4%.
+    assert!(dg.mean_kl() < 0.7 * dr.mean_kl() && dg.top1() > dr.top1() + 0.05, "per-group {dg:?} vs per-row {dr:?}");
+    assert!(greedy_text(&eg, "The capital of France is", 2).starts_with(" Paris"));
 }
 
 /// GPTQ on FP8 weights (act-order, calibrated on the bundled text, lm_head included) against RTN at the same

@@ -3,7 +3,8 @@
 //!
 //! Storage conventions (the engine's packed containers follow them, so the plan matches what is allocated):
 //! - bf16/fp16: 2 bytes per element.
-//! - fp8-e4m3, int8: 1 byte per element; scales f32 per tensor or per output row, f16 per group.
+//! - fp8-e4m3: 1 byte per element; f32 scales per tensor, per output row or per group.
+//! - int8: 1 byte per element; f32 scales per tensor or per output row, f16 per group.
 //! - int4: two elements per byte (a row of odd length pads its last byte); f16 scale per group (or f32 per
 //!   row for per-channel scaling) and, when asymmetric, one u8 zero point per group (per row).
 //! - nvfp4: two elements per byte, one E4M3 byte per block of 16, one f32 per tensor.
@@ -62,8 +63,11 @@ pub fn matrix_bytes(rows: u64, cols: u64, spec: &WeightSpec) -> u64 {
                 Some(WeightScaling::PerTensor) => 4 + zero,
                 Some(WeightScaling::PerChannel) => rows * (4 + zero),
                 Some(WeightScaling::PerGroup) => {
+                    // Group scales: f16 for integers; f32 for FP8, whose scales (amax / 448) of small weights
+                    // would be f16 subnormals.
                     let group = u64::from(spec.effective_group_size().unwrap_or(128));
-                    rows * cols.div_ceil(group) * (2 + zero)
+                    let scale = if spec.format == WeightFormat::Fp8E4m3 { 4 } else { 2 };
+                    rows * cols.div_ceil(group) * (scale + zero)
                 }
                 None => 0,
             };
@@ -143,6 +147,9 @@ mod tests {
         assert_eq!(matrix_bytes(3, 17, &WeightSpec { group_size: Some(32), ..sym.clone() }), 3 * 9 + 3 * 2);
         // fp8 per-channel: one f32 per row.
         assert_eq!(matrix_bytes(10, 100, &WeightSpec::of(WeightFormat::Fp8E4m3)), 1000 + 40);
+        // fp8 per-group: one f32 per group, the last one short (100 = 3 x 32 + 4).
+        let fp8_g32 = WeightSpec { group_size: Some(32), ..WeightSpec::of(WeightFormat::Fp8E4m3) };
+        assert_eq!(matrix_bytes(10, 100, &fp8_g32), 1000 + 10 * 4 * 4);
         // int8 symmetric per-channel by default.
         assert_eq!(matrix_bytes(10, 100, &WeightSpec::of(WeightFormat::Int8)), 1000 + 40);
         assert_eq!(matrix_bytes(10, 100, &WeightSpec::of(WeightFormat::Bf16)), 2000);

@@ -88,7 +88,7 @@ fn bf16_dot(level: SimdLevel, m: &PackedMatrix) -> bool {
                 (m.format, m.layout),
                 (PackedFormat::Bf16, PackedLayout::Bf16Rows16)
                     | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
-                    | (PackedFormat::Int8 | PackedFormat::Fp8E4m3, PackedLayout::Byte8Rows16)
+                    | (PackedFormat::Int8 | PackedFormat::Fp8E4m3 { .. }, PackedLayout::Byte8Rows16)
             )
             && x86_bf16::has_avx512bf16()
     }
@@ -114,8 +114,8 @@ fn bf16_input(m: &PackedMatrix, xs: &[f32]) -> (Vec<u16>, Vec<f32>) {
 /// The BF16, INT8 or FP8 matrix `m` in a column-pair layout for the `x86_bf16` kernels.
 #[cfg(target_arch = "x86_64")]
 fn pair_rows16(m: &PackedMatrix) -> x86_bf16::PairRows16<'_> {
-    let scales = (m.format != PackedFormat::Bf16).then_some(&m.row_scales[..]);
-    x86_bf16::PairRows16 { bytes: &m.data, scales, rows: m.rows, cols: m.cols }
+    let scales = (m.format != PackedFormat::Bf16).then_some(&m.f32_scales[..]);
+    x86_bf16::PairRows16 { bytes: &m.data, scales, span: m.scale_span(), rows: m.rows, cols: m.cols }
 }
 
 /// The interleaved INT4 matrix `m` for the `x86_bf16` kernels.
@@ -361,6 +361,15 @@ fn dot_bytes(row: &[u8], x: &[f32], decode: impl Fn(u8) -> f32) -> f32 {
     hsum16(acc) + tail
 }
 
+/// `Σ_g dot(row_g, x_g) * scale(r, g)` over the scale groups of row `r` of an FP8 or INT8 matrix in the row
+/// layout: one group per row gives `dot(row, x) * scale(r)`.
+#[inline(always)]
+fn scaled_groups(m: &PackedMatrix, r: usize, row: &[u8], x: &[f32], dot: impl Fn(&[u8], &[f32]) -> f32) -> f32 {
+    let (gpr, span) = (m.scale_groups_per_row(), m.scale_span());
+    let scales = &m.f32_scales[r * gpr..(r + 1) * gpr];
+    row.chunks(span).zip(x.chunks(span)).zip(scales).map(|((w, x), s)| dot(w, x) * s).sum()
+}
+
 /// INT4 row · de-interleaved x (`cols % 32 == 0`).
 #[inline(always)]
 fn dot_int4(
@@ -411,14 +420,14 @@ fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32:
                     dot_i4_q8(row, q8, &m.group_scales[r * gpr..(r + 1) * gpr], zeros, group, &to_f32)
                 }
                 // Only INT8 and INT4 matrices take INT8 activations (`PackedMatrix::validate`).
-                _ => dot_i8_q8(row, &q8.q, &q8.d) * m.row_scales[r],
+                _ => dot_i8_q8(row, &q8.q, &q8.d) * m.f32_scales[r],
             };
             continue;
         }
         *o = match m.format {
             PackedFormat::Bf16 => dot_bf16(row, &p.x),
-            PackedFormat::Fp8E4m3 => dot_bytes(row, &p.x, e4m3_to_f32) * m.row_scales[r],
-            PackedFormat::Int8 => dot_bytes(row, &p.x, |c| (c as i8) as f32) * m.row_scales[r],
+            PackedFormat::Fp8E4m3 { .. } => scaled_groups(m, r, row, &p.x, |w, x| dot_bytes(w, x, e4m3_to_f32)),
+            PackedFormat::Int8 => dot_bytes(row, &p.x, |c| (c as i8) as f32) * m.f32_scales[r],
             PackedFormat::Int4 { group, symmetric } if p.interleaved_fast => {
                 let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
                 dot_int4(row, &p.x, &p.gsum, &m.group_scales[r * gpr..(r + 1) * gpr], zeros, group, &to_f32)
@@ -447,8 +456,8 @@ fn rows_reference(m: &PackedMatrix, x: &[f32], r0: usize, out: &mut [f32]) {
 fn x86_kind(m: &PackedMatrix) -> x86::PackedKind<'_> {
     match m.format {
         PackedFormat::Bf16 => x86::PackedKind::Bf16,
-        PackedFormat::Fp8E4m3 => x86::PackedKind::Fp8(&m.row_scales),
-        PackedFormat::Int8 => x86::PackedKind::Int8(&m.row_scales),
+        PackedFormat::Fp8E4m3 { .. } => x86::PackedKind::Fp8 { scales: &m.f32_scales, span: m.scale_span() },
+        PackedFormat::Int8 => x86::PackedKind::Int8(&m.f32_scales),
         PackedFormat::Int4 { group, symmetric } => {
             x86::PackedKind::Int4 { scales: &m.group_scales, zeros: (!symmetric).then_some(&m.zeros[..]), group }
         }
@@ -482,7 +491,10 @@ fn rows_x86(
                 dot_int4(row, &scales[r * gpr..(r + 1) * gpr], zeros.map(|z| &z[r * gpr..(r + 1) * gpr]), group)
             }
             x86::PackedKind::Bf16 => dot_packed(kind, row, &p.x),
-            x86::PackedKind::Fp8(s) | x86::PackedKind::Int8(s) => dot_packed(kind, row, &p.x) * s[r],
+            // Scale groups are multiples of 32 columns, so every group is whole vectors.
+            x86::PackedKind::Fp8 { .. } | x86::PackedKind::Int8(_) => {
+                scaled_groups(m, r, row, &p.x, |w, x| dot_packed(kind, w, x))
+            }
         };
     }
 }
@@ -530,7 +542,7 @@ fn bf16_kernel<const NT: usize>(
     match m.format {
         PackedFormat::Bf16 => pairs16_rows::<NT, PAIRS_BF16>(pair_rows16(m), xb, rows, out),
         PackedFormat::Int8 => pairs16_rows::<NT, PAIRS_INT8>(pair_rows16(m), xb, rows, out),
-        PackedFormat::Fp8E4m3 => pairs16_rows::<NT, PAIRS_FP8>(pair_rows16(m), xb, rows, out),
+        PackedFormat::Fp8E4m3 { .. } => pairs16_rows::<NT, PAIRS_FP8>(pair_rows16(m), xb, rows, out),
         PackedFormat::Int4 { .. } => x86_bf16::i4x16_rows::<NT>(i4_rows16(m), xb, gsum, rows, out),
     }
 }
@@ -607,7 +619,7 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
                         } else {
                             x86::dot_i8_q8_multi_avx2::<$nt>(row, q, d)
                         };
-                        v.map(|v| v * m.row_scales[r])
+                        v.map(|v| v * m.f32_scales[r])
                     }
                 };
                 for (i, v) in v.into_iter().enumerate() {
@@ -700,14 +712,16 @@ pub(crate) fn dequantize_row_fast(m: &PackedMatrix, r: usize, out: &mut [f32]) {
                 *o = bf16_to_f32(c[0], c[1]);
             }
         }
-        PackedFormat::Fp8E4m3 => {
-            let s = m.row_scales[r];
-            for (o, &c) in out.iter_mut().zip(row) {
-                *o = e4m3_to_f32(c) * s;
+        PackedFormat::Fp8E4m3 { .. } => {
+            let (gpr, span) = (m.scale_groups_per_row(), m.scale_span());
+            for ((og, cg), s) in out.chunks_mut(span).zip(row.chunks(span)).zip(&m.f32_scales[r * gpr..]) {
+                for (o, &c) in og.iter_mut().zip(cg) {
+                    *o = e4m3_to_f32(c) * s;
+                }
             }
         }
         PackedFormat::Int8 => {
-            let s = m.row_scales[r];
+            let s = m.f32_scales[r];
             for (o, &c) in out.iter_mut().zip(row) {
                 *o = (c as i8) as f32 * s;
             }
@@ -978,6 +992,11 @@ mod tests {
         WeightFormat::Int4(c)
     }
 
+    fn fp8_groups(group: usize) -> WeightFormat {
+        let group = std::num::NonZeroUsize::new(group).unwrap();
+        WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerGroup(group) }
+    }
+
     #[test]
     fn e4m3_decoder_matches_the_reference_on_every_finite_code() {
         for c in 0..=255u8 {
@@ -997,11 +1016,11 @@ mod tests {
         let cols = codes.len();
         assert_eq!(cols, 256);
         let m = PackedMatrix {
-            format: PackedFormat::Fp8E4m3,
+            format: PackedFormat::Fp8E4m3 { group: None },
             rows: 1,
             cols,
             data: codes.clone(),
-            row_scales: vec![0.75],
+            f32_scales: vec![0.75],
             group_scales: Vec::new(),
             zeros: Vec::new(),
             input_scales: None,
@@ -1036,6 +1055,8 @@ mod tests {
         let formats = [
             WeightFormat::Bf16,
             WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow },
+            fp8_groups(32),
+            fp8_groups(128),
             WeightFormat::Int8,
             int4(32, false),
             int4(64, true),
@@ -1083,6 +1104,8 @@ mod tests {
             WeightFormat::Int8,
             fp8(Fp8Scaling::PerRow),
             fp8(Fp8Scaling::PerTensor),
+            fp8_groups(32),
+            fp8_groups(128),
             int4(128, false),
             int4(128, true),
             int4(256, false),
@@ -1113,7 +1136,7 @@ mod tests {
                             (m.format, m.layout),
                             (PackedFormat::Bf16, PackedLayout::Bf16Rows16)
                                 | (PackedFormat::Int4 { .. }, PackedLayout::Int4Rows16)
-                                | (PackedFormat::Int8 | PackedFormat::Fp8E4m3, PackedLayout::Byte8Rows16)
+                                | (PackedFormat::Int8 | PackedFormat::Fp8E4m3 { .. }, PackedLayout::Byte8Rows16)
                         );
                     let name = format!("{} {:?} {rows}x{cols}", m.format.name(), m.layout);
                     assert_eq!(bf16_dot(SimdLevel::Avx512, &m), bf16_cpu && fast, "{name}");

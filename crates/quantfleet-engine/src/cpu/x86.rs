@@ -573,9 +573,12 @@ pub(crate) fn dot_int4_avx512(row: &[u8], xd: &[f32], scales: &[half::f16], zero
 #[derive(Clone, Copy)]
 pub(crate) enum PackedKind<'a> {
     Bf16,
-    /// FP8 E4M3: `row_scales` per row.
-    Fp8(&'a [f32]),
-    /// INT8: `row_scales` per row.
+    /// FP8 E4M3: scales per row and group of `span` columns (`span == cols`: per row).
+    Fp8 {
+        scales: &'a [f32],
+        span: usize,
+    },
+    /// INT8: `f32_scales` per row.
     Int8(&'a [f32]),
     /// INT4: scales per (row, group), zero points per (row, group) when asymmetric.
     Int4 {
@@ -612,7 +615,7 @@ unsafe fn decode16(kind: PackedKind<'_>, rp: *const u8, c: usize) -> __m512 {
                 let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(rp.add(2 * c) as *const __m256i));
                 _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
             }
-            PackedKind::Fp8(_) => {
+            PackedKind::Fp8 { .. } => {
                 let q = _mm_loadu_si128(rp.add(c) as *const __m128i);
                 let v = _mm512_srai_epi32(_mm512_slli_epi32(_mm512_cvtepu8_epi32(q), 24), 4);
                 let bits = _mm512_and_si512(v, _mm512_set1_epi32(0x87f0_0000u32 as i32));
@@ -691,9 +694,20 @@ pub(crate) fn rows_multi_avx512<const NT: usize>(
         }
         let mut post_scale = 1.0f32;
         match kind {
-            PackedKind::Bf16 | PackedKind::Fp8(_) | PackedKind::Int8(_) => {
+            PackedKind::Fp8 { scales, span } if span < cols => {
+                // Scale groups: each group's weights scaled once for all tokens (spans are multiples of 32).
+                let gpr = cols.div_ceil(span);
+                for g in 0..gpr {
+                    let s = _mm512_set1_ps(scales[(r0 + r) * gpr + g]);
+                    for c in (g * span..((g + 1) * span).min(cols)).step_by(16) {
+                        // SAFETY: c + 16 <= cols, so the 16 weights lie in the row (asserted above).
+                        fma_all!(_mm512_mul_ps(unsafe { decode16(kind, rp, c) }, s), c);
+                    }
+                }
+            }
+            PackedKind::Bf16 | PackedKind::Fp8 { .. } | PackedKind::Int8(_) => {
                 assert!(row.len() >= cols * byte_width(kind));
-                if let PackedKind::Fp8(s) | PackedKind::Int8(s) = kind {
+                if let PackedKind::Fp8 { scales: s, .. } | PackedKind::Int8(s) = kind {
                     post_scale = s[r0 + r];
                 }
                 for c in (0..cols).step_by(16) {
@@ -740,7 +754,7 @@ unsafe fn decode8(kind: PackedKind<'_>, rp: *const u8, c: usize) -> __m256 {
                 let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(rp.add(2 * c) as *const __m128i));
                 _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
             }
-            PackedKind::Fp8(_) => {
+            PackedKind::Fp8 { .. } => {
                 let q = _mm_loadl_epi64(rp.add(c) as *const __m128i);
                 let v = _mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepu8_epi32(q), 24), 4);
                 let bits = _mm256_and_si256(v, _mm256_set1_epi32(0x87f0_0000u32 as i32));
@@ -879,8 +893,19 @@ pub(crate) fn rows_multi_avx2<const NT: usize>(
         }
         let mut post_scale = 1.0f32;
         match kind {
-            PackedKind::Bf16 | PackedKind::Fp8(_) | PackedKind::Int8(_) => {
-                if let PackedKind::Fp8(s) | PackedKind::Int8(s) = kind {
+            PackedKind::Fp8 { scales, span } if span < cols => {
+                // As at the AVX-512 level.
+                let gpr = cols.div_ceil(span);
+                for g in 0..gpr {
+                    let s = _mm256_set1_ps(scales[(r0 + r) * gpr + g]);
+                    for c in (g * span..((g + 1) * span).min(cols)).step_by(8) {
+                        // SAFETY: c + 8 <= cols, so the 8 weights lie in the row (row_bytes checked above).
+                        fma_all!(_mm256_mul_ps(unsafe { decode8(kind, rp, c) }, s), c);
+                    }
+                }
+            }
+            PackedKind::Bf16 | PackedKind::Fp8 { .. } | PackedKind::Int8(_) => {
+                if let PackedKind::Fp8 { scales: s, .. } | PackedKind::Int8(s) = kind {
                     post_scale = s[r0 + r];
                 }
                 for c in (0..cols).step_by(8) {

@@ -23,7 +23,8 @@
 //! (sign-extend, convert, and one `vcvtne2ps2bf16` for 32 codes); E4M3 by integer arithmetic on 16-bit lanes:
 //! a normal code's exponent and mantissa bits `em` (7 bits) become bf16 bits `(em << 4) + (120 << 7)` (the
 //! exponent re-biased from 7 to 127), the eight subnormal magnitudes come from a table by a masked permute,
-//! and the sign bit moves from bit 7 to bit 15. The row scale multiplies the 16 rows' sums at the end.
+//! and the sign bit moves from bit 7 to bit 15. The row scale multiplies the 16 rows' sums at the end; FP8
+//! with scale groups keeps one sum per group, which its 16 rows' scales multiply into the total.
 //!
 //! `cpu::packed_kernels` checks these kernels against the scalar reference (`PackedMatrix::dot_reference`,
 //! which rounds the input to bf16 too).
@@ -227,11 +228,14 @@ pub(crate) const PAIRS_INT8: u8 = 1;
 pub(crate) const PAIRS_FP8: u8 = 2;
 
 /// A matrix in a column-pair layout (see `packed.rs`): `PackedLayout::Bf16Rows16` (`PAIRS_BF16`, no scales)
-/// or `PackedLayout::Byte8Rows16` (`PAIRS_INT8` / `PAIRS_FP8`, with the per-row scales in row order).
+/// or `PackedLayout::Byte8Rows16` (`PAIRS_INT8` / `PAIRS_FP8`, with the scales of every `span` columns: of
+/// row group `R`, scale group `g` at `16 (R * groups + g) + i`; `span == cols` for one scale per row, whose
+/// scales are then in row order).
 #[derive(Clone, Copy)]
 pub(crate) struct PairRows16<'a> {
     pub bytes: &'a [u8],
     pub scales: Option<&'a [f32]>,
+    pub span: usize,
     pub rows: usize,
     pub cols: usize,
 }
@@ -239,8 +243,9 @@ pub(crate) struct PairRows16<'a> {
 /// Rows `r0 .. r0 + nr` (multiples of 16) of a column-pair matrix of values `KIND` against `NT` tokens' bf16
 /// inputs (`xb`, column order): each load is a column pair of 16 rows (64 bytes of bf16, or 32 of INT8/FP8
 /// codes turned into bf16 once), multiplied into every token's accumulators against the token's broadcast
-/// input pair; each token keeps `SPLIT` accumulators (see [`i4x16_body`]); the sums are multiplied by the
-/// rows' scales when the format has them. `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of token `t`.
+/// input pair; each token keeps `SPLIT` accumulators (see [`i4x16_body`]); each scale group's sums are
+/// multiplied by the rows' scales when the format has them (one group per row: one multiply at the end).
+/// `out.rows_ptr(t, r, 16)` receives rows `r0 + r ..` of token `t`.
 #[inline(always)]
 fn pairs16_body<const NT: usize, const SPLIT: usize, const KIND: u8>(
     m: PairRows16<'_>,
@@ -249,43 +254,54 @@ fn pairs16_body<const NT: usize, const SPLIT: usize, const KIND: u8>(
     out: OutPtr,
 ) {
     let pair_bytes = if KIND == PAIRS_BF16 { 64 } else { 32 };
+    let gpr = m.cols.div_ceil(m.span.max(1));
     assert!(
         rows16_fit((r0, nr), m.rows, m.cols)
+            && m.span.is_multiple_of(32)
+            && m.span <= m.cols
             && m.bytes.len() == pair_bytes * m.rows * m.cols / 32
             && m.scales.is_some() == (KIND != PAIRS_BF16)
-            && m.scales.is_none_or(|s| s.len() == m.rows)
+            && m.scales.is_none_or(|s| s.len() == m.rows * gpr)
             && xb.iter().all(|x| x.len() == m.cols),
         "column-pair rows16 shapes"
     );
     // SAFETY (whole body): every caller enables avx512f/bw/vl/bf16. Row group R's bytes are
     // pair_bytes * cols / 2 from pair_bytes * cols / 2 * R, pair p's pair_bytes at pair_bytes * p of them
-    // (p < cols / 2); its scales are the 16 from 16 R; input pairs are read at columns 2 p + 1 < cols; all
-    // checked above.
+    // (p < cols / 2); its scales of group g are the 16 from 16 (R * gpr + g); input pairs are read at columns
+    // 2 p + 1 < cols; all checked above.
     unsafe {
         for rg in r0 / 16..(r0 + nr) / 16 {
             let base = m.bytes.as_ptr().add(pair_bytes * m.cols / 2 * rg);
-            let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
-            // SPLIT consecutive pairs per step, one per accumulator (cols / 2 is a multiple of 16, so of SPLIT);
-            // constant indices keep the accumulators in registers.
-            for p0 in (0..m.cols / 2).step_by(SPLIT) {
-                for q in 0..SPLIT {
-                    let at = base.add(pair_bytes * (p0 + q));
-                    let w = match KIND {
-                        PAIRS_BF16 => load_bh(at as *const u16),
-                        PAIRS_INT8 => int8_pair_bh(at),
-                        _ => fp8_pair_bh(at),
-                    };
-                    for (a, x) in acc.iter_mut().zip(xb) {
-                        a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * (p0 + q))));
+            let mut total = [_mm512_setzero_ps(); NT];
+            for g in 0..gpr {
+                let mut acc = [[_mm512_setzero_ps(); SPLIT]; NT];
+                // SPLIT consecutive pairs per step, one per accumulator (a group's pairs are a multiple of 16, as
+                // span and cols are of 32, so of SPLIT); constant indices keep the accumulators in registers.
+                let pairs = g * m.span / 2..((g + 1) * m.span).min(m.cols) / 2;
+                for p0 in pairs.step_by(SPLIT) {
+                    for q in 0..SPLIT {
+                        let at = base.add(pair_bytes * (p0 + q));
+                        let w = match KIND {
+                            PAIRS_BF16 => load_bh(at as *const u16),
+                            PAIRS_INT8 => int8_pair_bh(at),
+                            _ => fp8_pair_bh(at),
+                        };
+                        for (a, x) in acc.iter_mut().zip(xb) {
+                            a[q] = _mm512_dpbf16_ps(a[q], w, pair_bh(x.as_ptr().add(2 * (p0 + q))));
+                        }
                     }
                 }
-            }
-            for (t, a) in acc.iter().enumerate() {
-                let mut sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
-                if let Some(s) = m.scales {
-                    sum = _mm512_mul_ps(sum, _mm512_loadu_ps(s.as_ptr().add(16 * rg)));
+                for (tot, a) in total.iter_mut().zip(&acc) {
+                    let sum = a[1..].iter().fold(a[0], |s, v| _mm512_add_ps(s, *v));
+                    // One group per row: sum * scale + 0, the product rounded once as a multiply would be.
+                    *tot = match m.scales {
+                        Some(s) => _mm512_fmadd_ps(sum, _mm512_loadu_ps(s.as_ptr().add(16 * (rg * gpr + g))), *tot),
+                        None => _mm512_add_ps(sum, *tot),
+                    };
                 }
-                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), sum);
+            }
+            for (t, tot) in total.iter().enumerate() {
+                _mm512_storeu_ps(out.rows_ptr(t, 16 * rg - r0, 16), *tot);
             }
         }
     }

@@ -361,9 +361,20 @@ impl<D: Device> Engine<GpuBackend<D>> {
         let kv_dtype = crate::tier::kv_dtype(tier)?;
         check_kv_dtype(kv_dtype)?;
         let awq = quantfleet_api::vocab::QuantMethod::Awq;
-        if tier.weights.method == awq || tier.layer_overrides.iter().any(|o| o.weights.method == awq) {
+        let specs = || std::iter::once(&tier.weights).chain(tier.layer_overrides.iter().map(|o| &o.weights));
+        if specs().any(|w| w.method == awq) {
             return Err(unsupported(format!(
                 "has no kernel for AWQ input scales (tier {}): use RTN or GPTQ",
+                tier.name
+            )));
+        }
+        let fp8_groups = |w: &quantfleet_api::model::WeightSpec| {
+            w.format == quantfleet_api::vocab::WeightFormat::Fp8E4m3
+                && w.effective_scaling() == Some(quantfleet_api::vocab::WeightScaling::PerGroup)
+        };
+        if specs().any(fp8_groups) {
+            return Err(unsupported(format!(
+                "has FP8 kernels with one scale per row, not per-group scales (tier {}): use per-channel scaling",
                 tier.name
             )));
         }
@@ -432,11 +443,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         let format = p.format.name();
         let weights = match p.format {
             PackedFormat::Bf16 => Weights::Half { w: self.upload(&p.data)?, bf16: true },
-            PackedFormat::Fp8E4m3 => {
-                Weights::Fp8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.row_scales))? }
+            PackedFormat::Fp8E4m3 { group: Some(g) } => {
+                return Err(unsupported(format!("has FP8 kernels with one scale per row, not per group of {g}")));
+            }
+            PackedFormat::Fp8E4m3 { group: None } => {
+                Weights::Fp8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.f32_scales))? }
             }
             PackedFormat::Int8 => {
-                Weights::Int8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.row_scales))? }
+                Weights::Int8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.f32_scales))? }
             }
             PackedFormat::Int4 { group, symmetric } => {
                 if !matches!(group, 32 | 64 | 128 | 256) {
