@@ -3,9 +3,9 @@
 //!
 //! * a streaming-read loop measures this machine's memory read bandwidth (1 and N threads, at the start and
 //!   at the end of the run; the best figure is the roofline's denominator);
-//! * every tier (bf16, fp8, int8, int4 g128 RTN/AWQ/GPTQ, the INT8-activation tiers int8-a8 and int4-a8 g32
-//!   sym/asym that do llama.cpp's own arithmetic, and the GGUF file's own Q4_1/Q8_0 weights) is
-//!   loaded in a child process of its own, which measures prefill and decode tokens/s at batch 1 and at
+//! * every tier (bf16, fp8 with per-row and per-group-32 scales, int8, int4 g128 RTN/AWQ/GPTQ, the
+//!   INT8-activation tiers int8-a8 and int4-a8 g32 sym/asym that do llama.cpp's own arithmetic, and the GGUF
+//!   file's own Q4_1/Q8_0 weights) is loaded in a child process of its own, which measures prefill and decode tokens/s at batch 1 and at
 //!   batch B (B sequences prefilled together, then decoding one token each per step), the resident memory
 //!   after loading and at the end (VmRSS, VmHWM), and the fit planner's weight and KV figures for the tier;
 //! * llama.cpp runs on the same GGUF at comparable bits (BF16 and Q8_0 requantized from the file for the
@@ -50,7 +50,9 @@ fn tiers() -> Vec<(&'static str, Option<Value>, &'static [&'static str])> {
         ("fp8", Some(json!({"name": "fp8", "weights": {"format": "fp8-e4m3", "scaling": "per-channel"}})), &["Q8_0"]),
         (
             "fp8-g32",
-            Some(json!({"name": "fp8-g32", "weights": {"format": "fp8-e4m3", "scaling": "per-group", "groupSize": 32}})),
+            Some(
+                json!({"name": "fp8-g32", "weights": {"format": "fp8-e4m3", "scaling": "per-group", "groupSize": 32}}),
+            ),
             &["Q8_0"],
         ),
         ("int8", Some(json!({"name": "int8", "weights": {"format": "int8"}})), &["Q8_0"]),

@@ -125,6 +125,14 @@ fn packed_tiers<D: Device>(backend: impl Fn() -> GpuBackend<D>) {
             5e-3,
             0.85,
         ),
+        // FP8 with one scale per 32 columns of a row (every matrix, the tied embedding/LM head included), f16
+        // KV: the same codes and scales on both sides, so only the inputs' rounding differs (bf16 on the CPU,
+        // f16 on the GPU). Measured 1.5e-4 mean KLD, top-1 19/19, x6 margin.
+        (
+            r#"{"name":"fp8-g32","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":32},"kvCache":{"dtype":"fp16"}}"#,
+            1e-3,
+            0.95,
+        ),
         // INT4 g64 asymmetric layers, INT8 embeddings (a packed embedding, gathered from its f16 copy and
         // used as the tied LM head in its packed form), BF16 first layer (the 16-bit weight GEMV).
         // Budget: the GPU's f16 activations and KV, and the CPU's bf16 inputs to its INT4 and BF16 products
@@ -162,9 +170,6 @@ fn what_the_kernels_cannot_serve_is_refused_at_load() {
     let awq = tier(r#"{"name":"awq","weights":{"format":"int4","method":"awq"}}"#);
     let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &awq, &LoadOptions::default()));
     assert!(msg.contains("AWQ"), "{msg}");
-    let fp8_groups = tier(r#"{"name":"fp8g","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":32}}"#);
-    let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &fp8_groups, &LoadOptions::default()));
-    assert!(msg.contains("not per-group scales"), "{msg}");
     let int8_kv = tier(r#"{"name":"kv8","weights":{"format":"int8"},"kvCache":{"dtype":"int8"}}"#);
     let msg = err(Engine::open_gpu_tier(emulated(), &path, None, &int8_kv, &LoadOptions::default()));
     assert!(msg.contains("not int8"), "{msg}");

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
-use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
+use quantfleet_kernels::ops::gemv::{Fp8Scales, GemvShape, GemvWeights, gemv};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
 use quantfleet_quant::int4::quantize_int4;
 use quantfleet_quant::int8::quantize_int8;
@@ -45,10 +45,21 @@ fn run_gemv<D: Device>(dev: &D, weights: GemvWeights<'_>, act: Act, shape: GemvS
 fn gemv_fp8_matches_reference<D: Device>(dev: &D) {
     for (i, &(n, k, batch)) in SHAPES.iter().enumerate() {
         for act in [Act::F16, Act::Bf16] {
-            for per_channel in [true, false] {
+            let groups = |g| (Fp8Scales::PerGroup(g), Fp8Scaling::PerGroup(std::num::NonZeroUsize::new(g).unwrap()));
+            let layouts = [
+                (Fp8Scales::PerChannel, Fp8Scaling::PerRow),
+                (Fp8Scales::PerTensor, Fp8Scaling::PerTensor),
+                groups(32),
+                groups(128),
+            ];
+            for (scales_layout, scaling) in layouts {
                 let shape = GemvShape { n, k, batch };
-                let w = synthetic(10 + i as u64, n * k, 0.05);
-                let scaling = if per_channel { Fp8Scaling::PerRow } else { Fp8Scaling::PerTensor };
+                // Row magnitudes that vary along the row, so a misplaced group scale shows.
+                let w: Vec<f32> = synthetic(10 + i as u64, n * k, 0.05)
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| v * (1.0 + ((j % k) / 32 % 5) as f32))
+                    .collect();
                 let q = quantize_fp8(&MatrixRef::new("w", &w, n, k).unwrap(), Fp8Format::E4M3, scaling).unwrap();
                 let mut w_hat = vec![0f32; n * k];
                 for r in 0..n {
@@ -59,19 +70,13 @@ fn gemv_fp8_matches_reference<D: Device>(dev: &D) {
                 let scales = up(dev, &f32_bytes(&q.scales));
                 let got = run_gemv(
                     dev,
-                    GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel },
+                    GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: scales_layout },
                     act,
                     shape,
                     &xbytes,
                 );
                 let (want, budget) = reference(&x, &w_hat, shape);
-                assert_close(
-                    &format!("fp8 {shape:?} {act:?} per_channel={per_channel}"),
-                    &got,
-                    &want,
-                    out_eps(act),
-                    &budget,
-                );
+                assert_close(&format!("fp8 {shape:?} {act:?} {scales_layout:?}"), &got, &want, out_eps(act), &budget);
             }
         }
     }
@@ -83,11 +88,22 @@ fn gemv_refuses_short_buffers_and_empty_shapes<D: Device>(dev: &D) {
     let scales = up(dev, &[0u8; 16]);
     let x = up(dev, &[0u8; 34]);
     let y = out(dev, 8);
-    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: Fp8Scales::PerChannel };
     let err = gemv(w, Act::F16, shape, &x, &y).unwrap_err();
     assert!(err.to_string().contains("codes"), "{err}");
-    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true };
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: Fp8Scales::PerChannel };
     assert!(gemv(w, Act::F16, GemvShape { n: 0, k: 17, batch: 1 }, &x, &y).is_err());
+    // Per-group scales: one per (row, group), so 4 rows of 17 columns in groups of 32 need 4 (16 bytes
+    // pass), in groups of 16 the group is refused.
+    let codes = up(dev, &[0u8; 4 * 17]);
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: Fp8Scales::PerGroup(32) };
+    assert!(gemv(w, Act::F16, shape, &x, &y).is_ok());
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: Fp8Scales::PerGroup(16) };
+    let err = gemv(w, Act::F16, shape, &x, &y).unwrap_err();
+    assert!(err.to_string().contains("group size 16"), "{err}");
+    let short = up(dev, &[0u8; 12]);
+    let w = GemvWeights::Fp8 { codes: &codes, scales: &short, scaling: Fp8Scales::PerGroup(32) };
+    assert!(gemv(w, Act::F16, shape, &x, &y).unwrap_err().to_string().contains("scales"));
 }
 
 fn gemv_int8_matches_reference<D: Device>(dev: &D) {

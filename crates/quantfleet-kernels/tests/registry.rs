@@ -20,15 +20,16 @@ fn emulator_reports_bad_launches() {
     let config = LaunchConfig { grid: [1, 1, 1], block: [128, 1, 1], shared_mem_bytes: 0 };
     let mut launch = Launch { module: "gemv_fp8", kernel: "gemv_fp8_f16_bt1", config, args: vec![KernelArg::U32(1)] };
     let err = EmuRunner.launch(&launch).unwrap_err().to_string();
-    assert!(err.contains("takes 8 arguments, got 1"), "{err}");
+    assert!(err.contains("takes 9 arguments, got 1"), "{err}");
     launch.kernel = "no_such_kernel";
     assert!(EmuRunner.launch(&launch).unwrap_err().to_string().contains("unknown kernel"));
     launch.kernel = "gemv_fp8_f16_bt1";
     let p = KernelArg::Ptr(buf_addr(&buf));
-    launch.args = vec![p, p, p, p, p, KernelArg::U32(1), KernelArg::U32(1), KernelArg::U32(1)];
+    launch.args = vec![p, p, p, p, p, p, KernelArg::U32(1), KernelArg::U32(1), KernelArg::U32(1)];
     let err = EmuRunner.launch(&launch).unwrap_err().to_string();
     assert!(err.contains("argument 2 has 8 bytes, the kernel expects 4"), "{err}");
-    launch.args = vec![p, p, KernelArg::U32(0), p, p, KernelArg::U32(1), KernelArg::U32(1), KernelArg::U32(1)];
+    let (zero, one) = (KernelArg::U32(0), KernelArg::U32(1));
+    launch.args = vec![p, p, zero, zero, p, p, one, one, one];
     launch.config.block = [2048, 1, 1];
     assert!(EmuRunner.launch(&launch).unwrap_err().to_string().contains("1..=1024 threads"));
 }

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use half::f16;
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::attention::{self as attn, KvAppendTarget, PagedLayout};
-use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
+use quantfleet_kernels::ops::gemv::{Fp8Scales, GemvShape, GemvWeights, gemv};
 use quantfleet_kernels::ops::layers;
 use quantfleet_kernels::{Device, KernelError, Launch};
 
@@ -107,10 +107,26 @@ pub struct GpuMatrix<D: Device> {
 }
 
 enum Weights<D: Device> {
-    Half { w: D::Buffer, bf16: bool },
-    Fp8 { codes: D::Buffer, scales: D::Buffer },
-    Int8 { codes: D::Buffer, scales: D::Buffer },
-    Int4 { packed: D::Buffer, scales: D::Buffer, zeros: Option<D::Buffer>, group: usize },
+    Half {
+        w: D::Buffer,
+        bf16: bool,
+    },
+    /// Scales per row, or per (row, group of `group` columns).
+    Fp8 {
+        codes: D::Buffer,
+        scales: D::Buffer,
+        group: Option<usize>,
+    },
+    Int8 {
+        codes: D::Buffer,
+        scales: D::Buffer,
+    },
+    Int4 {
+        packed: D::Buffer,
+        scales: D::Buffer,
+        zeros: Option<D::Buffer>,
+        group: usize,
+    },
 }
 
 impl<D: Device> GpuMatrix<D> {
@@ -121,7 +137,10 @@ impl<D: Device> GpuMatrix<D> {
     fn gemv_weights(&self) -> GemvWeights<'_> {
         match &self.weights {
             Weights::Half { w, bf16 } => GemvWeights::Half { w, bf16: *bf16 },
-            Weights::Fp8 { codes, scales } => GemvWeights::Fp8 { codes, scales, per_channel: true },
+            Weights::Fp8 { codes, scales, group } => {
+                let scaling = group.map_or(Fp8Scales::PerChannel, Fp8Scales::PerGroup);
+                GemvWeights::Fp8 { codes, scales, scaling }
+            }
             Weights::Int8 { codes, scales } => GemvWeights::Int8 { codes, scales },
             Weights::Int4 { packed, scales, zeros, group } => GemvWeights::Int4 {
                 packed,
@@ -361,20 +380,9 @@ impl<D: Device> Engine<GpuBackend<D>> {
         let kv_dtype = crate::tier::kv_dtype(tier)?;
         check_kv_dtype(kv_dtype)?;
         let awq = quantfleet_api::vocab::QuantMethod::Awq;
-        let specs = || std::iter::once(&tier.weights).chain(tier.layer_overrides.iter().map(|o| &o.weights));
-        if specs().any(|w| w.method == awq) {
+        if tier.weights.method == awq || tier.layer_overrides.iter().any(|o| o.weights.method == awq) {
             return Err(unsupported(format!(
                 "has no kernel for AWQ input scales (tier {}): use RTN or GPTQ",
-                tier.name
-            )));
-        }
-        let fp8_groups = |w: &quantfleet_api::model::WeightSpec| {
-            w.format == quantfleet_api::vocab::WeightFormat::Fp8E4m3
-                && w.effective_scaling() == Some(quantfleet_api::vocab::WeightScaling::PerGroup)
-        };
-        if specs().any(fp8_groups) {
-            return Err(unsupported(format!(
-                "has FP8 kernels with one scale per row, not per-group scales (tier {}): use per-channel scaling",
                 tier.name
             )));
         }
@@ -443,11 +451,9 @@ impl<D: Device> Backend for GpuBackend<D> {
         let format = p.format.name();
         let weights = match p.format {
             PackedFormat::Bf16 => Weights::Half { w: self.upload(&p.data)?, bf16: true },
-            PackedFormat::Fp8E4m3 { group: Some(g) } => {
-                return Err(unsupported(format!("has FP8 kernels with one scale per row, not per group of {g}")));
-            }
-            PackedFormat::Fp8E4m3 { group: None } => {
-                Weights::Fp8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.f32_scales))? }
+            // The row layout: scales per row, or per (row, group) in row order, as the kernel reads them.
+            PackedFormat::Fp8E4m3 { group } => {
+                Weights::Fp8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.f32_scales))?, group }
             }
             PackedFormat::Int8 => {
                 Weights::Int8 { codes: self.upload(&p.data)?, scales: self.upload(&f32_bytes(&p.f32_scales))? }

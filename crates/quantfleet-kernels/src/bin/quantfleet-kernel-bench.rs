@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use quantfleet_kernels::cuda::{CudaRunner, probe};
 use quantfleet_kernels::ops::Act;
 use quantfleet_kernels::ops::attention::{KvCache, PagedLayout, attn_decode};
-use quantfleet_kernels::ops::gemv::{GemvShape, GemvWeights, gemv};
+use quantfleet_kernels::ops::gemv::{Fp8Scales, GemvShape, GemvWeights, gemv};
 use quantfleet_kernels::{Launch, Result};
 
 const HBM_BYTES_PER_S: f64 = 3.35e12;
@@ -48,8 +48,13 @@ fn run(iters: u32) -> Result<()> {
             let scales = r.upload(&vec![0; 4 * n * k.div_ceil(128)])?;
             let packed = r.upload(&vec![0x99; n * k.div_ceil(2)])?;
             let act_bytes = (2 * batch * (k + n)) as f64;
-            let fp8 =
-                gemv(GemvWeights::Fp8 { codes: &codes, scales: &scales, per_channel: true }, Act::F16, shape, &x, &y)?;
+            let fp8 = gemv(
+                GemvWeights::Fp8 { codes: &codes, scales: &scales, scaling: Fp8Scales::PerChannel },
+                Act::F16,
+                shape,
+                &x,
+                &y,
+            )?;
             report(&r, &format!("gemv fp8  {n}x{k} batch {batch}"), &fp8, (n * k + 4 * n) as f64 + act_bytes, iters)?;
             let int8 = gemv(GemvWeights::Int8 { codes: &codes, scales: &scales }, Act::F16, shape, &x, &y)?;
             report(&r, &format!("gemv int8 {n}x{k} batch {batch}"), &int8, (n * k + 4 * n) as f64 + act_bytes, iters)?;

@@ -25,8 +25,8 @@ pub struct GemvShape {
 
 /// Packed weights and their scales.
 pub enum GemvWeights<'a> {
-    /// E4M3 codes `[n x k]`; f32 scales, one per row (`per_channel`) or one for the tensor.
-    Fp8 { codes: &'a dyn DeviceBuffer, scales: &'a dyn DeviceBuffer, per_channel: bool },
+    /// E4M3 codes `[n x k]`; f32 scales as `scaling` lays them out.
+    Fp8 { codes: &'a dyn DeviceBuffer, scales: &'a dyn DeviceBuffer, scaling: Fp8Scales },
     /// int8 codes `[n x k]`; f32 scale per row.
     Int8 { codes: &'a dyn DeviceBuffer, scales: &'a dyn DeviceBuffer },
     /// INT4 nibbles `[n x ceil(k/2)]` (element 2j in the low nibble of byte j), f32 scale per
@@ -39,6 +39,17 @@ pub enum GemvWeights<'a> {
     },
     /// 16-bit weights `[n x k]` (no scales): IEEE half (`bf16: false`) or bfloat16.
     Half { w: &'a dyn DeviceBuffer, bf16: bool },
+}
+
+/// How an FP8 matrix's f32 scales are laid out (quantfleet-quant's `Fp8Matrix::scales`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Scales {
+    /// One scale for the matrix.
+    PerTensor,
+    /// One scale per row.
+    PerChannel,
+    /// One scale per `group` consecutive columns of a row (32, 64, 128 or 256), `ceil(k / group)` per row.
+    PerGroup(usize),
 }
 
 fn kernel_name(module: &'static str, fmt: &str, act: Act, batch: usize) -> Result<&'static str> {
@@ -79,12 +90,25 @@ pub fn gemv(
     let y_arg = buffer_arg(what, "y", y, batch * n * 2)?;
     let tail = [x_arg, y_arg, crate::KernelArg::U32(n32), crate::KernelArg::U32(k32), crate::KernelArg::U32(b32)];
     let (module, kernel, mut args) = match weights {
-        GemvWeights::Fp8 { codes, scales, per_channel } => {
+        GemvWeights::Fp8 { codes, scales, scaling } => {
             let kernel = kernel_name("gemv_fp8", "fp8", act, batch)?;
+            // (scales, stride of the per-row scale, log2 of the group: 0 without groups)
+            let (count, stride, shift) = match scaling {
+                Fp8Scales::PerTensor => (1, 0, 0),
+                Fp8Scales::PerChannel => (n, 1, 0),
+                Fp8Scales::PerGroup(g @ (32 | 64 | 128 | 256)) => (n * k.div_ceil(g), 0, g.trailing_zeros()),
+                Fp8Scales::PerGroup(g) => {
+                    return Err(KernelError::InvalidShape {
+                        kernel,
+                        reason: format!("FP8 scale group size {g} (use 32, 64, 128 or 256)"),
+                    });
+                }
+            };
             let args = vec![
                 buffer_arg(kernel, "codes", codes, n * k)?,
-                buffer_arg(kernel, "scales", scales, 4 * if per_channel { n } else { 1 })?,
-                crate::KernelArg::U32(per_channel as u32),
+                buffer_arg(kernel, "scales", scales, 4 * count)?,
+                crate::KernelArg::U32(stride),
+                crate::KernelArg::U32(shift),
             ];
             ("gemv_fp8", kernel, args)
         }
