@@ -464,19 +464,28 @@ fn x86_kind(m: &PackedMatrix) -> x86::PackedKind<'_> {
     }
 }
 
-/// The x86 rows of weight-only tiers: the hand-written one-token kernels `dot_packed` (BF16/FP8/INT8) and
-/// `dot_int4` of one instruction set (`lanes` wide), the portable body for shapes they do not take.
+/// The one-token kernels of one x86 instruction set for [`rows_x86`], `lanes` wide: `dot_packed`
+/// (BF16/FP8/INT8 row · x, before the row scale), `dot_fp8_groups` (an FP8 row with scale groups: row, x,
+/// the row's scales, span) and `dot_int4` (an INT4 row with its scales and zero points, and the group size).
+#[cfg(target_arch = "x86_64")]
+struct X86Kernels<P, G, I> {
+    lanes: usize,
+    dot_packed: P,
+    dot_fp8_groups: G,
+    dot_int4: I,
+}
+
+/// The x86 rows of weight-only tiers through the hand-written one-token kernels of one instruction set, the
+/// portable body for shapes they do not take.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn rows_x86(
-    m: &PackedMatrix,
-    p: &Prepared,
-    r0: usize,
-    out: &mut [f32],
-    lanes: usize,
-    dot_packed: impl Fn(x86::PackedKind<'_>, &[u8], &[f32]) -> f32,
-    dot_int4: impl Fn(&[u8], &[f16], Option<&[u8]>, usize) -> f32,
-) {
+fn rows_x86<P, G, I>(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], kernels: X86Kernels<P, G, I>)
+where
+    P: Fn(x86::PackedKind<'_>, &[u8], &[f32]) -> f32,
+    G: Fn(&[u8], &[f32], &[f32], usize) -> f32,
+    I: Fn(&[u8], &[f16], Option<&[u8]>, usize) -> f32,
+{
+    let X86Kernels { lanes, dot_packed, dot_fp8_groups, dot_int4 } = kernels;
     let int4 = matches!(m.format, PackedFormat::Int4 { .. });
     if (int4 && !p.interleaved_fast) || !m.cols.is_multiple_of(lanes) || m.layout != PackedLayout::Rows {
         return rows_body(m, p, r0, out, |h| x86::f16_bits_to_f32(h.to_bits()));
@@ -491,10 +500,11 @@ fn rows_x86(
                 dot_int4(row, &scales[r * gpr..(r + 1) * gpr], zeros.map(|z| &z[r * gpr..(r + 1) * gpr]), group)
             }
             x86::PackedKind::Bf16 => dot_packed(kind, row, &p.x),
-            // Scale groups are multiples of 32 columns, so every group is whole vectors.
-            x86::PackedKind::Fp8 { .. } | x86::PackedKind::Int8(_) => {
-                scaled_groups(m, r, row, &p.x, |w, x| dot_packed(kind, w, x))
+            x86::PackedKind::Fp8 { scales, span } if span < m.cols => {
+                let gpr = m.scale_groups_per_row();
+                dot_fp8_groups(row, &p.x, &scales[r * gpr..(r + 1) * gpr], span)
             }
+            x86::PackedKind::Fp8 { scales: s, .. } | x86::PackedKind::Int8(s) => dot_packed(kind, row, &p.x) * s[r],
         };
     }
 }
@@ -513,10 +523,12 @@ fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     }
     // Closures defined here have this function's CPU features, so they may call the kernels.
     let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx512(kind, row, x);
+    let dot_fp8_groups =
+        |row: &[u8], x: &[f32], scales: &[f32], span: usize| x86::dot_fp8_groups_avx512(row, x, scales, span);
     let dot_int4 = |row: &[u8], scales: &[f16], zeros: Option<&[u8]>, group: usize| {
         x86::dot_int4_avx512(row, &p.x, scales, zeros, group)
     };
-    rows_x86(m, p, r0, out, 16, dot_packed, dot_int4)
+    rows_x86(m, p, r0, out, X86Kernels { lanes: 16, dot_packed, dot_fp8_groups, dot_int4 })
 }
 
 /// Rows of one token through the AVX-512 BF16 kernels (`p.xb` prepared, see [`bf16_dot`]).
@@ -645,10 +657,12 @@ fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
     }
     // Closures defined here have this function's CPU features, so they may call the kernels.
     let dot_packed = |kind: x86::PackedKind<'_>, row: &[u8], x: &[f32]| x86::dot_packed_avx2(kind, row, x);
+    let dot_fp8_groups =
+        |row: &[u8], x: &[f32], scales: &[f32], span: usize| x86::dot_fp8_groups_avx2(row, x, scales, span);
     let dot_int4 = |row: &[u8], scales: &[f16], zeros: Option<&[u8]>, group: usize| {
         x86::dot_int4_avx2(row, &p.x, &p.gsum, scales, zeros, group)
     };
-    rows_x86(m, p, r0, out, 8, dot_packed, dot_int4)
+    rows_x86(m, p, r0, out, X86Kernels { lanes: 8, dot_packed, dot_fp8_groups, dot_int4 })
 }
 
 fn rows_dispatch(level: SimdLevel, m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
@@ -712,12 +726,21 @@ pub(crate) fn dequantize_row_fast(m: &PackedMatrix, r: usize, out: &mut [f32]) {
                 *o = bf16_to_f32(c[0], c[1]);
             }
         }
-        PackedFormat::Fp8E4m3 { .. } => {
-            let (gpr, span) = (m.scale_groups_per_row(), m.scale_span());
-            for ((og, cg), s) in out.chunks_mut(span).zip(row.chunks(span)).zip(&m.f32_scales[r * gpr..]) {
-                for (o, &c) in og.iter_mut().zip(cg) {
-                    *o = e4m3_to_f32(c) * s;
-                }
+        PackedFormat::Fp8E4m3 { group: None } => {
+            let s = m.f32_scales[r];
+            for (o, &c) in out.iter_mut().zip(row) {
+                *o = e4m3_to_f32(c) * s;
+            }
+        }
+        PackedFormat::Fp8E4m3 { group: Some(g) } => {
+            // Decoded over the whole row, then scaled per group: two loops the compiler vectorizes (the
+            // same values as one multiply per element: every code is exact in f32).
+            for (o, &c) in out.iter_mut().zip(row) {
+                *o = e4m3_to_f32(c);
+            }
+            let gpr = m.scale_groups_per_row();
+            for (og, s) in out.chunks_mut(g).zip(&m.f32_scales[r * gpr..(r + 1) * gpr]) {
+                og.iter_mut().for_each(|o| *o *= s);
             }
         }
         PackedFormat::Int8 => {

@@ -657,6 +657,41 @@ pub(crate) fn dot_packed_avx512(kind: PackedKind<'_>, row: &[u8], x: &[f32]) -> 
     _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
 }
 
+/// One FP8 row with a scale per `span` columns (`scales`: the row's, in order) · x (`cols = x.len()`, a
+/// multiple of 16; `span` of 32): each group's products are summed in vectors and multiplied by the group's
+/// scale into one vector total (a register: its FMA chain is shorter than a group's decoding), so a row pays
+/// one horizontal sum, not one per group.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
+    let cols = x.len();
+    assert!(
+        cols.is_multiple_of(16) && span.is_multiple_of(32) && row.len() >= cols && scales.len() == cols.div_ceil(span),
+        "dot_fp8_groups shapes"
+    );
+    let kind = PackedKind::Fp8 { scales, span };
+    let (rp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut total = _mm512_setzero_ps();
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
+        let mut acc = [_mm512_setzero_ps(); 2];
+        // SAFETY: every decode and load covers columns c .. c + 16 <= end <= cols (asserted above).
+        unsafe {
+            while c + 32 <= end {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let cc = c + 16 * j;
+                    *a = _mm512_fmadd_ps(decode16(kind, rp, cc), _mm512_loadu_ps(xp.add(cc)), *a);
+                }
+                c += 32;
+            }
+            if c < end {
+                acc[0] = _mm512_fmadd_ps(decode16(kind, rp, c), _mm512_loadu_ps(xp.add(c)), acc[0]);
+            }
+        }
+        total = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_set1_ps(s), total);
+    }
+    _mm512_reduce_add_ps(total)
+}
+
 /// Several tokens (`NT`, up to 8) against rows `r0 .. r0 + nr` of a packed matrix: each group of 16 weights
 /// is decoded to f32 once and multiplied into the `NT` accumulators (one per token), so the weights are read
 /// and decoded once for the whole batch, not once per token. `x` holds `NT` rows of `cols` activations (INT4:
@@ -781,6 +816,40 @@ fn int4_block_avx2(p: *const u8, zero: __m256, scale: __m256) -> [__m256; 4] {
         let deq = |v: __m128i| _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), zero), scale);
         [deq(lo), deq(_mm_srli_si128(lo, 8)), deq(hi), deq(_mm_srli_si128(hi, 8))]
     }
+}
+
+/// AVX2 version of [`dot_fp8_groups_avx512`] (`cols` a multiple of 8).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_fp8_groups_avx2(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
+    let cols = x.len();
+    assert!(
+        cols.is_multiple_of(8) && span.is_multiple_of(32) && row.len() >= cols && scales.len() == cols.div_ceil(span),
+        "dot_fp8_groups shapes"
+    );
+    let kind = PackedKind::Fp8 { scales, span };
+    let (rp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut total = _mm256_setzero_ps();
+    for (g, &s) in scales.iter().enumerate() {
+        let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        // SAFETY: every decode and load covers columns c .. c + 8 <= end <= cols (asserted above).
+        unsafe {
+            while c + 32 <= end {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let cc = c + 8 * j;
+                    *a = _mm256_fmadd_ps(decode8(kind, rp, cc), _mm256_loadu_ps(xp.add(cc)), *a);
+                }
+                c += 32;
+            }
+            while c < end {
+                acc[0] = _mm256_fmadd_ps(decode8(kind, rp, c), _mm256_loadu_ps(xp.add(c)), acc[0]);
+                c += 8;
+            }
+        }
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        total = _mm256_fmadd_ps(sum, _mm256_set1_ps(s), total);
+    }
+    hsum256(total)
 }
 
 /// AVX2 version of [`dot_packed_avx512`] (`cols` a multiple of 8).
