@@ -658,9 +658,9 @@ pub(crate) fn dot_packed_avx512(kind: PackedKind<'_>, row: &[u8], x: &[f32]) -> 
 }
 
 /// One FP8 row with a scale per `span` columns (`scales`: the row's, in order) · x (`cols = x.len()`, a
-/// multiple of 16; `span` of 32): each group's products are summed in vectors and multiplied by the group's
-/// scale into one vector total (a register: its FMA chain is shorter than a group's decoding), so a row pays
-/// one horizontal sum, not one per group.
+/// multiple of 16; `span` of 32): each decoded weight is multiplied by its group's scale (the reference's
+/// dequantized value, exactly) and summed into four accumulators that run across the groups, so the groups
+/// cost one multiply per vector and no reductions.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
     let cols = x.len();
@@ -670,26 +670,31 @@ pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span:
     );
     let kind = PackedKind::Fp8 { scales, span };
     let (rp, xp) = (row.as_ptr(), x.as_ptr());
-    let mut total = _mm512_setzero_ps();
+    let mut acc = [_mm512_setzero_ps(); 4];
     for (g, &s) in scales.iter().enumerate() {
+        let s = _mm512_set1_ps(s);
         let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
-        let mut acc = [_mm512_setzero_ps(); 2];
         // SAFETY: every decode and load covers columns c .. c + 16 <= end <= cols (asserted above).
         unsafe {
-            while c + 32 <= end {
+            while c + 64 <= end {
                 for (j, a) in acc.iter_mut().enumerate() {
                     let cc = c + 16 * j;
-                    *a = _mm512_fmadd_ps(decode16(kind, rp, cc), _mm512_loadu_ps(xp.add(cc)), *a);
+                    let w = _mm512_mul_ps(decode16(kind, rp, cc), s);
+                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(cc)), *a);
                 }
-                c += 32;
+                c += 64;
             }
-            if c < end {
-                acc[0] = _mm512_fmadd_ps(decode16(kind, rp, c), _mm512_loadu_ps(xp.add(c)), acc[0]);
+            // A group of 32 (or a short last group): its vectors into alternating accumulators.
+            let mut j = 0;
+            while c < end {
+                let w = _mm512_mul_ps(decode16(kind, rp, c), s);
+                acc[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(c)), acc[j]);
+                j ^= 1;
+                c += 16;
             }
         }
-        total = _mm512_fmadd_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_set1_ps(s), total);
     }
-    _mm512_reduce_add_ps(total)
+    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
 }
 
 /// Several tokens (`NT`, up to 8) against rows `r0 .. r0 + nr` of a packed matrix: each group of 16 weights
@@ -828,28 +833,28 @@ pub(crate) fn dot_fp8_groups_avx2(row: &[u8], x: &[f32], scales: &[f32], span: u
     );
     let kind = PackedKind::Fp8 { scales, span };
     let (rp, xp) = (row.as_ptr(), x.as_ptr());
-    let mut total = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); 4];
     for (g, &s) in scales.iter().enumerate() {
+        let s = _mm256_set1_ps(s);
         let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
-        let mut acc = [_mm256_setzero_ps(); 4];
         // SAFETY: every decode and load covers columns c .. c + 8 <= end <= cols (asserted above).
         unsafe {
             while c + 32 <= end {
                 for (j, a) in acc.iter_mut().enumerate() {
                     let cc = c + 8 * j;
-                    *a = _mm256_fmadd_ps(decode8(kind, rp, cc), _mm256_loadu_ps(xp.add(cc)), *a);
+                    let w = _mm256_mul_ps(decode8(kind, rp, cc), s);
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(cc)), *a);
                 }
                 c += 32;
             }
             while c < end {
-                acc[0] = _mm256_fmadd_ps(decode8(kind, rp, c), _mm256_loadu_ps(xp.add(c)), acc[0]);
+                let w = _mm256_mul_ps(decode8(kind, rp, c), s);
+                acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(c)), acc[0]);
                 c += 8;
             }
         }
-        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        total = _mm256_fmadd_ps(sum, _mm256_set1_ps(s), total);
     }
-    hsum256(total)
+    hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
 }
 
 /// AVX2 version of [`dot_packed_avx512`] (`cols` a multiple of 8).
