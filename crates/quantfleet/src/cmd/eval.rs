@@ -35,8 +35,9 @@ pub struct Args {
     /// Data directory made by `scripts/fetch-eval-data.sh`.
     #[arg(long)]
     data: PathBuf,
-    /// QuantizedModel whose tiers are evaluated; `int8`, `int8-kv8` and `fp8-gptq` (GPTQ, bf16 embedding/lm_head)
-    /// tiers are added unless it has tiers of those names.
+    /// QuantizedModel whose tiers are evaluated; `int8`, `int8-kv8`, `fp8-g32` (FP8 with a scale per 32
+    /// weights) and `fp8-gptq` (GPTQ), both with a bf16 embedding/lm_head, are added unless it has tiers of
+    /// those names.
     #[arg(long, default_value = "deploy/samples/smollm2-135m.quantizedmodel.yaml")]
     tiers: PathBuf,
     /// Evaluate only these tiers (repeatable; default all).
@@ -197,7 +198,8 @@ fn perplexity(e: &Engine<CpuBackend>, chunks: &[Vec<u32>]) -> Result<f64> {
     Ok((total / count as f64).exp())
 }
 
-/// The tiers evaluated: the model file's, plus INT8 weights with fp16 and FP8 KV and the GPTQ FP8 tier.
+/// The tiers evaluated: the model file's, plus INT8 weights with fp16 and FP8 KV and the FP8 tiers that meet
+/// the mean-KLD target (per-group scales, GPTQ).
 fn tiers(args: &Args) -> Result<Vec<TierSpec>> {
     let text = std::fs::read_to_string(&args.tiers).with_context(|| format!("reading {}", args.tiers.display()))?;
     let model: QuantizedModel =
@@ -206,8 +208,10 @@ fn tiers(args: &Args) -> Result<Vec<TierSpec>> {
     for extra in [
         r#"{"name":"int8","weights":{"format":"int8"}}"#,
         r#"{"name":"int8-kv8","weights":{"format":"int8"},"kvCache":{"dtype":"fp8-e4m3"}}"#,
-        // FP8 weights rounded by GPTQ on the bundled calibration text, the tied embedding/lm_head kept at
-        // bf16 (as FP8 checkpoints keep lm_head unquantized).
+        // FP8 weights with one scale per 32 weights of a row, or rounded by GPTQ on the bundled calibration
+        // text; the tied embedding/lm_head kept at bf16 (as FP8 checkpoints keep lm_head unquantized).
+        r#"{"name":"fp8-g32","weights":{"format":"fp8-e4m3","scaling":"per-group","groupSize":32},
+            "layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]}"#,
         r#"{"name":"fp8-gptq","weights":{"format":"fp8-e4m3","method":"gptq"},
             "layerOverrides":[{"embeddings":true,"lmHead":true,"weights":{"format":"bf16"}}]}"#,
     ] {
