@@ -5,9 +5,10 @@
 //!   at the end of the run; the best figure is the roofline's denominator);
 //! * every tier (bf16, fp8 with per-row and per-group-32 scales, int8, int4 g128 RTN/AWQ/GPTQ, the
 //!   INT8-activation tiers int8-a8 and int4-a8 g32 sym/asym that do llama.cpp's own arithmetic, and the GGUF
-//!   file's own Q4_1/Q8_0 weights) is loaded in a child process of its own, which measures prefill and decode tokens/s at batch 1 and at
-//!   batch B (B sequences prefilled together, then decoding one token each per step), the resident memory
-//!   after loading and at the end (VmRSS, VmHWM), and the fit planner's weight and KV figures for the tier;
+//!   file's own Q4_1/Q8_0 weights) is loaded in a child process of its own, which measures prefill and
+//!   decode tokens/s at batch 1 and at batch B (B sequences prefilled together, then decoding one token each
+//!   per step), the resident memory after loading and at the end (VmRSS, VmHWM), and the fit planner's
+//!   weight and KV figures for the tier;
 //! * llama.cpp runs on the same GGUF at comparable bits (BF16 and Q8_0 requantized from the file for the
 //!   16- and 8-bit tiers, the native Q4_1 file and a Q4_0 requantization for 4-bit): `llama-bench` for batch 1
 //!   and `llama-batched-bench` for B parallel sequences, with the same prompt length, generated tokens and

@@ -1,7 +1,8 @@
 //! Weight matrices quantized at load for a precision tier: BF16, FP8 E4M3 (one f32 scale per output row, or
-//! per group of 32-256 input features), INT8 (one f32 scale per output row) and INT4 (groups of 32-256 input features, one f16 scale per group,
-//! a u8 zero point per group when asymmetric). This is the host-side, backend-neutral form: the CPU backend
-//! computes on it directly (`cpu/packed_kernels.rs`), a GPU backend copies it to the device.
+//! per group of 32-256 input features), INT8 (one f32 scale per output row) and INT4 (groups of 32-256 input
+//! features, one f16 scale per group, a u8 zero point per group when asymmetric). This is the host-side,
+//! backend-neutral form: the CPU backend computes on it directly (`cpu/packed_kernels.rs`), a GPU backend
+//! copies it to the device.
 //!
 //! Layout (row-major, `rows` = output features, `cols` = input features):
 //! * BF16: 2 bytes per element, little endian.
@@ -696,7 +697,8 @@ mod tests {
     /// The CPU's interleaved layouts hold the same values: every row dequantizes as in the row layout (the
     /// re-ordering loops and the reference's addressing are written independently), for INT4 with symmetric
     /// and asymmetric groups of 32-256 (a group cut short at the row end included) and for BF16, INT8 and FP8
-    /// (per-row and per-group scales) in sixteen rows; matrices a layout does not fit are refused with a clear error. SYNTHETIC weights.
+    /// (per-row and per-group scales) in sixteen rows; matrices a layout does not fit are refused with a clear
+    /// error. SYNTHETIC weights.
     #[test]
     fn interleaved_layouts_hold_the_same_values() {
         for (group, symmetric, rows, cols) in
