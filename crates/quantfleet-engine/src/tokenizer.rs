@@ -29,6 +29,10 @@ pub struct Tokenizer {
     special_ids: HashSet<u32>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// Whether prompts start with BOS ([`Self::encode_prompt`]): GGUF `tokenizer.ggml.add_bos_token`; Hugging
+    /// Face `add_bos_token` of tokenizer_config.json, else whether tokenizer.json's post-processor puts BOS
+    /// first (Llama 3's does). False for SmolLM2.
+    pub add_bos: bool,
     chat_template: Option<ChatTemplate>,
 }
 
@@ -98,12 +102,23 @@ impl Tokenizer {
             Some(src) => Some(ChatTemplate::parse(src)?),
             None => None,
         };
+        let bos_id = id_key("tokenizer.ggml.bos_token_id");
+        let add_bos = match g.metadata("tokenizer.ggml.add_bos_token") {
+            None => false,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                tok_err(format!("tokenizer.ggml.add_bos_token is a {}, expected a bool", v.type_name()))
+            })?,
+        };
+        if add_bos && bos_id.is_none() {
+            return Err(tok_err("tokenizer.ggml.add_bos_token is true but the file names no bos_token_id"));
+        }
         Ok(Self {
             inner,
             vocab_size: tokens.len(),
             special_ids,
-            bos_id: id_key("tokenizer.ggml.bos_token_id"),
+            bos_id,
             eos_id: id_key("tokenizer.ggml.eos_token_id"),
+            add_bos,
             chat_template,
         })
     }
@@ -167,7 +182,23 @@ impl Tokenizer {
                 ));
             }
         };
-        Ok(Self { inner, vocab_size, special_ids, bos_id: bos.or(bos_id), eos_id: eos.or(eos_id), chat_template })
+        let bos_id = bos.or(bos_id);
+        let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")).filter(|v| !v.is_null()) {
+            Some(v) => v.as_bool().ok_or_else(|| tok_err(format!("tokenizer_config.json: add_bos_token is {v}")))?,
+            // No setting: what the post-processor does to a text (transformers adds special tokens by default).
+            None => match bos_id {
+                Some(b) => {
+                    let with = inner.encode_fast("a", true).map_err(tok_err)?;
+                    let without = inner.encode_fast("a", false).map_err(tok_err)?;
+                    with.get_ids().first() == Some(&b) && without.get_ids().first() != Some(&b)
+                }
+                None => false,
+            },
+        };
+        if add_bos && bos_id.is_none() {
+            return Err(tok_err("tokenizer_config.json: add_bos_token is true but no BOS token is named"));
+        }
+        Ok(Self { inner, vocab_size, special_ids, bos_id, eos_id: eos.or(eos_id), add_bos, chat_template })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -178,6 +209,19 @@ impl Tokenizer {
     /// BOS added (`tokenizer.ggml.add_bos_token` is false for SmolLM2), matching `llama-tokenize --parse-special`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// The ids of a prompt: [`Self::encode`], with BOS first when the model adds one ([`Self::add_bos`]) and the
+    /// text does not already start with it (a chat template that writes `{{ bos_token }}`), as llama.cpp and
+    /// transformers do; a continuation scored after a prompt is [`Self::encode`]d.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
@@ -208,5 +252,40 @@ impl Tokenizer {
             ids.push(id);
         }
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::SyntheticGguf;
+
+    /// A SYNTHETIC byte-level BPE vocabulary (no merges): `a`, `b`, and the control token `<s>`.
+    fn gguf(extra: impl FnOnce(SyntheticGguf) -> SyntheticGguf) -> Result<Tokenizer> {
+        let g = SyntheticGguf::new()
+            .string("tokenizer.ggml.model", "gpt2")
+            .string("tokenizer.ggml.pre", "smollm")
+            .str_array("tokenizer.ggml.tokens", &["a", "b", "<s>"])
+            .str_array("tokenizer.ggml.merges", &[])
+            .i32_array("tokenizer.ggml.token_type", &[1, 1, 3]);
+        Tokenizer::from_gguf(&GgufFile::from_bytes(extra(g).build()).unwrap())
+    }
+
+    #[test]
+    fn prompts_start_with_bos_only_when_the_file_says_so() {
+        let plain = gguf(|g| g.u32("tokenizer.ggml.bos_token_id", 2)).unwrap();
+        assert!(!plain.add_bos, "llama.cpp's default for BPE vocabularies");
+        assert_eq!(plain.encode_prompt("ab").unwrap(), vec![0, 1]);
+        let bos = gguf(|g| g.u32("tokenizer.ggml.bos_token_id", 2).bool("tokenizer.ggml.add_bos_token", true)).unwrap();
+        assert!(bos.add_bos);
+        assert_eq!(bos.encode("ab").unwrap(), vec![0, 1], "plain encoding never adds it");
+        assert_eq!(bos.encode_prompt("ab").unwrap(), vec![2, 0, 1]);
+        assert_eq!(bos.encode_prompt("<s>ab").unwrap(), vec![2, 0, 1], "a template's own BOS is not doubled");
+        let off = gguf(|g| g.u32("tokenizer.ggml.bos_token_id", 2).bool("tokenizer.ggml.add_bos_token", false));
+        assert!(!off.unwrap().add_bos);
+        let err = gguf(|g| g.bool("tokenizer.ggml.add_bos_token", true)).unwrap_err().to_string();
+        assert!(err.contains("no bos_token_id"), "{err}");
+        let err = gguf(|g| g.u32("tokenizer.ggml.bos_token_id", 2).u32("tokenizer.ggml.add_bos_token", 1));
+        assert!(err.unwrap_err().to_string().contains("expected a bool"));
     }
 }

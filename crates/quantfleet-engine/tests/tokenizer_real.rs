@@ -16,8 +16,11 @@ fn ids_match_llama_cpp_on_every_oracle_prompt() {
     let tok = tokenizer();
     let cases = common::oracle_cases();
     assert_eq!(cases.len(), 9);
+    // SmolLM2 adds no BOS (`tokenizer.ggml.add_bos_token` false), so a prompt's ids are its text's.
+    assert!(!tok.add_bos);
     for case in &cases {
         assert_eq!(tok.encode(&case.text).unwrap(), case.ids, "case {}", case.name);
+        assert_eq!(tok.encode_prompt(&case.text).unwrap(), case.ids, "case {}", case.name);
         assert_eq!(tok.decode(&case.ids, false).unwrap(), case.text, "round trip of {}", case.name);
     }
 }

@@ -126,7 +126,7 @@ impl NodeService {
         let kind = p.and_then(|p| p.kind).ok_or_else(|| invalid("prompt: required (text, tokens or chat)"))?;
         let tok = &r.engine.tokenizer();
         let (ids, text) = match kind {
-            pb::prompt::Kind::Text(t) => (tok.encode(&t).map_err(|e| invalid(format!("prompt.text: {e}")))?, t),
+            pb::prompt::Kind::Text(t) => (tok.encode_prompt(&t).map_err(|e| invalid(format!("prompt.text: {e}")))?, t),
             pb::prompt::Kind::Tokens(t) => {
                 let vocab = r.info.vocab_size;
                 if let Some(bad) = t.ids.iter().find(|&&id| id >= vocab) {
@@ -142,7 +142,7 @@ impl NodeService {
                     tok.chat_template().ok_or_else(|| invalid("prompt.chat: the model has no chat template"))?;
                 let msgs: Vec<ChatMessage> = c.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
                 let text = template.render(&msgs, true).map_err(|e| invalid(format!("prompt.chat: {e}")))?;
-                (tok.encode(&text).map_err(|e| invalid(format!("prompt.chat: {e}")))?, text)
+                (tok.encode_prompt(&text).map_err(|e| invalid(format!("prompt.chat: {e}")))?, text)
             }
         };
         if ids.is_empty() {

@@ -33,6 +33,12 @@ impl SyntheticGguf {
         self
     }
 
+    pub fn bool(mut self, key: &str, v: bool) -> Self {
+        self.key(key, 7);
+        self.kv.push(v as u8);
+        self
+    }
+
     pub fn string(mut self, key: &str, v: &str) -> Self {
         self.key(key, 8);
         put_str(&mut self.kv, v);

@@ -15,6 +15,7 @@ use crate::gguf::GgufFile;
 use crate::gguf::tests::SyntheticGguf;
 use crate::kv_cache::{KvCache, SeqKv};
 use crate::model::{Llama, LlamaConfig, Logits};
+use crate::tokenizer::Tokenizer;
 
 /// A synthetic safetensors image: tensors laid out back to back in the order given.
 fn build(tensors: &[(&str, &str, &[u64], &[u8])], metadata: Option<&str>) -> Vec<u8> {
@@ -457,6 +458,50 @@ fn engine_opens_an_hf_directory_with_its_tokenizer_and_chat_template() {
     let mut kv = engine.new_kv_cache(1 << 20).unwrap();
     let lp = engine.score(&mut kv, &[1, 2], &[3, 4]).unwrap();
     assert!(lp.iter().all(|p| p.is_finite() && *p < 0.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// BOS on prompts, as transformers adds it: `add_bos_token` of tokenizer_config.json when set, else what
+/// tokenizer.json's post-processor does (Llama 3 puts `<|begin_of_text|>` first there); never doubled when
+/// the text starts with it; a clear error when it is asked for without a BOS token or is not a bool.
+#[test]
+fn prompts_start_with_bos_when_the_tokenizer_adds_one() {
+    let dir = scratch("bos");
+    write_hf(&dir, &tiny_weights(true), true, 1, "F32");
+    let tok = |dir: &Path| Tokenizer::from_hf_dir(dir, None, None);
+    let plain = tok(&dir).unwrap();
+    assert!(!plain.add_bos);
+    assert_eq!(plain.encode_prompt("b c").unwrap(), vec![1, 2]);
+    let set_config = |config: serde_json::Value| {
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    };
+    set_config(serde_json::json!({"bos_token": "<|im_start|>", "add_bos_token": true}));
+    let bos = tok(&dir).unwrap();
+    assert!(bos.add_bos);
+    assert_eq!(bos.encode("b c").unwrap(), vec![1, 2]);
+    assert_eq!(bos.encode_prompt("b c").unwrap(), vec![8, 1, 2]);
+    assert_eq!(bos.encode_prompt("<|im_start|> b c").unwrap(), vec![8, 1, 2], "not doubled");
+    // No setting: the post-processor decides.
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    tokenizer["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [8], "tokens": ["<|im_start|>"]}},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    set_config(serde_json::json!({"bos_token": "<|im_start|>"}));
+    let post = tok(&dir).unwrap();
+    assert!(post.add_bos, "the post-processor puts BOS first");
+    assert_eq!(post.encode_prompt("b c").unwrap(), vec![8, 1, 2]);
+    set_config(serde_json::json!({"bos_token": "<|im_start|>", "add_bos_token": false}));
+    assert!(!tok(&dir).unwrap().add_bos, "an explicit setting wins");
+    set_config(serde_json::json!({"bos_token": "<|im_start|>", "add_bos_token": "yes"}));
+    assert!(tok(&dir).unwrap_err().to_string().contains("add_bos_token"));
+    set_config(serde_json::json!({"add_bos_token": true}));
+    assert!(tok(&dir).unwrap_err().to_string().contains("no BOS token"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

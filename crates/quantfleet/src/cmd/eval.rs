@@ -104,13 +104,13 @@ fn prompts(args: &Args, e: &Engine<CpuBackend>) -> Result<Vec<(&'static str, Vec
     let d = &args.data;
     let mut out = Vec::new();
     for q in jsonl(&d.join("truthfulqa.jsonl"))?.iter().take(n) {
-        out.push(("chat", e.tokenizer.encode(&chat(field(q, "question")?))?));
+        out.push(("chat", e.tokenizer.encode_prompt(&chat(field(q, "question")?))?));
     }
     for p in jsonl(&d.join("humaneval.jsonl"))?.iter().take(n) {
-        out.push(("code", e.tokenizer.encode(field(p, "prompt")?)?));
+        out.push(("code", e.tokenizer.encode_prompt(field(p, "prompt")?)?));
     }
     for p in jsonl(&d.join("gsm8k.jsonl"))?.iter().take(n) {
-        out.push(("math", e.tokenizer.encode(&chat(field(p, "prompt")?))?));
+        out.push(("math", e.tokenizer.encode_prompt(&chat(field(p, "prompt")?))?));
     }
     for case in jsonl(&d.join("bfcl_simple_python.json"))?.iter().take(n) {
         let user = case["question"][0][0]["content"].as_str().context("BFCL case without a question")?;
@@ -120,7 +120,7 @@ fn prompts(args: &Args, e: &Engine<CpuBackend>) -> Result<Vec<(&'static str, Vec
              Functions: {functions}<|im_end|>\n{}{{\"name\": \"",
             chat(user)
         );
-        out.push(("json", e.tokenizer.encode(&text)?));
+        out.push(("json", e.tokenizer.encode_prompt(&text)?));
     }
     let mut essays: Vec<PathBuf> =
         std::fs::read_dir(d.join("essays"))?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;

@@ -151,7 +151,7 @@ pub fn token_counter(gguf: &Path) -> Result<TokenCounter> {
     let tokenizer = quantfleet_engine::tokenizer::Tokenizer::from_gguf(&file)
         .with_context(|| format!("reading the tokenizer of {}", gguf.display()))?;
     Ok(Arc::new(move |text: &str| {
-        tokenizer.encode(text).map(|ids| ids.len()).unwrap_or_else(|_| text.len().div_ceil(4))
+        tokenizer.encode_prompt(text).map(|ids| ids.len()).unwrap_or_else(|_| text.len().div_ceil(4))
     }))
 }
 
