@@ -115,7 +115,9 @@ fn bf16_input(m: &PackedMatrix, xs: &[f32]) -> (Vec<u16>, Vec<f32>) {
 #[cfg(target_arch = "x86_64")]
 fn pair_rows16(m: &PackedMatrix) -> x86_bf16::PairRows16<'_> {
     let scales = (m.format != PackedFormat::Bf16).then_some(&m.f32_scales[..]);
-    x86_bf16::PairRows16 { bytes: &m.data, scales, span: m.scale_span(), rows: m.rows, cols: m.cols }
+    // A scale group wider than the row is the row (one scale per row).
+    let span = m.scale_span().min(m.cols);
+    x86_bf16::PairRows16 { bytes: &m.data, scales, span, rows: m.rows, cols: m.cols }
 }
 
 /// The interleaved INT4 matrix `m` for the `x86_bf16` kernels.
@@ -1142,7 +1144,7 @@ mod tests {
         #[cfg(not(target_arch = "x86_64"))]
         let bf16_cpu = false;
         for f in formats {
-            for (rows, cols) in [(16, 320), (48, 288), (32, 576), (70, 320), (33, 64), (3, 37)] {
+            for (rows, cols) in [(16, 320), (48, 288), (32, 576), (16, 64), (70, 320), (33, 64), (3, 37)] {
                 let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.2).collect();
                 let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
                 let mut m = PackedMatrix::from_quantized(&q).unwrap();
