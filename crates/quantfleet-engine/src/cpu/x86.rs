@@ -684,13 +684,16 @@ pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span:
                 }
                 c += 64;
             }
-            // A group of 32 (or a short last group): its vectors into alternating accumulators.
-            let mut j = 0;
-            while c < end {
-                let w = _mm512_mul_ps(decode16(kind, rp, c), s);
-                acc[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(c)), acc[j]);
-                j ^= 1;
-                c += 16;
+            // What is left is 0, 16, 32 or 48 columns (a group of 32, a short last group); constant indices
+            // keep the accumulators in registers.
+            if c + 32 <= end {
+                acc[0] = _mm512_fmadd_ps(_mm512_mul_ps(decode16(kind, rp, c), s), _mm512_loadu_ps(xp.add(c)), acc[0]);
+                let w = _mm512_mul_ps(decode16(kind, rp, c + 16), s);
+                acc[1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(c + 16)), acc[1]);
+                c += 32;
+            }
+            if c < end {
+                acc[2] = _mm512_fmadd_ps(_mm512_mul_ps(decode16(kind, rp, c), s), _mm512_loadu_ps(xp.add(c)), acc[2]);
             }
         }
     }
