@@ -14,13 +14,16 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use quantfleet_api::model::TierSpec;
+use quantfleet_engine::backend::Backend;
 use quantfleet_engine::cpu::CpuBackend;
+use quantfleet_engine::cuda::GpuBackend;
 use quantfleet_engine::gguf::sha256_hex;
-use quantfleet_engine::kv_cache::SeqKv;
+use quantfleet_engine::kv_cache::{KvDtype, SeqKv};
 use quantfleet_engine::model::Logits;
 use quantfleet_engine::sampler::SamplingParams;
 use quantfleet_engine::tier::LoadOptions;
 use quantfleet_engine::{Engine, GenerateRequest};
+use quantfleet_kernels::emu::EmuRunner;
 
 const SCRIPT: &str = include_str!("../tools/gguf_to_hf.py");
 
@@ -95,7 +98,7 @@ fn hf_engine() -> &'static Engine<CpuBackend> {
     E.get_or_init(|| Engine::open_cpu(hf_dir(), None).unwrap())
 }
 
-fn all_logits(e: &Engine<CpuBackend>, ids: &[u32]) -> Vec<f32> {
+fn all_logits<B: Backend>(e: &Engine<B>, ids: &[u32]) -> Vec<f32> {
     let mut kv = e.new_kv_cache(64 << 20).unwrap();
     let mut ws = e.model.new_workspace();
     let mut seq = SeqKv::default();
@@ -204,4 +207,26 @@ fn an_int8_tier_loads_from_the_hf_checkpoint_like_from_the_gguf() {
     let (a, b) = (all_logits(&g, &ids), all_logits(&h, &ids));
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff <= LOGIT_BOUND, "int8 tier: max |logit diff| {diff}");
+}
+
+/// The GPU backend opens the HF directory too (emulated here: the CUDA kernels' C++ build run on the CPU). The
+/// checkpoint's f32 weights become the same f16 matrices as the GGUF's dequantized ones, so the logits are
+/// identical; a tier re-quantizes the same f32 rows, so it stores the same formats and bytes and gives the
+/// same logits too.
+#[test]
+fn the_gpu_backend_opens_the_hf_checkpoint_like_the_gguf() {
+    let emulated = || GpuBackend::new(EmuRunner, "cuda-emulated");
+    let gguf = common::smollm2_path();
+    let ids = gguf_engine().tokenizer.encode("The quick brown fox").unwrap();
+    let g = Engine::open_gpu(emulated(), &gguf, None, KvDtype::F16).unwrap();
+    let h = Engine::open_gpu(emulated(), hf_dir(), None, KvDtype::F16).unwrap();
+    assert_eq!(h.model.config, g.model.config);
+    assert_eq!(all_logits(&h, &ids), all_logits(&g, &ids), "file formats");
+    let tier: TierSpec = serde_json::from_str(r#"{"name":"fp8","weights":{"format":"fp8-e4m3"}}"#).unwrap();
+    let opts = LoadOptions::default();
+    let g = Engine::open_gpu_tier(emulated(), &gguf, None, &tier, &opts).unwrap();
+    let h = Engine::open_gpu_tier(emulated(), hf_dir(), None, &tier, &opts).unwrap();
+    let (rg, rh) = (g.tier.as_ref().unwrap(), h.tier.as_ref().unwrap());
+    assert_eq!((&rh.formats, rh.weight_bytes), (&rg.formats, rg.weight_bytes));
+    assert_eq!(all_logits(&h, &ids), all_logits(&g, &ids), "fp8 tier");
 }

@@ -43,6 +43,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::KvDtype;
 use crate::model::{Layer, Llama, LlamaConfig};
 use crate::packed::{PackedFormat, PackedMatrix};
+use crate::safetensors::hf::HfCheckpoint;
 use crate::tier::LoadOptions;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightTensor;
@@ -354,9 +355,17 @@ impl<D: Device> GpuBackend<D> {
 }
 
 impl<D: Device> Engine<GpuBackend<D>> {
-    /// The model in its file's own formats (served as f16 weights) with a `kv_dtype` KV cache.
+    /// The model (a GGUF file, or a Hugging Face checkpoint directory as `Engine::open_cpu` reads it) in its
+    /// file's own formats, served as f16 weights, with a `kv_dtype` KV cache.
     pub fn open_gpu(backend: GpuBackend<D>, path: &Path, sha256: Option<&str>, kv_dtype: KvDtype) -> Result<Self> {
         check_kv_dtype(kv_dtype)?;
+        if path.is_dir() {
+            let ckpt = HfCheckpoint::open(path, sha256)?;
+            check_config(&ckpt.config)?;
+            let mut engine = Engine::from_hf(backend, &ckpt)?;
+            engine.kv_dtype = kv_dtype;
+            return Ok(engine);
+        }
         let file = Arc::new(match sha256 {
             Some(h) => GgufFile::open_verified(path, h)?,
             None => GgufFile::open(path)?,
@@ -367,9 +376,9 @@ impl<D: Device> Engine<GpuBackend<D>> {
         Ok(engine)
     }
 
-    /// The model at a precision tier: quantized on the CPU exactly as `Engine::open_cpu_tier` does, then
-    /// uploaded in the kernels' layouts. Tier settings the kernels cannot serve are refused before the
-    /// (possibly long) quantization.
+    /// The model (GGUF file or HF directory) at a precision tier: quantized on the CPU exactly as
+    /// `Engine::open_cpu_tier` does, then uploaded in the kernels' layouts. Tier settings the kernels cannot
+    /// serve are refused before the (possibly long) quantization.
     pub fn open_gpu_tier(
         backend: GpuBackend<D>,
         path: &Path,
@@ -386,12 +395,20 @@ impl<D: Device> Engine<GpuBackend<D>> {
                 tier.name
             )));
         }
-        let file = Arc::new(match sha256 {
-            Some(h) => GgufFile::open_verified(path, h)?,
-            None => GgufFile::open(path)?,
-        });
-        check_config(&LlamaConfig::from_gguf(&file)?)?;
-        let (cpu, tokenizer, report) = crate::tier::load_tier(file, tier, opts)?;
+        let (cpu, tokenizer, report) = if path.is_dir() {
+            let ckpt = HfCheckpoint::open(path, sha256)?;
+            check_config(&ckpt.config)?;
+            let Engine { mut model, tokenizer, .. } = Engine::from_hf(CpuBackend::new(), &ckpt)?;
+            let report = crate::tier::apply_tier(&mut model, &tokenizer, tier, opts)?;
+            (model, tokenizer, report)
+        } else {
+            let file = Arc::new(match sha256 {
+                Some(h) => GgufFile::open_verified(path, h)?,
+                None => GgufFile::open(path)?,
+            });
+            check_config(&LlamaConfig::from_gguf(&file)?)?;
+            crate::tier::load_tier(file, tier, opts)?
+        };
         let model = backend.adopt(cpu)?;
         check_vocab(&tokenizer, &model.config)?;
         Ok(Engine { model, tokenizer, tier: Some(report), kv_dtype })
