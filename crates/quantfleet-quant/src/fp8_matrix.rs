@@ -75,12 +75,7 @@ pub fn fp8_scales(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> 
 /// Quantize a matrix to FP8 with the given scaling.
 pub fn quantize_fp8(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> Result<Fp8Matrix> {
     let (rows, cols) = (m.rows(), m.cols());
-    let scales = fp8_scales(m, format, scaling)?;
-    let group_size = match scaling {
-        Fp8Scaling::PerGroup(g) => Some(g),
-        _ => None,
-    };
-    let mut out = Fp8Matrix { format, rows, cols, codes: Vec::new(), scales, group_size };
+    let mut out = Fp8Matrix::with_scales_of(m, format, scaling)?;
     let g = out.span();
     let mut codes = vec![0u8; rows * cols];
     for r in 0..rows {
@@ -94,6 +89,17 @@ pub fn quantize_fp8(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -
 }
 
 impl Fp8Matrix {
+    /// The matrix of `m`'s shape with the scales `scaling` gives it and no codes yet: what RTN
+    /// ([`quantize_fp8`]) and GPTQ round to, filling `codes`.
+    pub fn with_scales_of(m: &MatrixRef<'_>, format: Fp8Format, scaling: Fp8Scaling) -> Result<Self> {
+        let group_size = match scaling {
+            Fp8Scaling::PerGroup(g) => Some(g),
+            _ => None,
+        };
+        let scales = fp8_scales(m, format, scaling)?;
+        Ok(Fp8Matrix { format, rows: m.rows(), cols: m.cols(), codes: Vec::new(), scales, group_size })
+    }
+
     /// Elements that share a scale along a row: the group size, or the whole row.
     fn span(&self) -> usize {
         self.group_size.map_or(self.cols.max(1), NonZeroUsize::get)

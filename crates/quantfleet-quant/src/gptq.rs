@@ -8,7 +8,7 @@
 
 use crate::error::{QuantError, Result};
 use crate::fp8::Saturation;
-use crate::fp8_matrix::{Fp8Matrix, Fp8Scaling, fp8_scales};
+use crate::fp8_matrix::Fp8Matrix;
 use crate::halfp::f16;
 use crate::int4::{GroupParams, Int4Config, Int4Matrix, Int4Scales, ScaleStorage, pack_nibbles};
 use crate::int8::{Int8Matrix, int8_scale};
@@ -412,14 +412,7 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, mut h: Vec<f64>, config: &GptqConfig
             Grid::Int4 { config: c, params, gpr, rounding }
         }
         WeightFormat::Int8 => Grid::Int8 { scales: (0..rows).map(|r| int8_scale(amax(w.row(r)))).collect() },
-        WeightFormat::Fp8 { format, scaling } => {
-            let group_size = match scaling {
-                Fp8Scaling::PerGroup(g) => Some(g),
-                _ => None,
-            };
-            let scales = fp8_scales(w, format, scaling)?;
-            Grid::Fp8(Fp8Matrix { format, rows, cols, codes: Vec::new(), scales, group_size })
-        }
+        WeightFormat::Fp8 { format, scaling } => Grid::Fp8(Fp8Matrix::with_scales_of(w, format, scaling)?),
         _ => {
             return Err(QuantError::InvalidParameter {
                 name: "format",
