@@ -57,7 +57,8 @@ pub struct Engine<B: Backend> {
     pub kv_dtype: KvDtype,
 }
 
-fn open_file(path: &Path, sha256: Option<&str>) -> Result<Arc<GgufFile>> {
+/// A GGUF file, its sha256 verified when given.
+pub(crate) fn open_file(path: &Path, sha256: Option<&str>) -> Result<Arc<GgufFile>> {
     Ok(Arc::new(match sha256 {
         Some(h) => GgufFile::open_verified(path, h)?,
         None => GgufFile::open(path)?,

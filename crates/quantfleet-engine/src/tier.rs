@@ -33,7 +33,6 @@
 
 use std::num::NonZeroUsize;
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Instant;
 
 use quantfleet_api::model::{CalibrationSpec, ModelArchitecture, TierSpec, WeightSpec};
@@ -598,18 +597,6 @@ fn calibrate_layers(
         None
     };
     Ok(Calibration { tokens: n, head_input })
-}
-
-/// Shared by `Engine::open_cpu_tier`: a native model re-quantized for `tier`.
-pub(crate) fn load_tier(
-    file: Arc<crate::gguf::GgufFile>,
-    tier: &TierSpec,
-    opts: &LoadOptions,
-) -> Result<(Llama<CpuBackend>, Tokenizer, TierLoadReport)> {
-    let tokenizer = Tokenizer::from_gguf(&file)?;
-    let mut model = Llama::load(CpuBackend::new(), file)?;
-    let report = apply_tier(&mut model, &tokenizer, tier, opts)?;
-    Ok((model, tokenizer, report))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@
 pub mod driver;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use half::f16;
 use quantfleet_kernels::ops::Act;
@@ -39,7 +39,6 @@ use crate::cpu::{CpuBackend, CpuMatrix};
 use crate::dtype::{GgmlType, dequantize_row_reference};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::gguf::GgufFile;
 use crate::kv_cache::KvDtype;
 use crate::model::{Layer, Llama, LlamaConfig};
 use crate::packed::{PackedFormat, PackedMatrix};
@@ -359,19 +358,15 @@ impl<D: Device> Engine<GpuBackend<D>> {
     /// file's own formats, served as f16 weights, with a `kv_dtype` KV cache.
     pub fn open_gpu(backend: GpuBackend<D>, path: &Path, sha256: Option<&str>, kv_dtype: KvDtype) -> Result<Self> {
         check_kv_dtype(kv_dtype)?;
-        if path.is_dir() {
+        let mut engine = if path.is_dir() {
             let ckpt = HfCheckpoint::open(path, sha256)?;
             check_config(&ckpt.config)?;
-            let mut engine = Engine::from_hf(backend, &ckpt)?;
-            engine.kv_dtype = kv_dtype;
-            return Ok(engine);
-        }
-        let file = Arc::new(match sha256 {
-            Some(h) => GgufFile::open_verified(path, h)?,
-            None => GgufFile::open(path)?,
-        });
-        check_config(&LlamaConfig::from_gguf(&file)?)?;
-        let mut engine = Engine::new(backend, file)?;
+            Engine::from_hf(backend, &ckpt)?
+        } else {
+            let file = crate::engine::open_file(path, sha256)?;
+            check_config(&LlamaConfig::from_gguf(&file)?)?;
+            Engine::new(backend, file)?
+        };
         engine.kv_dtype = kv_dtype;
         Ok(engine)
     }
@@ -395,20 +390,11 @@ impl<D: Device> Engine<GpuBackend<D>> {
                 tier.name
             )));
         }
-        let (cpu, tokenizer, report) = if path.is_dir() {
-            let ckpt = HfCheckpoint::open(path, sha256)?;
-            check_config(&ckpt.config)?;
-            let Engine { mut model, tokenizer, .. } = Engine::from_hf(CpuBackend::new(), &ckpt)?;
-            let report = crate::tier::apply_tier(&mut model, &tokenizer, tier, opts)?;
-            (model, tokenizer, report)
-        } else {
-            let file = Arc::new(match sha256 {
-                Some(h) => GgufFile::open_verified(path, h)?,
-                None => GgufFile::open(path)?,
-            });
-            check_config(&LlamaConfig::from_gguf(&file)?)?;
-            crate::tier::load_tier(file, tier, opts)?
-        };
+        // Opening maps the file and reads its headers (cheap): the kernels' limits are checked before the
+        // tier's quantization, which `open_cpu_tier` would run first.
+        let Engine { model: mut cpu, tokenizer, .. } = Engine::open_cpu(path, sha256)?;
+        check_config(&cpu.config)?;
+        let report = crate::tier::apply_tier(&mut cpu, &tokenizer, tier, opts)?;
         let model = backend.adopt(cpu)?;
         check_vocab(&tokenizer, &model.config)?;
         Ok(Engine { model, tokenizer, tier: Some(report), kv_dtype })
