@@ -129,17 +129,31 @@ fn prompts(args: &Args, e: &Engine<CpuBackend>) -> Result<Vec<(&'static str, Vec
         bail!("no essays in {}", d.join("essays").display());
     }
     for i in 0..n {
+        let (first, skip) = long_prompt_start(i, essays.len(), args.long_tokens);
         let mut ids = Vec::new();
-        let mut j = i * 7;
-        while ids.len() < args.long_tokens {
+        let mut j = first;
+        while ids.len() < skip + args.long_tokens {
             let text = std::fs::read_to_string(&essays[j % essays.len()])?;
             ids.extend(e.tokenizer.encode(&text)?);
             j += 1;
         }
-        ids.truncate(args.long_tokens);
-        out.push(("long", ids));
+        out.push(("long", ids[skip..skip + args.long_tokens].to_vec()));
     }
     Ok(out)
+}
+
+/// Where long-context prompt `i` starts among `essays` files read in order: (first essay, tokens skipped).
+/// Prompts start 7 essays apart, so that consecutive prompts share no text; when that stride comes back to an
+/// essay already used (every 7th prompt with 49 essays) the start moves to the next essay, so the first
+/// `essays` prompts start at distinct essays; later prompts start half a prompt further into the text.
+fn long_prompt_start(i: usize, essays: usize, long_tokens: usize) -> (usize, usize) {
+    let period = essays / gcd(7, essays);
+    let first = (i * 7 + i / period) % essays;
+    (first, (i / essays) * (long_tokens / 2).max(1))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Held-out perplexity chunks: consecutive pieces of Hamlet after its Gutenberg front matter.
@@ -438,4 +452,30 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     eprintln!("eval: done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_context_prompts_are_distinct() {
+        for essays in [1, 7, 10, 48, 49, 50] {
+            let starts: Vec<_> = (0..EVAL_MAX_SAMPLES).map(|i| long_prompt_start(i, essays, 2048)).collect();
+            let mut unique = starts.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            // Distinct (essay, offset) pairs: with one essay they differ in offset only.
+            assert_eq!(unique.len(), starts.len(), "{essays} essays: {starts:?}");
+            // The first `essays` prompts start at distinct essays, at their first token.
+            let mut firsts: Vec<_> = starts.iter().take(essays).map(|s| s.0).collect();
+            assert!(starts.iter().take(essays).all(|s| s.1 == 0));
+            firsts.sort_unstable();
+            firsts.dedup();
+            assert_eq!(firsts.len(), essays.min(EVAL_MAX_SAMPLES));
+        }
+        // The 7-essay stride of the prompts measured before is kept while it gives distinct essays.
+        assert_eq!((0..7).map(|i| long_prompt_start(i, 49, 2048).0).collect::<Vec<_>>(), [0, 7, 14, 21, 28, 35, 42]);
+        assert_eq!(long_prompt_start(7, 49, 2048), (1, 0));
+    }
 }
