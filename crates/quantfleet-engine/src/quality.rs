@@ -62,6 +62,67 @@ impl Divergence {
     }
 }
 
+/// A percentile interval `[lo, hi]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Interval {
+    pub fn contains(&self, v: f64) -> bool {
+        self.lo <= v && v <= self.hi
+    }
+}
+
+/// Confidence intervals of a tier's pooled mean KL divergence and top-1 agreement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DivergenceIntervals {
+    pub mean_kl: Interval,
+    pub top1: Interval,
+}
+
+/// Percentile-bootstrap intervals (`level`, e.g. 0.95) of the pooled mean KL divergence and top-1 agreement of
+/// prompts grouped in strata (the task classes), from `resamples` draws seeded by `seed`. Each draw keeps the
+/// number of prompts of every stratum and resamples whole prompts with replacement: the positions of one
+/// prompt share its context and are not independent, so resampling positions would give intervals that are
+/// too narrow. Returns None when there is no position to measure.
+pub fn bootstrap_intervals(
+    strata: &[Vec<Divergence>],
+    resamples: usize,
+    level: f64,
+    seed: u64,
+) -> Option<DivergenceIntervals> {
+    assert!(resamples > 0 && level > 0.0 && level < 1.0, "bootstrap: {resamples} resamples at level {level}");
+    if strata.iter().flatten().all(|d| d.positions == 0) {
+        return None;
+    }
+    let mut rng = crate::sampler::Rng::new(seed);
+    let (mut kls, mut top1s) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
+    for _ in 0..resamples {
+        let mut pooled = Divergence::default();
+        for stratum in strata {
+            for _ in 0..stratum.len() {
+                // Multiply-shift maps 64 random bits onto 0..len without modulo bias worth speaking of.
+                let i = ((rng.next_u64() as u128 * stratum.len() as u128) >> 64) as usize;
+                pooled.add(&stratum[i]);
+            }
+        }
+        // A draw can pick only empty prompts when some are; it has no rate to give.
+        if pooled.positions > 0 {
+            kls.push(pooled.mean_kl());
+            top1s.push(pooled.top1());
+        }
+    }
+    let interval = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let tail = (1.0 - level) / 2.0;
+        let at = |q: f64| v[((q * v.len() as f64).floor() as usize).min(v.len() - 1)];
+        Interval { lo: at(tail), hi: at(1.0 - tail) }
+    };
+    Some(DivergenceIntervals { mean_kl: interval(&mut kls), top1: interval(&mut top1s) })
+}
+
 /// Negative log-likelihood (nats) of `targets[i]` under logits row i.
 pub fn nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
     logits
@@ -98,5 +159,42 @@ mod tests {
         assert!((d.kl_sum - want).abs() < 1e-9, "{} vs {want}", d.kl_sum);
         // Uniform logits: nll = ln(vocab).
         assert!((nll(&[0.0; 4], 4, &[2]) - 4f64.ln()).abs() < 1e-12);
+    }
+
+    fn prompt(positions: usize, kl_sum: f64, top1_agree: usize) -> Divergence {
+        Divergence { positions, kl_sum, top1_agree, first_divergent: None }
+    }
+
+    #[test]
+    fn bootstrap_intervals_of_identical_prompts_are_the_point_estimate() {
+        let strata = vec![vec![prompt(32, 0.32, 30); 5], vec![prompt(16, 0.08, 16); 3]];
+        let ci = bootstrap_intervals(&strata, 200, 0.95, 7).unwrap();
+        let (kl, top1) = ((5.0 * 0.32 + 3.0 * 0.08) / 208.0, (5.0 * 30.0 + 3.0 * 16.0) / 208.0);
+        assert!((ci.mean_kl.lo - kl).abs() < 1e-12 && (ci.mean_kl.hi - kl).abs() < 1e-12, "{ci:?}");
+        assert!((ci.top1.lo - top1).abs() < 1e-12 && (ci.top1.hi - top1).abs() < 1e-12, "{ci:?}");
+    }
+
+    #[test]
+    fn bootstrap_intervals_cover_the_estimate_and_shrink_with_more_prompts() {
+        // Prompts alternate between a good and a bad one: the point estimate is their mean.
+        let varied = |n: usize| -> Vec<Divergence> {
+            (0..n).map(|i| if i % 2 == 0 { prompt(32, 0.0, 32) } else { prompt(32, 0.64, 28) }).collect()
+        };
+        let few = bootstrap_intervals(&[varied(8)], 2000, 0.95, 1).unwrap();
+        let many = bootstrap_intervals(&[varied(128)], 2000, 0.95, 1).unwrap();
+        for ci in [few, many] {
+            assert!(ci.mean_kl.contains(0.01) && ci.top1.contains(60.0 / 64.0), "{ci:?}");
+            // Never outside what a resample can produce: all-good prompts to all-bad prompts.
+            assert!(ci.mean_kl.lo >= 0.0 && ci.mean_kl.hi <= 0.02 && ci.top1.lo >= 28.0 / 32.0, "{ci:?}");
+        }
+        let width = |i: Interval| i.hi - i.lo;
+        assert!(width(many.top1) < width(few.top1) / 2.0, "{few:?} vs {many:?}");
+        assert!(width(few.top1) > 0.0);
+        // Seeded: the same draws give the same interval.
+        assert_eq!(bootstrap_intervals(&[varied(8)], 2000, 0.95, 1).unwrap(), few);
+        // Strata keep their sizes: one class of only perfect prompts cannot be drawn away.
+        let strat = bootstrap_intervals(&[vec![prompt(32, 0.0, 32); 4], varied(4)], 2000, 0.95, 3).unwrap();
+        assert!(strat.top1.lo >= (32.0 * 4.0 + 28.0 * 4.0) / 256.0, "{strat:?}");
+        assert!(bootstrap_intervals(&[vec![], vec![prompt(0, 0.0, 0)]], 10, 0.95, 0).is_none());
     }
 }

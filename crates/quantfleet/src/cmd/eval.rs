@@ -6,7 +6,8 @@
 //!   `scripts/fetch-eval-data.sh` extracts: the reference greedily generates a continuation; both models
 //!   then score prompt + continuation teacher-forced (the prompts are each data set's first items; the
 //!   bundled calibration text holds only items after the 64th), and the continuation positions give mean KL divergence
-//!   KL(ref || tier), top-1 agreement and the first position where the tier's greedy token differs,
+//!   KL(ref || tier), top-1 agreement and the first position where the tier's greedy token differs, with
+//!   95% intervals of the pooled KLD and top-1 from a bootstrap over prompts (stratified by class),
 //! * peak resident memory, measured in a child process per tier (`VmHWM` of /proc/self/status after loading
 //!   the tier and running a long-context prefill plus decode), next to the engine's own weight and KV bytes
 //!   and the fit planner's figures.
@@ -21,7 +22,7 @@ use quantfleet_api::{QuantizedModel, TierSpec};
 use quantfleet_engine::cpu::CpuBackend;
 use quantfleet_engine::kv_cache::SeqKv;
 use quantfleet_engine::model::Logits;
-use quantfleet_engine::quality::{Divergence, nll};
+use quantfleet_engine::quality::{Divergence, bootstrap_intervals, nll};
 use quantfleet_engine::sampler::SamplingParams;
 use quantfleet_engine::tier::{LoadOptions, architecture};
 use quantfleet_engine::{Engine, GenerateRequest};
@@ -82,6 +83,10 @@ pub struct Args {
 
 /// Most prompts per class: `scripts/make-calibration-text.py` takes the items after these for calibration.
 const EVAL_MAX_SAMPLES: usize = 64;
+
+/// Bootstrap draws for the intervals, and their fixed seed (the same data gives the same intervals).
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+const BOOTSTRAP_SEED: u64 = 0x5eed;
 
 const CLASSES: [&str; 5] = ["chat", "code", "math", "json", "long"];
 
@@ -378,6 +383,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     println!("{header}{class_header} | {:>7} {:>6} | LOAD s", "ALL KLD", "TOP1");
     let mut memory_rows = Vec::new();
+    let mut intervals = Vec::new();
     for tier in &tiers {
         let t0 = Instant::now();
         let e = Engine::open_cpu_tier(&args.model, None, tier, &options)
@@ -385,20 +391,23 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let load_s = t0.elapsed().as_secs_f64();
         let ppl = perplexity(&e, &chunks)?;
         let mut per_class = Vec::new();
+        let mut per_prompt = Vec::new();
         let mut all = Divergence::default();
         for class in CLASSES {
             let mut d = Divergence::default();
             let mut firsts = Vec::new();
-            for (c, prompt, cont, ref_logits) in refs.iter().filter(|r| r.0 == class) {
-                let _ = c;
+            let mut prompts = Vec::new();
+            for (_, prompt, cont, ref_logits) in refs.iter().filter(|r| r.0 == class) {
                 let logits = window_logits(&e, prompt, cont)?;
                 let m = Divergence::measure(ref_logits, &logits, vocab);
                 firsts.push(m.first_divergent.unwrap_or(args.continuation));
                 d.add(&m);
+                prompts.push(m);
             }
             firsts.sort_unstable();
             all.add(&d);
             per_class.push((d, firsts.get(firsts.len() / 2).copied().unwrap_or(0)));
+            per_prompt.push(prompts);
         }
         let w = tier.weights.format.to_string();
         let desc = format!(
@@ -417,12 +426,32 @@ pub fn run(args: Args) -> Result<ExitCode> {
             line.push_str(&format!(" | {:<5} {:>7.4} {:>5.1}% {:>4}", "", d.mean_kl(), 100.0 * d.top1(), first));
         }
         println!("{line} | {:>7.4} {:>5.1}% | {load_s:.0}", all.mean_kl(), 100.0 * all.top1());
+        if let Some(ci) = bootstrap_intervals(&per_prompt, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
+            intervals.push((tier.name.clone(), all, ci));
+        }
         if !args.no_memory {
             let probe = run_probe(&args, tier)?;
             let plan_w = weight_plan(&arch, tier).bytes;
             let plan_kv = kv_plan(&arch, &tier.kv_cache).bytes_for_context(probe.tokens as u64);
             memory_rows.push((tier.name.clone(), probe, plan_w, plan_kv));
         }
+    }
+    println!(
+        "\n95% intervals of ALL KLD and TOP1 over prompts ({BOOTSTRAP_RESAMPLES} stratified bootstrap resamples: \
+         each class keeps its {} prompts, drawn with replacement; a prompt's positions share its context, so \
+         prompts are the unit of sampling)",
+        args.samples
+    );
+    println!("{:<10} {:>7} {:>17} {:>6} {:>15}", "TIER", "ALL KLD", "95% INTERVAL", "TOP1", "95% INTERVAL");
+    for (name, all, ci) in &intervals {
+        println!(
+            "{:<10} {:>7.4} {:>17} {:>5.1}% {:>15}",
+            name,
+            all.mean_kl(),
+            format!("{:.4}-{:.4}", ci.mean_kl.lo, ci.mean_kl.hi),
+            100.0 * all.top1(),
+            format!("{:.1}-{:.1}%", 100.0 * ci.top1.lo, 100.0 * ci.top1.hi)
+        );
     }
     if !memory_rows.is_empty() {
         println!(
