@@ -34,6 +34,10 @@ pub enum KvDtype {
     Fp8E4m3,
     /// INT8 symmetric, scale = amax / 127 per (token, head).
     Int8,
+    /// INT4 asymmetric per (token, head): `quantfleet_quant`'s per-token INT4 (`GroupParams::fit` over the
+    /// head's `head_dim` values, codes 0..15), its scale and zero point kept as f16. Keys lose their small
+    /// channels next to outlier channels, which is what [`KvDtype::Int4Kivi`] fixes.
+    Int4PerToken,
     /// INT4 KIVI (asymmetric, f16 scale and f16 zero point per group): keys per channel over groups of
     /// [`KIVI_GROUP`] tokens, values per token over groups of [`KIVI_GROUP`] channels; the first
     /// `sink_tokens` tokens and (at most) the `residual_tokens` most recent ones stay in fp16.
@@ -60,6 +64,7 @@ impl KvDtype {
             KvDtype::F32 => 4 * elems,
             KvDtype::F16 | KvDtype::Bf16 => 2 * elems,
             KvDtype::Fp8E4m3 | KvDtype::Int8 => elems + 4 * (elems / layout.head_dim),
+            KvDtype::Int4PerToken => elems.div_ceil(2) + 4 * (elems / layout.head_dim),
             KvDtype::Int4Kivi { .. } => 2 * KiviGeometry::block_words(layout),
         }
     }
@@ -99,6 +104,7 @@ impl KvDtype {
             KvDtype::Bf16 => "bf16",
             KvDtype::Fp8E4m3 => "fp8-e4m3",
             KvDtype::Int8 => "int8",
+            KvDtype::Int4PerToken => "int4",
             KvDtype::Int4Kivi { .. } => "int4-kivi",
         }
     }
@@ -414,19 +420,51 @@ mod tests {
         assert_eq!(l.block_tokens, 16);
         let budget = 64 << 20;
         let blocks = |d| KvCache::with_budget_dtype(&cpu, l, d, budget).unwrap().total_blocks();
-        let (f32b, f16b, bf16b, fp8b, i8b) = (
+        let (f32b, f16b, bf16b, fp8b, i8b, i4b) = (
             blocks(KvDtype::F32),
             blocks(KvDtype::F16),
             blocks(KvDtype::Bf16),
             blocks(KvDtype::Fp8E4m3),
             blocks(KvDtype::Int8),
+            blocks(KvDtype::Int4PerToken),
         );
-        // Per token: f32 46080 B, fp16 23040 B, fp8/int8 11520 B of codes + 720 B of scales.
+        // Per token: f32 46080 B, fp16 23040 B, fp8/int8 11520 B of codes + 720 B of scales, int4 5760 B of
+        // codes + 720 B of f16 scales and zero points.
         assert_eq!(KvDtype::F32.block_bytes(&l), 16 * 46080);
         assert_eq!(KvDtype::Fp8E4m3.block_bytes(&l), 16 * (11520 + 720));
+        assert_eq!(KvDtype::Int4PerToken.block_bytes(&l), 16 * (5760 + 720));
         assert_eq!((f32b, f16b, bf16b), (budget / (16 * 46080), budget / (16 * 23040), budget / (16 * 23040)));
-        assert_eq!((fp8b, i8b), (budget / (16 * 12240), budget / (16 * 12240)));
-        assert!(f32b < f16b && f16b < fp8b);
+        assert_eq!((fp8b, i8b, i4b), (budget / (16 * 12240), budget / (16 * 12240), budget / (16 * 6480)));
+        assert!(f32b < f16b && f16b < fp8b && fp8b < i4b);
+        // What the backend allocates is what the blocks were priced at.
+        for d in [KvDtype::F16, KvDtype::Int8, KvDtype::Int4PerToken] {
+            let storage = crate::backend::Backend::new_kv_storage(&cpu, l, d, 3).unwrap();
+            assert_eq!(storage.allocated_bytes(), 3 * d.block_bytes(&l), "{d:?}");
+        }
+    }
+
+    /// The per-token dtypes (no full-precision window) take exactly the fit planner's KV bytes for whole
+    /// blocks, for the dtype the tier spec maps to.
+    #[test]
+    fn per_token_sequence_bytes_are_the_planners() {
+        use quantfleet_api::model::KvCacheSpec;
+        use quantfleet_api::vocab::{KvCacheDtype, KvCacheScheme};
+        let (arch, l) = smollm2();
+        for dtype in
+            [KvCacheDtype::Fp16, KvCacheDtype::Bf16, KvCacheDtype::Fp8E4m3, KvCacheDtype::Int8, KvCacheDtype::Int4]
+        {
+            let spec = KvCacheSpec { dtype, scheme: KvCacheScheme::PerToken, sink_tokens: 0, residual_tokens: 0 };
+            let tier: quantfleet_api::model::TierSpec = serde_json::from_value(
+                serde_json::json!({"name": "t", "weights": {"format": "bf16"}, "kvCache": spec}),
+            )
+            .unwrap();
+            let engine_dtype = crate::tier::kv_dtype(&tier).unwrap();
+            let plan = quantfleet_api::plan::kv_plan(&arch, &spec);
+            for tokens in [16, 160, 2048] {
+                let engine = engine_dtype.sequence_bytes(&l, tokens).unwrap() as u64;
+                assert_eq!(engine, plan.bytes_for_context(tokens as u64), "{dtype:?} at {tokens} tokens");
+            }
+        }
     }
 
     /// SmolLM2-135M's published shape (the fit planner's test shape) and the engine's KV layout of it.

@@ -146,9 +146,9 @@ pub fn quant_format(spec: &WeightSpec) -> Result<WeightFormat> {
     }
 }
 
-/// The KV cache dtype a tier asks for. `int4` is served with the KIVI scheme only (keys per channel, values
-/// per token, a full-precision sink and residual window; see `kv_cache::KiviGeometry`); per-token int4 and
-/// full-precision windows on the 8-bit caches are clear errors.
+/// The KV cache dtype a tier asks for. `int4` is served with the KIVI scheme (keys per channel, values per
+/// token, a full-precision sink and residual window; see `kv_cache::KiviGeometry`) or per token (a scale and
+/// zero point per token and head); full-precision windows on the other quantized caches are clear errors.
 pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
     let kv = &tier.kv_cache;
     let dtype = match (kv.dtype, kv.scheme) {
@@ -173,12 +173,7 @@ pub fn kv_dtype(tier: &TierSpec) -> Result<KvDtype> {
             })?;
             return Ok(dtype);
         }
-        (KvCacheDtype::Int4, KvCacheScheme::PerToken) => {
-            return Err(EngineError::UnsupportedModel(format!(
-                "tier {}: the per-token int4 KV cache is not implemented by the CPU engine (use scheme kivi)",
-                tier.name
-            )));
-        }
+        (KvCacheDtype::Int4, KvCacheScheme::PerToken) => KvDtype::Int4PerToken,
     };
     if kv.sink_tokens != 0 || kv.residual_tokens != 0 {
         return Err(EngineError::UnsupportedModel(format!(

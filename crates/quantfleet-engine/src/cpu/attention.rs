@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use quantfleet_quant::int4::GroupParams;
 use quantfleet_quant::{Fp8Format, Saturation};
 
 use super::kivi::{KiviStore, KiviView};
@@ -28,8 +29,27 @@ pub(crate) enum KvData {
     Bf16(Vec<bf16>),
     Fp8(Vec<u8>),
     Int8(Vec<i8>),
+    /// Per-token int4: element `i` is the low (even `i`) or high nibble of byte `i / 2`, with one
+    /// [`Int4Params`] per (token, head) indexed like `KvStore::scales`.
+    Int4 {
+        codes: Vec<u8>,
+        params: Vec<Int4Params>,
+    },
     /// Int4 KIVI groups and fp16 window rows, addressed by position (`KiviStore`), not by `get`/`put`.
     Kivi(KiviStore),
+}
+
+/// The f16 scale and zero point of one (token, head) of a per-token int4 cache: 4 bytes, the planner's.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Int4Params {
+    scale: f16,
+    zero: f16,
+}
+
+impl Int4Params {
+    fn new(p: GroupParams) -> Self {
+        Self { scale: f16::from_f32(p.scale), zero: f16::from_f32(p.zero as f32) }
+    }
 }
 
 /// The CPU KV store: elements plus, for 8-bit dtypes, one f32 scale per (block, layer, K/V, head, slot) at
@@ -53,6 +73,10 @@ impl KvStore {
             KvDtype::Bf16 => KvData::Bf16(vec![bf16::ZERO; n_elems]),
             KvDtype::Fp8E4m3 => KvData::Fp8(vec![0; n_elems]),
             KvDtype::Int8 => KvData::Int8(vec![0; n_elems]),
+            KvDtype::Int4PerToken => KvData::Int4 {
+                codes: vec![0; n_elems.div_ceil(2)],
+                params: vec![Int4Params::default(); n_elems / head_dim],
+            },
             KvDtype::Int4Kivi { .. } => unreachable!("returned above"),
         };
         let scales = match dtype {
@@ -77,6 +101,7 @@ impl KvStore {
             KvData::Bf16(v) => v.len(),
             KvData::Fp8(v) => v.len(),
             KvData::Int8(v) => v.len(),
+            KvData::Int4 { codes, .. } => codes.len(),
             KvData::Kivi(k) => k.words.len(),
         }
     }
@@ -99,6 +124,15 @@ impl KvStore {
                     .for_each(|(d, &x)| v[idx(d)] = Fp8Format::E4M3.encode(x * inv, Saturation::Saturating));
             }
             KvData::Kivi(_) => unreachable!("kv_write writes KIVI caches through KiviStore::write"),
+            KvData::Int4 { codes, params } => {
+                // Codes from the f32 fit (as `quantize_kv_per_token`), then its scale kept as f16.
+                let p = GroupParams::fit(src, false, 1.0);
+                params[base / hd + slot] = Int4Params::new(p);
+                for (d, &x) in src.iter().enumerate() {
+                    let (byte, shift) = (idx(d) / 2, 4 * (idx(d) % 2));
+                    codes[byte] = (codes[byte] & !(0xF << shift)) | (p.quantize(x) << shift);
+                }
+            }
             KvData::Int8(v) => {
                 let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
                 self.scales[base / hd + slot] = scale;
@@ -139,6 +173,15 @@ impl KvStore {
             }
             KvData::Int8(v) => {
                 out.iter_mut().zip(&v[run]).enumerate().for_each(|(i, (o, &c))| *o = c as f32 * scale(i))
+            }
+            KvData::Int4 { codes, params } => {
+                let param = |i: usize| params[base / hd + if key { i % bt } else { i / hd }];
+                for (i, o) in out.iter_mut().enumerate() {
+                    let e = base + i;
+                    let code = (codes[e / 2] >> (4 * (e % 2))) & 0xF;
+                    let p = param(i);
+                    *o = (code as f32 - p.zero.to_f32()) * p.scale.to_f32();
+                }
             }
         }
         out

@@ -471,6 +471,7 @@ impl CpuKvStorage {
             attention::KvData::F32(_) => 4,
             attention::KvData::F16(_) | attention::KvData::Bf16(_) => 2,
             attention::KvData::Fp8(_) | attention::KvData::Int8(_) => 1,
+            attention::KvData::Int4 { ref params, .. } => return self.store.len() + 4 * params.len(),
             attention::KvData::Kivi(_) => 2,
         };
         elem * self.store.len() + 4 * self.store.scales.len()

@@ -175,6 +175,8 @@ fn kv_dtypes_round_trip_and_attention_stays_close_to_f32() {
         (KvDtype::Fp8E4m3, 1.0 / 16.0, 0.15),
         // INT8 per-token keys lose the small channels next to the planted outlier (what KIVI fixes).
         (KvDtype::Int8, 0.0, 6e-2),
+        // 16 levels between each (token, head)'s min and max: the outlier leaves the rest a few codes.
+        (KvDtype::Int4PerToken, 0.0, 0.5),
     ] {
         let (kv, out) = run(dtype);
         // Element round trip through the store's decoder.
@@ -191,6 +193,12 @@ fn kv_dtypes_round_trip_and_attention_stays_close_to_f32() {
                         let got = if kind == 0 { run[d * bt + t % bt] } else { run[(t % bt) * hd + d] };
                         let bound = match dtype {
                             KvDtype::Int8 => amax / 127.0 * 0.5 + 1e-6,
+                            KvDtype::Int4PerToken => {
+                                // Half a step of the f32 fit, plus the f16 scale's rounding over 15 steps.
+                                let (lo, hi) = row.iter().fold((0f32, 0f32), |(l, h), &x| (l.min(x), h.max(x)));
+                                let step = (hi - lo) / 15.0;
+                                step * 0.5 + 15.0 * step * 2f32.powi(-11) + 1e-6
+                            }
                             KvDtype::Fp8E4m3 => rel * x.abs() + amax / 448.0 * 2f32.powi(-9) + 1e-7,
                             _ => rel * x.abs() + 1e-7,
                         };
@@ -227,7 +235,7 @@ fn tiled_attention_equals_attending_each_row_alone() {
     let (k_prev, v_prev) = (rows(nb_prev, &mut rng), rows(nb_prev, &mut rng));
     let (k, v) = (rows(na + nb, &mut rng), rows(na + nb, &mut rng));
     let q: Vec<f32> = (0..(na + nb) * n_heads * 64).map(|_| rng.uniform()).collect();
-    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Fp8E4m3, KvDtype::Int8] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Fp8E4m3, KvDtype::Int8, KvDtype::Int4PerToken] {
         let mut kv = cpu.new_kv_storage(layout, dtype, 6).unwrap();
         let prev = [SeqSpan { row0: 0, n_tokens: nb_prev, start_pos: 0, block_table: &table_b }];
         cpu.kv_write(&mut kv, 0, &tensor(nb_prev, width, &k_prev), &tensor(nb_prev, width, &v_prev), &prev).unwrap();
@@ -267,7 +275,7 @@ fn attention_is_identical_on_every_level() {
     let q: Vec<f32> = (0..n * n_heads * 64).map(|_| rng.uniform()).collect();
     let table = [2u32, 0, 1];
     let tensor = |rows, cols, data: &[f32]| CpuTensor { rows, cols, data: data.to_vec() };
-    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Fp8E4m3, KvDtype::Int8] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Bf16, KvDtype::Fp8E4m3, KvDtype::Int8, KvDtype::Int4PerToken] {
         let mut outs = Vec::new();
         for level in levels() {
             let cpu = CpuBackend::with_level(level).unwrap();
