@@ -297,8 +297,10 @@ impl WeightSpec {
 #[x_kube(
     validation = Rule::new("self.scheme != 'kivi' || self.dtype == 'int4'")
         .message("kvCache.scheme kivi is for int4 KV caches"),
-    validation = Rule::new("self.dtype in ['fp8-e4m3', 'int8', 'int4'] || (self.sinkTokens == 0 && self.residualTokens == 0)")
-        .message("kvCache.sinkTokens and residualTokens keep tokens at full precision in a quantized cache; they need dtype fp8-e4m3, int8 or int4"),
+    validation = Rule::new("self.scheme == 'kivi' || (self.sinkTokens == 0 && self.residualTokens == 0)")
+        .message("kvCache.sinkTokens and residualTokens keep tokens at full precision in an int4 KIVI cache; they need scheme kivi (the per-token caches have no full-precision window)"),
+    validation = Rule::new("self.scheme != 'kivi' || self.residualTokens >= 32")
+        .message("an int4 KIVI cache needs residualTokens >= 32: keys are quantized per channel over 32-token groups, so the newest tokens wait at full precision until their group is complete"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KvCacheSpec {
@@ -309,11 +311,12 @@ pub struct KvCacheSpec {
     /// keys per channel, values per token).
     #[serde(default)]
     pub scheme: KvCacheScheme,
-    /// Number of first tokens (attention sinks) kept at full precision in a quantized cache.
+    /// Number of first tokens (attention sinks) kept at full precision (fp16) in an int4 KIVI cache.
     #[serde(default)]
     #[schemars(range(min = 0, max = 1024))]
     pub sink_tokens: i32,
-    /// Number of most recent tokens kept at full precision in a quantized cache before they are quantized.
+    /// Most recent tokens kept at full precision (fp16) in an int4 KIVI cache before they are quantized, 32
+    /// at a time (at least 32).
     #[serde(default)]
     #[schemars(range(min = 0, max = 8192))]
     pub residual_tokens: i32,
