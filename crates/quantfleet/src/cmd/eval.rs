@@ -442,10 +442,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
          prompts are the unit of sampling)",
         args.samples
     );
-    println!("{:<10} {:>7} {:>17} {:>6} {:>15}", "TIER", "ALL KLD", "95% INTERVAL", "TOP1", "95% INTERVAL");
+    let w = intervals.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max(10);
+    println!("{:<w$} {:>7} {:>15} {:>6} {:>13}", "TIER", "ALL KLD", "95% INTERVAL", "TOP1", "95% INTERVAL");
     for (name, all, ci) in &intervals {
         println!(
-            "{:<10} {:>7.4} {:>17} {:>5.1}% {:>15}",
+            "{:<w$} {:>7.4} {:>15} {:>5.1}% {:>13}",
             name,
             all.mean_kl(),
             format!("{:.4}-{:.4}", ci.mean_kl.lo, ci.mean_kl.hi),
