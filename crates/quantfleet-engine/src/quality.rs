@@ -97,30 +97,77 @@ pub fn bootstrap_intervals(
     if strata.iter().flatten().all(|d| d.positions == 0) {
         return None;
     }
-    let mut rng = crate::sampler::Rng::new(seed);
     let (mut kls, mut top1s) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
-    for _ in 0..resamples {
+    resample(strata, resamples, seed, |draw| {
         let mut pooled = Divergence::default();
-        for stratum in strata {
-            for _ in 0..stratum.len() {
-                // Multiply-shift maps 64 random bits onto 0..len without modulo bias worth speaking of.
-                let i = ((rng.next_u64() as u128 * stratum.len() as u128) >> 64) as usize;
-                pooled.add(&stratum[i]);
-            }
-        }
+        draw.for_each(|(s, i)| pooled.add(&strata[s][i]));
         // A draw can pick only empty prompts when some are; it has no rate to give.
         if pooled.positions > 0 {
             kls.push(pooled.mean_kl());
             top1s.push(pooled.top1());
         }
+    });
+    Some(DivergenceIntervals { mean_kl: percentiles(&mut kls, level), top1: percentiles(&mut top1s, level) })
+}
+
+/// Percentile-bootstrap interval of `mean_kl(with) - mean_kl(without)`: what a change (e.g. a quantized KV
+/// cache) adds over the same tier without it, measured on the same prompts. Paired: every draw takes the same
+/// prompts from both, so the prompts' own difficulty cancels. `with` and `without` must have the same strata
+/// and prompt counts. Returns None when either side has no position.
+pub fn bootstrap_kl_difference(
+    with: &[Vec<Divergence>],
+    without: &[Vec<Divergence>],
+    resamples: usize,
+    level: f64,
+    seed: u64,
+) -> Option<Interval> {
+    assert!(resamples > 0 && level > 0.0 && level < 1.0, "bootstrap: {resamples} resamples at level {level}");
+    let shape = |strata: &[Vec<Divergence>]| strata.iter().map(Vec::len).collect::<Vec<_>>();
+    assert_eq!(shape(with), shape(without), "paired bootstrap: the same prompts on both sides");
+    let empty = |strata: &[Vec<Divergence>]| strata.iter().flatten().all(|d| d.positions == 0);
+    if empty(with) || empty(without) {
+        return None;
     }
-    let interval = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let tail = (1.0 - level) / 2.0;
-        let at = |q: f64| v[((q * v.len() as f64).floor() as usize).min(v.len() - 1)];
-        Interval { lo: at(tail), hi: at(1.0 - tail) }
-    };
-    Some(DivergenceIntervals { mean_kl: interval(&mut kls), top1: interval(&mut top1s) })
+    let mut diffs = Vec::with_capacity(resamples);
+    resample(with, resamples, seed, |draw| {
+        let (mut a, mut b) = (Divergence::default(), Divergence::default());
+        draw.for_each(|(s, i)| {
+            a.add(&with[s][i]);
+            b.add(&without[s][i]);
+        });
+        if a.positions > 0 && b.positions > 0 {
+            diffs.push(a.mean_kl() - b.mean_kl());
+        }
+    });
+    Some(percentiles(&mut diffs, level))
+}
+
+/// Calls `f` `resamples` times with one stratified draw: (stratum, prompt) pairs, each stratum's prompt count
+/// drawn uniformly with replacement.
+fn resample(
+    strata: &[Vec<Divergence>],
+    resamples: usize,
+    seed: u64,
+    mut f: impl FnMut(&mut dyn Iterator<Item = (usize, usize)>),
+) {
+    let mut rng = crate::sampler::Rng::new(seed);
+    for _ in 0..resamples {
+        let mut draw =
+            strata.iter().enumerate().flat_map(|(s, stratum)| std::iter::repeat_n((s, stratum.len()), stratum.len()));
+        // Multiply-shift maps 64 random bits onto 0..len without modulo bias worth speaking of.
+        let mut picks = std::iter::from_fn(|| {
+            draw.next().map(|(s, len)| (s, ((rng.next_u64() as u128 * len as u128) >> 64) as usize))
+        });
+        f(&mut picks);
+    }
+}
+
+/// The central `level` interval of `values` by their percentiles (sorts them); `values` must not be empty.
+fn percentiles(values: &mut [f64], level: f64) -> Interval {
+    values.sort_by(f64::total_cmp);
+    let tail = (1.0 - level) / 2.0;
+    let at = |q: f64| values[((q * values.len() as f64).floor() as usize).min(values.len() - 1)];
+    Interval { lo: at(tail), hi: at(1.0 - tail) }
 }
 
 /// Negative log-likelihood (nats) of `targets[i]` under logits row i.
@@ -196,5 +243,26 @@ mod tests {
         let strat = bootstrap_intervals(&[vec![prompt(32, 0.0, 32); 4], varied(4)], 2000, 0.95, 3).unwrap();
         assert!(strat.top1.lo >= (32.0 * 4.0 + 28.0 * 4.0) / 256.0, "{strat:?}");
         assert!(bootstrap_intervals(&[vec![], vec![prompt(0, 0.0, 0)]], 10, 0.95, 0).is_none());
+    }
+
+    #[test]
+    fn paired_difference_cancels_the_prompts_own_difficulty() {
+        // Prompts of very different difficulty; the change adds exactly 0.002 nats per position to each.
+        let without: Vec<Vec<Divergence>> =
+            vec![(0..16).map(|i| prompt(32, 32.0 * 0.001 * (1 + i % 4 * 10) as f64, 30)).collect()];
+        let with = vec![without[0].iter().map(|d| Divergence { kl_sum: d.kl_sum + 32.0 * 0.002, ..*d }).collect()];
+        let paired = bootstrap_kl_difference(&with, &without, 2000, 0.95, 9).unwrap();
+        assert!((paired.lo - 0.002).abs() < 1e-12 && (paired.hi - 0.002).abs() < 1e-12, "{paired:?}");
+        // Unpaired, the prompts' spread would swamp it: each side's own interval is far wider than 0.002.
+        let alone = bootstrap_intervals(&without, 2000, 0.95, 9).unwrap();
+        assert!(alone.mean_kl.hi - alone.mean_kl.lo > 0.005, "{alone:?}");
+        // A change that helps some prompts and hurts others: the interval straddles zero.
+        let mixed: Vec<Divergence> = without[0]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Divergence { kl_sum: d.kl_sum + if i % 2 == 0 { 0.1 } else { -0.1 }, ..*d })
+            .collect();
+        let ci = bootstrap_kl_difference(&[mixed], &without, 2000, 0.95, 9).unwrap();
+        assert!(ci.contains(0.0) && ci.lo < 0.0 && ci.hi > 0.0, "{ci:?}");
     }
 }

@@ -22,7 +22,7 @@ use quantfleet_api::{QuantizedModel, TierSpec};
 use quantfleet_engine::cpu::CpuBackend;
 use quantfleet_engine::kv_cache::SeqKv;
 use quantfleet_engine::model::Logits;
-use quantfleet_engine::quality::{Divergence, bootstrap_intervals, nll};
+use quantfleet_engine::quality::{Divergence, bootstrap_intervals, bootstrap_kl_difference, nll};
 use quantfleet_engine::sampler::SamplingParams;
 use quantfleet_engine::tier::{LoadOptions, architecture};
 use quantfleet_engine::{Engine, GenerateRequest};
@@ -159,6 +159,15 @@ fn long_prompt_start(i: usize, essays: usize, long_tokens: usize) -> (usize, usi
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Whether `with` is `without` with a quantized KV cache in place of its default fp16 one, and nothing else
+/// changed (weights, activations, overrides, calibration).
+fn kv_cache_is_the_difference(with: &TierSpec, without: &TierSpec) -> bool {
+    let default_kv = quantfleet_api::model::KvCacheSpec::default();
+    without.kv_cache == default_kv
+        && with.kv_cache != default_kv
+        && TierSpec { name: without.name.clone(), kv_cache: default_kv, ..with.clone() } == *without
 }
 
 /// Held-out perplexity chunks: consecutive pieces of Hamlet after its Gutenberg front matter.
@@ -384,6 +393,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     println!("{header}{class_header} | {:>7} {:>6} | LOAD s", "ALL KLD", "TOP1");
     let mut memory_rows = Vec::new();
     let mut intervals = Vec::new();
+    let mut measured = Vec::new();
     for tier in &tiers {
         let t0 = Instant::now();
         let e = Engine::open_cpu_tier(&args.model, None, tier, &options)
@@ -429,6 +439,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         if let Some(ci) = bootstrap_intervals(&per_prompt, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
             intervals.push((tier.name.clone(), all, ci));
         }
+        measured.push((tier, per_prompt));
         if !args.no_memory {
             let probe = run_probe(&args, tier)?;
             let plan_w = weight_plan(&arch, tier).bytes;
@@ -453,6 +464,35 @@ pub fn run(args: Args) -> Result<ExitCode> {
             100.0 * all.top1(),
             format!("{:.1}-{:.1}%", 100.0 * ci.top1.lo, 100.0 * ci.top1.hi)
         );
+    }
+    let kv_pairs: Vec<_> = measured
+        .iter()
+        .flat_map(|with| measured.iter().map(move |without| (with, without)))
+        .filter(|((a, _), (b, _))| kv_cache_is_the_difference(a, b))
+        .collect();
+    if !kv_pairs.is_empty() {
+        println!(
+            "\nKLD a quantized KV cache adds over the same tier's fp16 cache, on the same prompts (95% interval: paired \
+             bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples)"
+        );
+        for ((with, a), (without, b)) in kv_pairs {
+            let pooled = |p: &[Vec<Divergence>]| {
+                let mut d = Divergence::default();
+                p.iter().flatten().for_each(|m| d.add(m));
+                d.mean_kl()
+            };
+            if let Some(ci) = bootstrap_kl_difference(a, b, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
+                println!(
+                    "{} ({} KV) over {}: {:+.4} ({:+.4} to {:+.4})",
+                    with.name,
+                    with.kv_cache.dtype,
+                    without.name,
+                    pooled(a) - pooled(b),
+                    ci.lo,
+                    ci.hi
+                );
+            }
+        }
     }
     if !memory_rows.is_empty() {
         println!(
@@ -507,5 +547,20 @@ mod tests {
         // The 7-essay stride of the prompts measured before is kept while it gives distinct essays.
         assert_eq!((0..7).map(|i| long_prompt_start(i, 49, 2048).0).collect::<Vec<_>>(), [0, 7, 14, 21, 28, 35, 42]);
         assert_eq!(long_prompt_start(7, 49, 2048), (1, 0));
+    }
+
+    #[test]
+    fn kv_pairs_are_tiers_that_differ_only_in_their_kv_cache() {
+        let tier = |json: &str| -> TierSpec { serde_json::from_str(json).unwrap() };
+        let int8 = tier(r#"{"name":"int8","weights":{"format":"int8"}}"#);
+        let int8_kv8 = tier(r#"{"name":"int8-kv8","weights":{"format":"int8"},"kvCache":{"dtype":"fp8-e4m3"}}"#);
+        let fp8_kv8 = tier(r#"{"name":"fp8-kv8","weights":{"format":"fp8-e4m3"},"kvCache":{"dtype":"fp8-e4m3"}}"#);
+        let int8_f32 =
+            tier(r#"{"name":"i","weights":{"format":"int8"},"activations":"fp16","kvCache":{"dtype":"int8"}}"#);
+        assert!(kv_cache_is_the_difference(&int8_kv8, &int8));
+        assert!(!kv_cache_is_the_difference(&int8, &int8_kv8), "the fp16 side is the base");
+        assert!(!kv_cache_is_the_difference(&fp8_kv8, &int8), "other weights");
+        assert!(!kv_cache_is_the_difference(&int8_f32, &int8), "other activations");
+        assert!(!kv_cache_is_the_difference(&int8, &int8));
     }
 }
