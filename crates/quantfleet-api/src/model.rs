@@ -86,7 +86,10 @@ pub struct ModelSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<CheckpointFormat>,
 
-    /// Lower-case hex SHA-256 of the checkpoint file. When set, the node refuses a file whose digest differs.
+    /// Lower-case hex SHA-256 of the checkpoint file: the GGUF file, or a safetensors directory's
+    /// `model.safetensors`; for sharded safetensors, of the shards its index names concatenated in file-name
+    /// order (`LC_ALL=C cat model-*.safetensors | sha256sum`). When set, the node refuses weights whose digest
+    /// differs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-f0-9]{64}$"))]
     pub sha256: Option<String>,

@@ -18,8 +18,8 @@ pub struct NodeArgs {
     /// tokenizer.json); overrides the config's source.uri.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Expected lower-case hex SHA-256 of the model file (of model.safetensors for a checkpoint directory);
-    /// overrides source.sha256.
+    /// Expected lower-case hex SHA-256 of the model file (for a checkpoint directory: of model.safetensors, or
+    /// of its shards concatenated in file-name order); overrides source.sha256.
     #[arg(long)]
     pub sha256: Option<String>,
     /// Model name reported in ModelInfo and metrics labels (default: the file's stem).

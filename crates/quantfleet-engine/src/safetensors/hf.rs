@@ -66,8 +66,9 @@ fn read_json(dir: &Path, file: &str) -> Result<Value> {
 }
 
 impl HfCheckpoint {
-    /// Opens the checkpoint in `dir`. `sha256` (hex, any case) is checked against `model.safetensors`; a
-    /// sharded checkpoint has no single weights file, so passing one for it is an error.
+    /// Opens the checkpoint in `dir`. `sha256` (hex, any case) is checked against `model.safetensors`, or for
+    /// a sharded checkpoint against the shards its index names, concatenated in byte order of their file
+    /// names (what `cat model-*.safetensors | sha256sum` computes in the C locale).
     pub fn open(dir: &Path, sha256: Option<&str>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(bad(dir, "is not a directory"));
@@ -86,13 +87,11 @@ impl HfCheckpoint {
             let map = file.tensors().iter().map(|t| (t.name.clone(), 0)).collect();
             (vec![Arc::new(file)], map)
         } else if dir.join(INDEX_FILE).is_file() {
-            if sha256.is_some() {
-                return Err(bad(
-                    dir,
-                    format!("a sha256 was given, but the weights are sharded ({INDEX_FILE}): it covers {WEIGHTS_FILE}"),
-                ));
+            let (shards, map) = open_shards(dir)?;
+            if let Some(expected) = sha256 {
+                verify_shards_sha256(dir, &shards, expected)?;
             }
-            open_shards(dir)?
+            (shards, map)
         } else {
             return Err(bad(dir, format!("has neither {WEIGHTS_FILE} nor {INDEX_FILE}")));
         };
@@ -246,7 +245,28 @@ pub fn rotate_half_to_adjacent(data: &[u8], head_dim: usize, row_bytes: usize) -
 }
 
 fn verify_sha256(path: &Path, file: &SafetensorsFile, expected: &str) -> Result<()> {
-    let actual = sha256_hex(file.bytes());
+    check_digest(path, sha256_hex(file.bytes()), expected)
+}
+
+/// The sharded checkpoint's digest: its shards' bytes, one after the other in byte order of their file names.
+fn verify_shards_sha256(dir: &Path, shards: &[Arc<SafetensorsFile>], expected: &str) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let mut named: Vec<(PathBuf, &SafetensorsFile)> = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let path = shard.path().ok_or_else(|| bad(dir, "a shard was not opened from a file"))?;
+        named.push((path.to_path_buf(), shard));
+    }
+    named.sort_by(|a, b| a.0.file_name().cmp(&b.0.file_name()));
+    let mut hasher = Sha256::new();
+    named.iter().for_each(|(_, shard)| hasher.update(shard.bytes()));
+    check_digest(&dir.join(format!("{{{}}}", shard_list(&named))), crate::gguf::hex(&hasher.finalize()), expected)
+}
+
+fn shard_list(named: &[(PathBuf, &SafetensorsFile)]) -> String {
+    named.iter().map(|(p, _)| p.file_name().unwrap_or_default().to_string_lossy()).collect::<Vec<_>>().join(",")
+}
+
+fn check_digest(path: &Path, actual: String, expected: &str) -> Result<()> {
     if !actual.eq_ignore_ascii_case(expected.trim()) {
         return Err(SafetensorsError::ChecksumMismatch {
             path: path.to_path_buf(),

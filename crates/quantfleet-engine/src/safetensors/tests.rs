@@ -506,16 +506,38 @@ fn prompts_start_with_bos_when_the_tokenizer_adds_one() {
 }
 
 #[test]
-fn sha256_is_checked_for_single_file_checkpoints_and_refused_for_sharded_ones() {
+fn sha256_is_checked_for_single_file_and_sharded_checkpoints() {
     let dir = scratch("sha");
     write_hf(&dir, &tiny_weights(true), true, 1, "F32");
     let digest = crate::gguf::sha256_hex(&std::fs::read(dir.join("model.safetensors")).unwrap());
     assert!(HfCheckpoint::open(&dir, Some(&digest.to_uppercase())).is_ok());
     let wrong = HfCheckpoint::open(&dir, Some(&"0".repeat(64))).unwrap_err();
     assert!(matches!(wrong, EngineError::Safetensors(SafetensorsError::ChecksumMismatch { .. })), "{wrong}");
+    // Sharded: the shards the index names, concatenated in file-name order (`cat model-*.safetensors`).
     let sharded = scratch("sha-sharded");
-    write_hf(&sharded, &tiny_weights(true), true, 2, "F32");
-    assert!(matches!(HfCheckpoint::open(&sharded, Some(&digest)), Err(EngineError::BadCheckpoint { .. })));
+    write_hf(&sharded, &tiny_weights(true), true, 3, "F32");
+    let mut names: Vec<String> = std::fs::read_dir(&sharded)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let concat: Vec<u8> = names.iter().flat_map(|n| std::fs::read(sharded.join(n)).unwrap()).collect();
+    let digest = crate::gguf::sha256_hex(&concat);
+    assert!(HfCheckpoint::open(&sharded, Some(&digest)).is_ok());
+    // Another order of the same bytes is another digest.
+    let reversed: Vec<u8> = names.iter().rev().flat_map(|n| std::fs::read(sharded.join(n)).unwrap()).collect();
+    let err = HfCheckpoint::open(&sharded, Some(&crate::gguf::sha256_hex(&reversed))).unwrap_err();
+    assert!(matches!(err, EngineError::Safetensors(SafetensorsError::ChecksumMismatch { .. })), "{err}");
+    assert!(err.to_string().contains(&names.join(",")), "the message names the shards hashed: {err}");
+    // A changed byte in the last shard's data.
+    let last = sharded.join(&names[2]);
+    let mut bytes = std::fs::read(&last).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&last, bytes).unwrap();
+    let err = HfCheckpoint::open(&sharded, Some(&digest)).unwrap_err();
+    assert!(matches!(err, EngineError::Safetensors(SafetensorsError::ChecksumMismatch { .. })), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&sharded).unwrap();
 }
