@@ -93,11 +93,12 @@ pub fn bootstrap_intervals(
     level: f64,
     seed: u64,
 ) -> Option<DivergenceIntervals> {
+    check_arguments(resamples, level);
     if no_positions(strata) {
         return None;
     }
     let (mut kls, mut top1s) = (Vec::with_capacity(resamples), Vec::with_capacity(resamples));
-    resample(strata, resamples, level, seed, |draw| {
+    resample(strata, resamples, seed, |draw| {
         let mut pooled = Divergence::default();
         draw.for_each(|(s, i)| pooled.add(&strata[s][i]));
         // A draw can pick only empty prompts when some are; it has no rate to give.
@@ -120,13 +121,14 @@ pub fn bootstrap_kl_difference(
     level: f64,
     seed: u64,
 ) -> Option<Interval> {
+    check_arguments(resamples, level);
     let shape = |strata: &[Vec<Divergence>]| strata.iter().map(Vec::len).collect::<Vec<_>>();
     assert_eq!(shape(with), shape(without), "paired bootstrap: the same prompts on both sides");
     if no_positions(with) || no_positions(without) {
         return None;
     }
     let mut diffs = Vec::with_capacity(resamples);
-    resample(with, resamples, level, seed, |draw| {
+    resample(with, resamples, seed, |draw| {
         let (mut a, mut b) = (Divergence::default(), Divergence::default());
         draw.for_each(|(s, i)| {
             a.add(&with[s][i]);
@@ -139,20 +141,22 @@ pub fn bootstrap_kl_difference(
     Some(percentiles(&mut diffs, level))
 }
 
+fn check_arguments(resamples: usize, level: f64) {
+    assert!(resamples > 0 && level > 0.0 && level < 1.0, "bootstrap: {resamples} resamples at level {level}");
+}
+
 fn no_positions(strata: &[Vec<Divergence>]) -> bool {
     strata.iter().flatten().all(|d| d.positions == 0)
 }
 
 /// Calls `f` `resamples` times with one stratified draw: (stratum, prompt) pairs, each stratum's prompt count
-/// drawn uniformly with replacement. `level` is only checked here, for the callers' intervals.
+/// drawn uniformly with replacement.
 fn resample(
     strata: &[Vec<Divergence>],
     resamples: usize,
-    level: f64,
     seed: u64,
     mut f: impl FnMut(&mut dyn Iterator<Item = (usize, usize)>),
 ) {
-    assert!(resamples > 0 && level > 0.0 && level < 1.0, "bootstrap: {resamples} resamples at level {level}");
     let mut rng = crate::sampler::Rng::new(seed);
     for _ in 0..resamples {
         let mut draw =

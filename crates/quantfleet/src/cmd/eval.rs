@@ -392,7 +392,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     println!("{header}{class_header} | {:>7} {:>6} | LOAD s", "ALL KLD", "TOP1");
     let mut memory_rows = Vec::new();
-    let mut intervals = Vec::new();
+    // Per tier: its pooled divergence and its per-prompt ones by class, for the intervals below the table.
     let mut measured = Vec::new();
     for tier in &tiers {
         let t0 = Instant::now();
@@ -436,10 +436,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             line.push_str(&format!(" | {:<5} {:>7.4} {:>5.1}% {:>4}", "", d.mean_kl(), 100.0 * d.top1(), first));
         }
         println!("{line} | {:>7.4} {:>5.1}% | {load_s:.0}", all.mean_kl(), 100.0 * all.top1());
-        if let Some(ci) = bootstrap_intervals(&per_prompt, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
-            intervals.push((tier.name.clone(), all, ci));
-        }
-        measured.push((tier, per_prompt));
+        measured.push((tier, all, per_prompt));
         if !args.no_memory {
             let probe = run_probe(&args, tier)?;
             let plan_w = weight_plan(&arch, tier).bytes;
@@ -453,12 +450,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
          prompts are the unit of sampling)",
         args.samples
     );
-    let w = intervals.iter().map(|(name, ..)| name.len()).max().unwrap_or(0).max(10);
+    let w = measured.iter().map(|(tier, ..)| tier.name.len()).max().unwrap_or(0).max(10);
     println!("{:<w$} {:>7} {:>15} {:>6} {:>13}", "TIER", "ALL KLD", "95% INTERVAL", "TOP1", "95% INTERVAL");
-    for (name, all, ci) in &intervals {
+    for (tier, all, per_prompt) in &measured {
+        let Some(ci) = bootstrap_intervals(per_prompt, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) else { continue };
         println!(
             "{:<w$} {:>7.4} {:>15} {:>5.1}% {:>13}",
-            name,
+            tier.name,
             all.mean_kl(),
             format!("{:.4}-{:.4}", ci.mean_kl.lo, ci.mean_kl.hi),
             100.0 * all.top1(),
@@ -468,26 +466,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let kv_pairs: Vec<_> = measured
         .iter()
         .flat_map(|with| measured.iter().map(move |without| (with, without)))
-        .filter(|((a, _), (b, _))| kv_cache_is_the_difference(a, b))
+        .filter(|((a, ..), (b, ..))| kv_cache_is_the_difference(a, b))
         .collect();
     if !kv_pairs.is_empty() {
         println!(
             "\nKLD a quantized KV cache adds over the same tier's fp16 cache, on the same prompts (95% interval: paired \
              bootstrap over prompts, {BOOTSTRAP_RESAMPLES} resamples)"
         );
-        for ((with, a), (without, b)) in kv_pairs {
-            let pooled = |p: &[Vec<Divergence>]| {
-                let mut d = Divergence::default();
-                p.iter().flatten().for_each(|m| d.add(m));
-                d.mean_kl()
-            };
+        for ((with, with_all, a), (without, without_all, b)) in kv_pairs {
             if let Some(ci) = bootstrap_kl_difference(a, b, BOOTSTRAP_RESAMPLES, 0.95, BOOTSTRAP_SEED) {
                 println!(
                     "{} ({} KV) over {}: {:+.4} ({:+.4} to {:+.4})",
                     with.name,
                     with.kv_cache.dtype,
                     without.name,
-                    pooled(a) - pooled(b),
+                    with_all.mean_kl() - without_all.mean_kl(),
                     ci.lo,
                     ci.hi
                 );
