@@ -17,11 +17,13 @@ pub mod crds;
 mod error;
 pub mod namespace;
 pub mod net;
+pub mod scratch;
 pub mod wait;
 
 pub use controlplane::{ControlPlane, KUBECONFIG_ENV, control_plane};
 pub use error::Error;
 pub use namespace::TestNamespace;
+pub use scratch::ScratchDir;
 
 /// Everything one test needs: a client for the shared control plane and a namespace of its own.
 pub struct TestEnv {

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use quantfleet_testsupport::ScratchDir;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -15,12 +17,21 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn temp_file(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("quantfleet-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    path
+/// A file holding `body`, in a scratch directory removed when this drops.
+struct TempFile {
+    path: PathBuf,
+    _dir: ScratchDir,
+}
+
+impl TempFile {
+    fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+fn temp_file(name: &str, body: &str) -> TempFile {
+    let dir = ScratchDir::new("quantfleet-cli").unwrap();
+    TempFile { path: dir.file(name, body).unwrap(), _dir: dir }
 }
 
 const SEVENTY_B_ON_L4: &str = r#"
@@ -53,7 +64,7 @@ fn plan_accepts_the_samples() {
 #[test]
 fn plan_fails_closed_and_says_what_would_fit() {
     let file = temp_file("70b.yaml", SEVENTY_B_ON_L4);
-    let out = quantfleet(&["plan", file.to_str().unwrap()]);
+    let out = quantfleet(&["plan", file.path()]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let text = stdout(&out);
     assert!(text.contains("int4 ") && text.contains("NO"), "{text}");
@@ -73,7 +84,7 @@ spec:
   defaultTier: bf16
 "#;
     let file = temp_file("bad.yaml", &bad);
-    let out = quantfleet(&["plan", file.to_str().unwrap()]);
+    let out = quantfleet(&["plan", file.path()]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     assert!(
@@ -86,7 +97,7 @@ spec:
 #[test]
 fn plan_rejects_unreadable_input_with_a_clear_error() {
     let file = temp_file("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n");
-    let out = quantfleet(&["plan", file.to_str().unwrap()]);
+    let out = quantfleet(&["plan", file.path()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -102,7 +113,8 @@ fn crdgen_check_detects_drift() {
     let out = quantfleet(&["crdgen", "--check"]);
     assert!(out.status.success(), "committed crds/ and chart CRDs must match the types: {out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("charts/quantfleet/crds"));
-    let dir = std::env::temp_dir().join(format!("quantfleet-crds-{}", std::process::id()));
+    let scratch = ScratchDir::new("quantfleet-crds").unwrap();
+    let dir = scratch.path();
     let out = quantfleet(&["crdgen", dir.to_str().unwrap()]);
     assert!(out.status.success());
     let file = dir.join("quantizedmodels.quantfleet.io.yaml");
@@ -188,7 +200,7 @@ fn the_chart_renders_router_arguments_and_settings_the_binary_accepts() {
         let settings = temp_file("router.yaml", config_map["data"]["router.yaml"].as_str().unwrap());
         let config = args.iter_mut().find(|a| a.starts_with("--config=")).expect("a --config argument");
         assert_eq!(config.as_str(), "--config=/etc/quantfleet/router/router.yaml");
-        *config = format!("--config={}", settings.display());
+        *config = format!("--config={}", settings.path());
         fails_only_connecting(&args, &format!("{set:?}"));
         // The Role names exactly the policy the arguments do, in the same namespace.
         let role = objects.iter().find(|v| v["kind"] == "Role").expect("the router Role");
@@ -198,7 +210,7 @@ fn the_chart_renders_router_arguments_and_settings_the_binary_accepts() {
     }
     // The same binary refuses settings that would shadow the API's objects, before connecting.
     let bad = temp_file("router-bad.yaml", "listen: 0.0.0.0:8080\nendpoints: {fp8: ['10.0.0.1:50051']}\n");
-    let out = quantfleet(&["router", "--kubernetes", "--policy", "p", "--config", bad.to_str().unwrap()]);
+    let out = quantfleet(&["router", "--kubernetes", "--policy", "p", "--config", bad.path()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("endpoints: comes from the Kubernetes API"), "{out:?}");
     // --policy is required with --kubernetes, --config without it.
@@ -215,19 +227,11 @@ fn up_and_eval_refuse_a_configmap_calibrated_tier_without_its_text() {
     let edited = sample.replace("dataset: builtin", "dataset: configmap/chat-logs");
     assert_ne!(sample, edited, "the sample's int4-awq tier names its dataset");
     let model = temp_file("calibrated.yaml", &edited);
-    let up = quantfleet(&["up", "--model-resource", model.to_str().unwrap(), "--model", "/nonexistent.gguf"]);
+    let up = quantfleet(&["up", "--model-resource", model.path(), "--model", "/nonexistent.gguf"]);
     let err = String::from_utf8_lossy(&up.stderr);
     assert!(!up.status.success());
     assert!(err.contains("tier int4-awq: calibration.dataset configmap/chat-logs"), "{err}");
-    let eval = quantfleet(&[
-        "eval",
-        "--model",
-        "/nonexistent.gguf",
-        "--data",
-        "/nonexistent",
-        "--tiers",
-        model.to_str().unwrap(),
-    ]);
+    let eval = quantfleet(&["eval", "--model", "/nonexistent.gguf", "--data", "/nonexistent", "--tiers", model.path()]);
     let err = String::from_utf8_lossy(&eval.stderr);
     assert!(!eval.status.success());
     assert!(

@@ -6,6 +6,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use quantfleet_testsupport::ScratchDir;
+
 /// Synthetic payload (not a real checkpoint): 300 KiB of a repeating pattern.
 fn payload() -> Vec<u8> {
     (0..300 * 1024u32).map(|i| (i * 31 % 251) as u8).collect()
@@ -61,17 +63,18 @@ fn fetch(uri: &str, out: &Path, sha: Option<&str>) -> (bool, String) {
     (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-fn out_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("quantfleet-fetch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+/// Where to download `name`: in a scratch directory of the test's own, removed when the guard drops.
+fn out_path(name: &str) -> (ScratchDir, PathBuf) {
+    let dir = ScratchDir::new("quantfleet-fetch").unwrap();
+    let path = dir.path().join(name);
+    (dir, path)
 }
 
 #[test]
 fn downloads_verifies_and_follows_redirects() {
     let base = serve();
     let sha = sha256_hex(&payload());
-    let out = out_path("a.gguf");
+    let (_dir, out) = out_path("a.gguf");
     let (ok, log) = fetch(&format!("{base}/moved"), &out, Some(&sha));
     assert!(ok, "{log}");
     assert_eq!(std::fs::read(&out).unwrap(), payload());
@@ -84,7 +87,7 @@ fn downloads_verifies_and_follows_redirects() {
 fn refuses_a_wrong_digest_an_http_error_and_a_truncated_body() {
     let base = serve();
     let wrong = "0".repeat(64);
-    let out = out_path("b.gguf");
+    let (_dir, out) = out_path("b.gguf");
     let (ok, log) = fetch(&format!("{base}/model.gguf"), &out, Some(&wrong));
     assert!(!ok && log.contains("sha256 mismatch"), "{log}");
     let (ok, log) = fetch(&format!("{base}/missing"), &out, Some(&wrong));
