@@ -3,8 +3,10 @@
 //   k_new, v_new: [batch x n_kv_heads x D] f16 (the projections of the token being decoded)
 //   f16 / fp8:    slot_mapping [batch] i32 = physical block * block_size + offset; negative = skip (padding)
 //   kivi:         positions [batch] i32 = index of the new token in its sequence, plus the block table
-// FP8 is per (token, head): scale = amax / 448 (1 for an all-zero row), code = e4m3_sat(x / scale), the
-// same arithmetic as quantfleet-quant's quantize_kv_per_token, so both produce identical bytes.
+// FP8 is per (token, head) of the Hadamard-rotated head (qf_hadamard_shared, the CPU cache's rotation; the
+// attention caller rotates its queries and its output the same way): scale = amax / 448 (1 for an all-zero
+// row), code = e4m3_sat(x / scale), the arithmetic of quantfleet-quant's quantize_kv_per_token applied to
+// quantfleet_quant::hadamard::rotate of the row, so both produce identical bytes.
 // KIVI appends into the f16 residual block; when the token fills the block, the same CUDA block quantizes
 // it: keys per channel over the block's tokens, values per token over D, both asymmetric INT4 fitted like
 // quantfleet-quant's GroupParams::fit (range widened to include 0, zero point rounded to nearest even).
@@ -25,15 +27,22 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// One row of D values quantized to E4M3 with its own scale (all threads of the block take part).
+// Largest head_dim the FP8 append rotates in shared memory (the attention kernels serve 64 and 128).
+#define QF_KV_MAX_HEAD_DIM 128
+
+// One row of D values, rotated in `rot` (shared, D floats), quantized to E4M3 with its own scale (all threads
+// of the block take part; the last barrier lets the next call reuse `rot`).
 __device__ __forceinline__ void fp8_row(const u16 *QF_RESTRICT src, u8 *QF_RESTRICT dst, float *QF_RESTRICT scale_out,
-                                        u32 head_dim, float *scratch) {
+                                        u32 head_dim, float *rot, float *scratch) {
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) rot[d] = qf_f16_to_f32(src[d]);
+    qf_hadamard_shared(rot, head_dim);
     float amax = 0.0f;
-    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) amax = fmaxf(amax, fabsf(qf_f16_to_f32(src[d])));
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) amax = fmaxf(amax, fabsf(rot[d]));
     amax = qf_block_max(amax, scratch);
     const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
-    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) dst[d] = qf_f32_to_e4m3_sat(qf_f16_to_f32(src[d]) / scale);
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) dst[d] = qf_f32_to_e4m3_sat(rot[d] / scale);
     if (threadIdx.x == 0) *scale_out = scale;
+    __syncthreads();
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -41,13 +50,14 @@ extern "C" __global__ void __launch_bounds__(128)
                   u8 *QF_RESTRICT k_cache, u8 *QF_RESTRICT v_cache, float *QF_RESTRICT k_scale,
                   float *QF_RESTRICT v_scale, u32 n_kv_heads, u32 block_size, u32 head_dim) {
     __shared__ float scratch[32];
+    __shared__ float rot[QF_KV_MAX_HEAD_DIM];
     const u32 kvh = blockIdx.x, b = blockIdx.y;
     const i32 slot = slot_mapping[b];
-    if (slot < 0) return;  // uniform across the block, so no barrier is skipped by only some threads
+    if (slot < 0 || head_dim > QF_KV_MAX_HEAD_DIM) return;  // uniform across the block: no barrier is skipped
     const u64 src = ((u64)b * n_kv_heads + kvh) * head_dim;
     const u64 tok = ((u64)slot / block_size * n_kv_heads + kvh) * block_size + (u32)slot % block_size;
-    fp8_row(k_new + src, k_cache + tok * head_dim, k_scale + tok, head_dim, scratch);
-    fp8_row(v_new + src, v_cache + tok * head_dim, v_scale + tok, head_dim, scratch);
+    fp8_row(k_new + src, k_cache + tok * head_dim, k_scale + tok, head_dim, rot, scratch);
+    fp8_row(v_new + src, v_cache + tok * head_dim, v_scale + tok, head_dim, rot, scratch);
 }
 
 // Asymmetric INT4 fit of values whose min and max are lo, hi (GroupParams::fit with clip 1).

@@ -166,3 +166,25 @@ __device__ __forceinline__ float qf_block_max(float v, float *scratch) {
     __syncthreads();
     return t;
 }
+
+// In place, x[0..n) <- R x for x in shared memory: the normalized Walsh-Hadamard rotation of
+// quantfleet_quant::hadamard::rotate, per block of b values, b the largest power of two dividing n. The same
+// butterflies (a + c, a - c) on the same pairs and the same final scale 1 / sqrt(b) (IEEE sqrt and division,
+// as NVRTC compiles them by default), so it gives the host's f32 bits. Every thread of the block must call
+// it; it starts after and ends with a barrier, so x may be written just before and read just after.
+__device__ __forceinline__ void qf_hadamard_shared(float *x, u32 n) {
+    const u32 b = n & (0u - n);
+    for (u32 h = 1; h < b; h *= 2) {
+        __syncthreads();
+        for (u32 p = threadIdx.x; p < n / 2; p += blockDim.x) {
+            const u32 i = p / h * 2 * h + p % h, j = i + h;
+            const float a = x[i], c = x[j];
+            x[i] = a + c;
+            x[j] = a - c;
+        }
+    }
+    __syncthreads();
+    const float norm = 1.0f / sqrtf((float)b);
+    for (u32 d = threadIdx.x; d < n; d += blockDim.x) x[d] *= norm;
+    __syncthreads();
+}

@@ -30,13 +30,13 @@ pub enum KvDtype {
     F32,
     F16,
     Bf16,
-    /// FP8 E4M3, saturating, scale = amax / 448 per (token, head).
+    /// FP8 E4M3, saturating, scale = amax / 448 per (token, head), of the rotated head ([`KvDtype::rotated`]).
     Fp8E4m3,
-    /// INT8 symmetric, scale = amax / 127 per (token, head).
+    /// INT8 symmetric, scale = amax / 127 per (token, head), of the rotated head.
     Int8,
-    /// INT4 asymmetric per (token, head): `quantfleet_quant`'s per-token INT4 (`GroupParams::fit` over the
-    /// head's `head_dim` values, codes 0..15), its scale and zero point kept as f16. Keys lose their small
-    /// channels next to outlier channels, which is what [`KvDtype::Int4Kivi`] fixes.
+    /// INT4 asymmetric per (token, head) of the rotated head: `quantfleet_quant`'s per-token INT4
+    /// (`GroupParams::fit` over the head's `head_dim` values, codes 0..15), its scale and zero point kept as
+    /// f16. Even rotated, 16 levels per head lose far more than [`KvDtype::Int4Kivi`]'s per-channel keys.
     Int4PerToken,
     /// INT4 KIVI (asymmetric, f16 scale and f16 zero point per group): keys per channel over groups of
     /// [`KIVI_GROUP`] tokens, values per token over groups of [`KIVI_GROUP`] channels; the first
@@ -80,6 +80,15 @@ impl KvDtype {
     /// Bytes of the blocks one sequence of `tokens` positions takes: a budget that holds exactly it.
     pub fn sequence_bytes(self, layout: &KvLayout, tokens: usize) -> Result<usize> {
         Ok(self.blocks_for(layout, tokens)? * self.block_bytes(&self.cache_layout(*layout)))
+    }
+
+    /// Whether this cache keeps keys and values Hadamard-rotated (`quantfleet_quant::hadamard`): the per-token
+    /// quantized dtypes (FP8, INT8, per-token INT4) do, so that the keys' outlier channels are spread over the
+    /// head before one scale per (token, head) is fitted; attention rotates its queries the same way and its
+    /// output back, which is exact in exact arithmetic. 16-bit caches need no help and KIVI already quantizes
+    /// keys per channel.
+    pub fn rotated(self) -> bool {
+        matches!(self, KvDtype::Fp8E4m3 | KvDtype::Int8 | KvDtype::Int4PerToken)
     }
 
     /// Checks the rules of a KIVI cache's full-precision window, which do not depend on the model's shape

@@ -224,9 +224,11 @@ fn check_cache(kind: Kind, s: &Setup, c: &Cache<HostBuf>) -> Expect {
                     out.extend_from_slice(&flat);
                 }
                 Kind::Fp8 => {
-                    let q =
-                        quantize_kv_per_token(&MatrixRef::new("kv", &flat, len, row).unwrap(), kvl, KvDtype::Fp8E4M3)
-                            .unwrap();
+                    // kv_append_fp8 quantizes each head Hadamard-rotated.
+                    let mut rotated = flat;
+                    rotated.chunks_exact_mut(d).for_each(quantfleet_quant::hadamard::rotate);
+                    let m = MatrixRef::new("kv", &rotated, len, row).unwrap();
+                    let q = quantize_kv_per_token(&m, kvl, KvDtype::Fp8E4M3).unwrap();
                     for t in 0..len {
                         for h in 0..nkv {
                             let i = tok(b, t, h);

@@ -1,6 +1,7 @@
 //! Quantfleet's quantization numerics: number formats, packed weight containers, weight quantizers
-//! (RTN, AWQ, GPTQ, SmoothQuant), KV-cache quantizers (per-token FP8/INT8, KIVI INT4) and a per-layer
-//! sensitivity report. Pure Rust, no I/O, no async: the engine, the CLI and tests all call it directly.
+//! (RTN, AWQ, GPTQ, SmoothQuant), KV-cache quantizers (per-token FP8/INT8, KIVI INT4) and the Hadamard
+//! rotation the per-token ones are stored in, and a per-layer sensitivity report. Pure Rust, no I/O, no
+//! async: the engine, the CLI and tests all call it directly.
 //!
 //! Conventions used throughout:
 //! * Weight matrices are row-major f32 `[out_features x in_features]`; a "row" is one output channel.
@@ -14,6 +15,7 @@ pub mod fp4_matrix;
 pub mod fp8;
 pub mod fp8_matrix;
 pub mod gptq;
+pub mod hadamard;
 pub mod halfp;
 pub mod int4;
 pub mod int8;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use quantfleet_quant::hadamard;
 use quantfleet_quant::int4::GroupParams;
 use quantfleet_quant::{Fp8Format, Saturation};
 
@@ -57,6 +58,9 @@ impl Int4Params {
 pub(crate) struct KvStore {
     pub data: KvData,
     pub scales: Vec<f32>,
+    /// Keys and values are stored Hadamard-rotated ([`KvDtype::rotated`]): `kv_write` rotates them,
+    /// `attention` rotates its queries and its output back.
+    pub rotated: bool,
 }
 
 impl KvStore {
@@ -64,7 +68,7 @@ impl KvStore {
     pub fn new(dtype: KvDtype, layout: &KvLayout, n_blocks: usize) -> Result<Self> {
         if let KvDtype::Int4Kivi { .. } = dtype {
             let store = KiviStore::new(KiviGeometry::new(*layout, dtype)?, n_blocks)?;
-            return Ok(Self { data: KvData::Kivi(store), scales: Vec::new() });
+            return Ok(Self { data: KvData::Kivi(store), scales: Vec::new(), rotated: false });
         }
         let (n_elems, head_dim) = (layout.block_elems() * n_blocks, layout.head_dim);
         let data = match dtype {
@@ -83,7 +87,7 @@ impl KvStore {
             KvDtype::Fp8E4m3 | KvDtype::Int8 => vec![0.0; n_elems / head_dim],
             _ => Vec::new(),
         };
-        Ok(Self { data, scales })
+        Ok(Self { data, scales, rotated: dtype.rotated() })
     }
 
     /// Blocks a sequence of `len` positions needs in its block table.
@@ -231,6 +235,7 @@ pub(crate) fn kv_write(
         store.write_spans(layer, k, v, spans);
         return;
     }
+    let mut rotated = vec![0.0; if storage.rotated { hd } else { 0 }];
     for span in spans {
         for i in 0..span.n_tokens {
             let row = span.row0 + i;
@@ -240,10 +245,16 @@ pub(crate) fn kv_write(
             for h in 0..layout.n_kv_heads {
                 let src = row * width + h * hd;
                 // Keys transposed within the block (see KvLayout), values as rows.
-                let k_base = block * layout.block_elems() + layout.head_offset(layer, 0, h);
-                storage.put(k_base, slot, true, bt, hd, &k[src..src + hd]);
-                let v_base = block * layout.block_elems() + layout.head_offset(layer, 1, h);
-                storage.put(v_base, slot, false, bt, hd, &v[src..src + hd]);
+                for (kind, rows) in [(0, k), (1, v)] {
+                    let base = block * layout.block_elems() + layout.head_offset(layer, kind, h);
+                    let mut head = &rows[src..src + hd];
+                    if storage.rotated {
+                        rotated.copy_from_slice(head);
+                        hadamard::rotate(&mut rotated);
+                        head = &rotated;
+                    }
+                    storage.put(base, slot, kind == 0, bt, hd, head);
+                }
             }
         }
     }
@@ -268,6 +279,14 @@ pub(crate) fn attention(
 ) {
     let (hd, group) = (layout.head_dim, n_heads / layout.n_kv_heads);
     let width = n_heads * hd;
+    // A rotated cache holds R k and R v: scores need R q, and the weighted sum of values comes out as R o.
+    let rotated_q;
+    let q = if storage.rotated {
+        rotated_q = rotate_heads(q.to_vec(), hd);
+        &rotated_q
+    } else {
+        q
+    };
     // One task per (span, KV head, tile of rows): (span index, span, KV head, first row, rows). A KIVI tile
     // also ends where the next row sees one more int4 group, so all its rows see the same cache.
     let kivi = match &storage.data {
@@ -329,9 +348,19 @@ pub(crate) fn attention(
     for (&(_, span, kv_head, r0, _), o) in tasks.iter().zip(&results) {
         for (i, head_out) in o.chunks_exact(hd).enumerate() {
             let (row, h) = (span.row0 + r0 + i / group, kv_head * group + i % group);
-            out[row * width + h * hd..][..hd].copy_from_slice(head_out);
+            let dst = &mut out[row * width + h * hd..][..hd];
+            dst.copy_from_slice(head_out);
+            if storage.rotated {
+                hadamard::rotate(dst);
+            }
         }
     }
+}
+
+/// Every `head_dim`-wide head of `rows` Hadamard-rotated.
+fn rotate_heads(mut rows: Vec<f32>, head_dim: usize) -> Vec<f32> {
+    rows.chunks_exact_mut(head_dim).for_each(hadamard::rotate);
+    rows
 }
 
 /// Consecutive query rows of one sequence and the query heads of one KV head: query `i` of the tile is row
