@@ -25,6 +25,8 @@
 // them freely; with the default it aimed for 64 registers at D = 64 and spilled. That leaves about 4 blocks
 // (16 warps) per SM, roughly half the bytes in flight HBM needs; processing two tokens per warp step is the
 // next step if measurements show the kernel short of bandwidth.
+// FP8: the cache holds Hadamard-rotated keys and values (kv_append_fp8), so each warp rotates its copy of the
+// queries after loading them and the output before storing it (qf_hadamard_warp: shuffles, no shared memory).
 // Kernels: attn_decode_{f16,fp8,int4kivi}_d{64,128}; grid (n_kv_heads, batch), block 128.
 #include "../common/qf_common.cuh"
 
@@ -51,6 +53,7 @@ __device__ __forceinline__ u64 qf_load_bytes(const u8 *p) {
 template <int D>
 struct F16Cache {
     static constexpr int DPL = D / 32;
+    static constexpr bool ROTATED = false;
     const u16 *k, *v;
     PagedIndex ix;
     __device__ __forceinline__ void row(const u16 *base, u32 blk, u32 kvh, u32 slot, u32 lane, float (&out)[DPL]) const {
@@ -69,6 +72,7 @@ struct F16Cache {
 template <int D>
 struct Fp8Cache {
     static constexpr int DPL = D / 32;
+    static constexpr bool ROTATED = true;  // rows are R k and R v
     const u8 *k, *v;
     const float *k_scale, *v_scale;
     PagedIndex ix;
@@ -91,6 +95,7 @@ struct Fp8Cache {
 template <int D>
 struct KiviCache {
     static constexpr int DPL = D / 32;
+    static constexpr bool ROTATED = false;
     const u8 *k, *v;
     const float *k_scale, *v_scale;
     const u8 *k_zero, *v_zero;
@@ -149,9 +154,12 @@ __device__ __forceinline__ void attn_decode(const KV &kv, const u16 *QF_RESTRICT
         l[g] = 0.0f;
 #pragma unroll
         for (int i = 0; i < DPL; ++i) {
-            qv[g][i] = (u32)g < group ? qf_f16_to_f32(q[qbase + (u64)g * D + i]) * scale : 0.0f;
+            qv[g][i] = (u32)g < group ? qf_f16_to_f32(q[qbase + (u64)g * D + i]) : 0.0f;
             acc[g][i] = 0.0f;
         }
+        if (KV::ROTATED && (u32)g < group) qf_hadamard_warp<DPL>(qv[g], lane);  // uniform across the warp
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) qv[g][i] *= scale;
     }
     float kr[DPL], vr[DPL];
     const i32 *QF_RESTRICT table = block_table + (u64)b * max_blocks;  // this sequence's blocks
@@ -206,11 +214,13 @@ __device__ __forceinline__ void attn_decode(const KV &kv, const u16 *QF_RESTRICT
         }
         const float inv = denom > 0.0f ? 1.0f / denom : 0.0f;  // empty sequence: zeros
 #pragma unroll
+        for (int i = 0; i < DPL; ++i) num[i] *= inv;
+        if (KV::ROTATED) qf_hadamard_warp<DPL>(num, lane);  // back from the cache's basis
         // The output address is formed here, not kept from the start: one fewer 64-bit value live across the
         // token loop removed small ptxas spills in the D = 64 variants.
         u16 *o = out + ((u64)blockIdx.y * n_heads + (u64)blockIdx.x * group + g) * D + lane * DPL;
 #pragma unroll
-        for (int i = 0; i < DPL; ++i) o[i] = qf_f32_to_f16(num[i] * inv);
+        for (int i = 0; i < DPL; ++i) o[i] = qf_f32_to_f16(num[i]);
     }
 }
 

@@ -10,9 +10,6 @@
 //   grid (tokens), block 128: a thread rotates pairs of all heads of its token.
 // swiglu_{f16,bf16}(gate_up, out, inter, total): gate_up [tokens x 2*inter] = [gate | up] (one fused
 //   projection), out [tokens x inter] = silu(gate) * up; grid-stride over `total` = tokens * inter.
-// hadamard_{f16,bf16}(src, dst, dim): dst[v] = R src[v] for each vector v of `dim` values (grid (vectors),
-//   block 128), R the rotation of qf_hadamard_shared, computed in fp32; src may be dst (each block reads its
-//   vector before writing it). The queries and the output of attention over a rotated (FP8) KV cache.
 // embedding_{f16,bf16}(table, ids, out, vocab, dim, status): out[t] = table[ids[t]]; an id outside
 //   [0, vocab) writes a zero row and sets status[0] = 1 (atomically), which the host checks: device data
 //   cannot be validated before the launch. grid (tokens), block 128.
@@ -71,19 +68,6 @@ __device__ __forceinline__ void embedding(const u16 *QF_RESTRICT table, const i3
     for (u32 c = threadIdx.x; c < dim; c += blockDim.x) out[dst + c] = ok ? table[src + c] : (u16)0;
 }
 
-// Longest vector hadamard_* rotates (in shared memory); the host checks it.
-#define QF_HADAMARD_MAX_DIM 1024
-
-template <bool BF16>
-__device__ __forceinline__ void hadamard(const u16 *src, u16 *dst, u32 dim) {
-    __shared__ float x[QF_HADAMARD_MAX_DIM];
-    if (dim > QF_HADAMARD_MAX_DIM) return;  // uniform across the block
-    const u64 base = (u64)blockIdx.x * dim;
-    for (u32 d = threadIdx.x; d < dim; d += blockDim.x) x[d] = qf_act_to_f32<BF16>(src[base + d]);
-    qf_hadamard_shared(x, dim);
-    for (u32 d = threadIdx.x; d < dim; d += blockDim.x) dst[base + d] = qf_f32_to_act<BF16>(x[d]);
-}
-
 #define QF_LAYER_KERNELS(act, bf16)                                                                          \
     extern "C" __global__ void __launch_bounds__(256) rmsnorm_##act(                                         \
         const u16 *QF_RESTRICT x, const float *QF_RESTRICT w, u16 *QF_RESTRICT y, u32 cols, float eps) {     \
@@ -101,9 +85,6 @@ __device__ __forceinline__ void hadamard(const u16 *src, u16 *dst, u32 dim) {
         embedding_##act(const u16 *QF_RESTRICT table, const i32 *QF_RESTRICT ids, u16 *QF_RESTRICT out,      \
                         u32 vocab, u32 dim, u32 *QF_RESTRICT status) {                                       \
         embedding(table, ids, out, vocab, dim, status);                                                      \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(128) hadamard_##act(const u16 *src, u16 *dst, u32 dim) {    \
-        hadamard<bf16>(src, dst, dim);                                                                       \
     }
 QF_LAYER_KERNELS(f16, false)
 QF_LAYER_KERNELS(bf16, true)

@@ -188,3 +188,33 @@ __device__ __forceinline__ void qf_hadamard_shared(float *x, u32 n) {
     for (u32 d = threadIdx.x; d < n; d += blockDim.x) x[d] *= norm;
     __syncthreads();
 }
+
+// The same rotation in registers, for a vector of 32 * DPL values (DPL a power of two) that a warp holds with
+// lane l owning x[l * DPL .. (l + 1) * DPL): butterflies of span h < DPL inside each lane, wider ones across
+// lanes through shuffles (a lane holds the upper end of a pair when its bit h / DPL is set). Same stages in
+// the same order, same pairs, same scale: the host's f32 bits. All 32 lanes must call it.
+template <int DPL>
+__device__ __forceinline__ void qf_hadamard_warp(float (&x)[DPL], u32 lane) {
+#pragma unroll
+    for (int h = 1; h < DPL; h *= 2) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            if ((i & h) == 0) {
+                const float a = x[i], c = x[i + h];
+                x[i] = a + c;
+                x[i + h] = a - c;
+            }
+        }
+    }
+#pragma unroll
+    for (u32 m = 1; m < 32; m *= 2) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            const float other = __shfl_xor_sync(QF_FULL_MASK, x[i], m);
+            x[i] = (lane & m) ? other - x[i] : x[i] + other;
+        }
+    }
+    const float norm = 1.0f / sqrtf((float)(32 * DPL));
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) x[i] *= norm;
+}

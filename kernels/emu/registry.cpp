@@ -31,8 +31,6 @@ const KernelEntry kKernels[] = {
     QF_EMU_KERNEL(rope_bf16),
     QF_EMU_KERNEL(swiglu_bf16),
     QF_EMU_KERNEL(embedding_bf16),
-    QF_EMU_KERNEL(hadamard_f16),
-    QF_EMU_KERNEL(hadamard_bf16),
     QF_EMU_KERNEL(sample_argmax_f32),
     QF_EMU_KERNEL(sample_softmax_f32),
     QF_EMU_KERNEL(sample_categorical_f32),

@@ -103,9 +103,7 @@ pub const MODULES: &[KernelModule] = &[
             "swiglu_f16",
             "swiglu_bf16",
             "embedding_f16",
-            "embedding_bf16",
-            "hadamard_f16",
-            "hadamard_bf16"
+            "embedding_bf16"
         ]
     ),
     module!("sampling", "common/sampling.cu", ["sample_argmax_f32", "sample_softmax_f32", "sample_categorical_f32"]),

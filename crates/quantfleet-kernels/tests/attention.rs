@@ -240,7 +240,10 @@ fn check_cache(kind: Kind, s: &Setup, c: &Cache<HostBuf>) -> Expect {
                             assert_eq!(read_f32(scales, i), q.scales[t * nkv + h], "fp8 scale b{b} t{t} h{h}");
                         }
                     }
-                    out.extend(q.dequantize());
+                    // attn_decode_fp8 rotates queries and output, so it attends over the rotated-back rows.
+                    let mut deq = q.dequantize();
+                    deq.chunks_exact_mut(d).for_each(quantfleet_quant::hadamard::rotate);
+                    out.extend(deq);
                 }
                 Kind::Kivi => {
                     let full = len / BLOCK * BLOCK;

@@ -7,9 +7,7 @@ mod common;
 use common::*;
 use quantfleet_kernels::Device;
 use quantfleet_kernels::ops::Act;
-use quantfleet_kernels::ops::layers::{
-    HADAMARD_MAX_DIM, act_quant_fp8, add, embedding, hadamard, rmsnorm, rope, rope_table, swiglu, swiglu_split,
-};
+use quantfleet_kernels::ops::layers::{act_quant_fp8, add, embedding, rmsnorm, rope, rope_table, swiglu, swiglu_split};
 use quantfleet_quant::fp8_matrix::{Fp8Scaling, quantize_fp8};
 use quantfleet_quant::{Fp8Format, MatrixRef};
 
@@ -178,30 +176,7 @@ fn rope_table_matches_reference<D: Device>(dev: &D) {
     }
 }
 
-/// The rotation of quantfleet-quant in f32 bits, rounded once to the activation type: out of place, in place,
-/// for head widths 64 and 128, an 80-wide vector (blocks of 16) and an odd one (left alone). Too long a vector
-/// is refused.
-fn hadamard_matches_quantfleet_quant<D: Device>(dev: &D) {
-    for (i, &(vectors, dim)) in [(1, 64), (9, 128), (4, 80), (3, 17), (2, HADAMARD_MAX_DIM)].iter().enumerate() {
-        for act in [Act::F16, Act::Bf16] {
-            let (x, xb) = to_act(act, &synthetic(900 + i as u64, vectors * dim, 4.0));
-            let mut want = x.clone();
-            want.chunks_exact_mut(dim).for_each(quantfleet_quant::hadamard::rotate);
-            let want_bytes = to_act(act, &want).1;
-            let (src, dst) = (up(dev, &xb), out(dev, xb.len()));
-            run(dev, hadamard(act, vectors, dim, &src, &dst).unwrap());
-            assert_eq!(fetch(dev, &dst, "dst"), want_bytes, "hadamard {vectors}x{dim} {act:?}");
-            run(dev, hadamard(act, vectors, dim, &src, &src).unwrap());
-            assert_eq!(fetch(dev, &src, "src"), want_bytes, "in place {vectors}x{dim} {act:?}");
-        }
-    }
-    let buf = out(dev, 4 * (HADAMARD_MAX_DIM + 1));
-    let err = hadamard(Act::F16, 1, HADAMARD_MAX_DIM + 1, &buf, &buf).unwrap_err().to_string();
-    assert!(err.contains("at most 1024"), "{err}");
-}
-
 device_tests!(
-    hadamard_matches_quantfleet_quant,
     add_and_swiglu_split_match_reference,
     rope_table_matches_reference,
     act_quant_fp8_matches_quantizer_bytes,

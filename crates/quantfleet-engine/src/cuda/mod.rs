@@ -684,15 +684,8 @@ impl<D: Device> Backend for GpuBackend<D> {
         };
         let scale = 1.0 / (l.head_dim as f32).sqrt();
         let (qb, ob) = (self.buf(q, "attention")?, self.buf(out, "attention")?);
-        if layer_kv.scales.is_none() {
-            return self.run(attn::attn_decode(cache, paged, qb, ob, &table, &lens, scale));
-        }
-        // An FP8 cache holds Hadamard-rotated keys and values (kv_append_fp8, as the CPU cache): attend with
-        // rotated queries, and rotate the output back (the rotation is its own inverse).
-        let vectors = q.rows * n_heads;
-        let rotated_q = self.dev.alloc(2 * q.rows * q.cols).map_err(kernel_err)?;
-        self.run(layers::hadamard(ACT, vectors, l.head_dim, qb, &rotated_q))?;
-        self.run(attn::attn_decode(cache, paged, &rotated_q, ob, &table, &lens, scale))?;
-        self.run(layers::hadamard(ACT, vectors, l.head_dim, ob, ob))
+        // An FP8 cache holds Hadamard-rotated keys and values (kv_append_fp8, as the CPU cache does);
+        // attn_decode_fp8 rotates the queries and its output itself.
+        self.run(attn::attn_decode(cache, paged, qb, ob, &table, &lens, scale))
     }
 }

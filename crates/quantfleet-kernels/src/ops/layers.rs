@@ -127,36 +127,6 @@ pub fn swiglu(
     })
 }
 
-/// Longest vector [`hadamard`] rotates: `QF_HADAMARD_MAX_DIM` in kernels/common/layers.cu.
-pub const HADAMARD_MAX_DIM: usize = 1024;
-
-/// `dst[i] = R src[i]` for each of `vectors` vectors of `dim` values, R the normalized Walsh-Hadamard rotation
-/// of `quantfleet_quant::hadamard::rotate` (computed in f32, rounded once to `act`); `src` and `dst` may be the
-/// same buffer. Rotates the queries and the output of attention over an FP8 KV cache, which holds rotated
-/// keys and values (`kv_append_fp8`).
-pub fn hadamard(
-    act: Act,
-    vectors: usize,
-    dim: usize,
-    src: &dyn DeviceBuffer,
-    dst: &dyn DeviceBuffer,
-) -> Result<Launch> {
-    let kernel = name(act, "hadamard_f16", "hadamard_bf16");
-    let (n, d) = dims(kernel, vectors, dim)?;
-    if dim > HADAMARD_MAX_DIM {
-        return Err(KernelError::InvalidShape {
-            kernel,
-            reason: format!("{dim} values per vector (at most {HADAMARD_MAX_DIM})"),
-        });
-    }
-    let args = vec![
-        buffer_arg(kernel, "src", src, 2 * vectors * dim)?,
-        buffer_arg(kernel, "dst", dst, 2 * vectors * dim)?,
-        KernelArg::U32(d),
-    ];
-    Ok(Launch { module: "layers", kernel, config: per_token(n, 128), args })
-}
-
 /// `out[t] = table[ids[t]]`; out-of-range ids give a zero row and set `status` (one u32) to 1.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding(
