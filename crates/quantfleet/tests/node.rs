@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quantfleet_proto::v1::{self as pb, inference_client::InferenceClient};
+use quantfleet_testsupport::ScratchDir;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -24,14 +25,7 @@ struct Node {
     child: Child,
     grpc: String,
     metrics: String,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: ScratchDir,
 }
 
 impl Node {
@@ -46,9 +40,8 @@ impl Node {
 
     /// A node at `tier` with `extra` flags and `env` variables set for its process.
     fn start_env(tier: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Node {
-        let dir = std::env::temp_dir().join(format!("qf-node-test-{}-{}", std::process::id(), rand_suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ready = dir.join("ready.json");
+        let dir = ScratchDir::new("qf-node-test").unwrap();
+        let ready = dir.path().join("ready.json");
         let model = model_path();
         let mut args: Vec<String> = ["node", "--model"].map(String::from).to_vec();
         args.push(model.display().to_string());
@@ -65,7 +58,7 @@ impl Node {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let mut node = Node { child, grpc: String::new(), metrics: String::new(), _dir: TempDir(dir) };
+        let mut node = Node { child, grpc: String::new(), metrics: String::new(), _dir: dir };
         let t0 = Instant::now();
         while !ready.exists() {
             assert!(node.child.try_wait().unwrap().is_none(), "node exited before listening");
@@ -140,10 +133,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 fn text_prompt(t: &str) -> Option<pb::Prompt> {
@@ -444,14 +433,15 @@ fn sixty_four_concurrent_greedy_streams_equal_sequential_runs() {
 /// instead of waiting for the quantizer.
 #[test]
 fn loading_is_not_serving_and_sigterm_while_loading_exits_promptly() {
-    let spec = std::env::temp_dir().join(format!("qf-node-awq-{}.yaml", std::process::id()));
-    std::fs::write(
-        &spec,
-        "name: int4-awq\nweights: {format: int4, method: awq, groupSize: 128}\n\
-         layerOverrides:\n  - {firstLayers: 1, lastLayers: 1, weights: {format: bf16}}\n\
-         calibration: {dataset: builtin, samples: 64, sequenceLength: 512}\n",
-    )
-    .unwrap();
+    let scratch = ScratchDir::new("qf-node-awq").unwrap();
+    let spec = scratch
+        .file(
+            "int4-awq.yaml",
+            "name: int4-awq\nweights: {format: int4, method: awq, groupSize: 128}\n\
+             layerOverrides:\n  - {firstLayers: 1, lastLayers: 1, weights: {format: bf16}}\n\
+             calibration: {dataset: builtin, samples: 64, sequenceLength: 512}\n",
+        )
+        .unwrap();
     let mut node = Node::start_tier(&["--tier-spec", spec.to_str().unwrap()], &[]);
     rt().block_on(async {
         let ch = node.channel().await;
@@ -474,13 +464,12 @@ fn loading_is_not_serving_and_sigterm_while_loading_exits_promptly() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    std::fs::remove_file(&spec).unwrap();
 }
 
 #[test]
 fn configuration_errors_name_the_field_before_loading() {
-    let dir = std::env::temp_dir().join(format!("qf-node-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = ScratchDir::new("qf-node-cfg").unwrap();
+    let dir = scratch.path();
     let cfg = dir.join("node.yaml");
     std::fs::write(
         &cfg,
@@ -532,15 +521,14 @@ fn configuration_errors_name_the_field_before_loading() {
     let (code, err) = with_spec(&["--calibration-file", empty.to_str().unwrap()]);
     assert_eq!(code, Some(2));
     assert!(err.contains("is empty"), "{err}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The operator's config for a tier calibrated on a ConfigMap: the node quantizes with the mounted file (its
 /// `samples` x `sequenceLength` windows, not the built-in text's) and says so in ModelInfo.
 #[test]
 fn a_gptq_tier_calibrates_on_the_file_the_config_names() {
-    let dir = std::env::temp_dir().join(format!("qf-node-calib-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = ScratchDir::new("qf-node-calib").unwrap();
+    let dir = scratch.path();
     let text = dir.join("calibration.txt");
     let paragraph = "User: How do I reverse a list in Python?\nAssistant: Use slicing, `items[::-1]`, which \
                      returns a new list, or `items.reverse()`, which reverses it in place and returns None.\n\
@@ -572,7 +560,6 @@ fn a_gptq_tier_calibrates_on_the_file_the_config_names() {
         let out = collect(&mut client, greedy("The capital of France is", 4)).await.unwrap();
         assert!(!out.0.is_empty(), "generated nothing");
     });
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// `--backend`: this machine has no NVIDIA driver, so `auto` serves on the CPU (ModelInfo says so, and the log
@@ -580,11 +567,9 @@ fn a_gptq_tier_calibrates_on_the_file_the_config_names() {
 /// reason comes from the real driver probe (no libcuda); without it, from the build.
 #[test]
 fn backend_auto_falls_back_to_the_cpu_and_cuda_without_a_gpu_fails_at_start_up() {
-    let dir = std::env::temp_dir().join(format!("qf-node-backend-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = TempDir(dir.clone());
+    let scratch = ScratchDir::new("qf-node-backend").unwrap();
     let model = model_path();
-    let (ready, log) = (dir.join("ready.json"), dir.join("node.log"));
+    let (ready, log) = (scratch.path().join("ready.json"), scratch.path().join("node.log"));
     let args = |backend: &str| {
         let mut a: Vec<String> = ["node", "--backend", backend, "--model"].map(String::from).to_vec();
         a.push(model.display().to_string());
@@ -616,12 +601,8 @@ fn backend_auto_falls_back_to_the_cpu_and_cuda_without_a_gpu_fails_at_start_up()
         std::thread::sleep(Duration::from_millis(10));
     }
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
-    let node = Node {
-        child,
-        grpc: format!("http://{}", v["grpc"].as_str().unwrap()),
-        metrics: String::new(),
-        _dir: TempDir(dir.join("unused")),
-    };
+    let node =
+        Node { child, grpc: format!("http://{}", v["grpc"].as_str().unwrap()), metrics: String::new(), _dir: scratch };
     rt().block_on(async {
         let ch = node.channel().await;
         node.wait_serving(&ch).await;
