@@ -18,8 +18,8 @@
 //!   integers; a product then computes `row · x̂` where x̂ is the quantize-dequantized input. BF16 and INT4
 //!   matrices of a weight-only tier (`activations: bf16`, the default) round their input to bf16.
 //!
-//! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations into groups
-//!   of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]), and, on a CPU with AVX-512 BF16,
+//! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations (and, at its
+//!   AVX2 level, with bf16 activations) into groups of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]), and, on a CPU with AVX-512 BF16,
 //!   INT4 and BF16 matrices with bf16 activations into groups of sixteen ([`PackedMatrix::interleave_rows16`]);
 //!   the bytes and scales are the same values in another order ([`PackedMatrix::into_rows_layout`] restores
 //!   the row layout, which the GPU backend reads).
@@ -84,8 +84,8 @@ pub enum PackedLayout {
     /// Row after row, as the module docs describe: what the quantizer produces and every backend reads.
     #[default]
     Rows,
-    /// INT4 with INT8 activations, for the CPU's integer kernels, whose vector lanes are rows: rows in groups
-    /// of eight (`rows % 8 == 0`, `cols % 32 == 0`). Row group `R` and block `b` (columns `32 b .. 32 b + 32`)
+    /// INT4 with INT8 activations, or at the CPU's AVX2 level with bf16 activations (taken as 16-bit fixed
+    /// point), for the CPU's integer kernels, whose vector lanes are rows: rows in groups of eight (`rows % 8 == 0`, `cols % 32 == 0`). Row group `R` and block `b` (columns `32 b .. 32 b + 32`)
     /// take the 128 bytes at `128 (R * cols / 32 + b)`, four runs of 32; byte `4 i + j` of run `v` holds, for
     /// row `8 R + i`, the code of column `32 b + 4 v + j` in its low nibble and of column `32 b + 16 + 4 v + j`
     /// in its high nibble. Scales (and zero points) of row group `R`, weight group `g`: the eight rows' at
@@ -353,15 +353,15 @@ impl PackedMatrix {
         }
         if self.layout == PackedLayout::Int4Rows8
             && !(matches!(self.format, PackedFormat::Int4 { .. })
-                && self.activations == ActivationQuant::Int8
+                && matches!(self.activations, ActivationQuant::Int8 | ActivationQuant::Bf16)
                 && self.rows.is_multiple_of(8)
                 && self.cols.is_multiple_of(32))
         {
             return Err(bad(format!(
-                "the interleaved layout needs INT4 weights, INT8 activations, rows % 8 == 0 and cols % 32 == 0 \
-                 ({} {}, {} x {})",
+                "the interleaved layout needs INT4 weights, INT8 or bf16 activations, rows % 8 == 0 and cols % \
+                 32 == 0 ({} with {:?} activations, {} x {})",
                 self.format_name(),
-                if self.activations == ActivationQuant::Int8 { "" } else { "without INT8 activations" },
+                self.activations,
                 self.rows,
                 self.cols
             )));
@@ -450,43 +450,38 @@ impl PackedMatrix {
         }
     }
 
-    /// This INT4 matrix with INT8 activations in [`PackedLayout::Int4Rows8`] (the same values re-ordered); an
+    /// This INT4 matrix with INT8 or bf16 activations in [`PackedLayout::Int4Rows8`] (the same values re-ordered); an
     /// error if it does not qualify (see the layout). Re-interleaving an interleaved matrix returns it as is.
-    pub fn interleave_rows8(self) -> Result<Self> {
+    pub fn interleave_rows8(mut self) -> Result<Self> {
         if self.layout == PackedLayout::Int4Rows8 {
             return Ok(self);
         }
-        // The metadata moves over; only the re-ordered arrays are new (no transient copy of the matrix).
-        let mut out = PackedMatrix {
-            format: self.format,
-            rows: self.rows,
-            cols: self.cols,
-            data: vec![0; self.data.len()],
-            f32_scales: self.f32_scales.clone(),
-            group_scales: self.group_scales.clone(),
-            zeros: self.zeros.clone(),
-            input_scales: self.input_scales.clone(),
-            activations: self.activations,
-            layout: PackedLayout::Int4Rows8,
-        };
-        out.validate()?;
-        let (rb, blocks) = (self.row_bytes(), self.cols / 32);
-        let code = |r: usize, c: usize| (self.data[r * rb + c / 2] >> (4 * (c % 2))) & 0x0f;
-        for (rg, dst) in out.data.chunks_exact_mut(128 * blocks).enumerate() {
+        if self.layout != PackedLayout::Rows {
+            return Err(bad(format!("cannot re-interleave a matrix in {:?}", self.layout)));
+        }
+        self.layout = PackedLayout::Int4Rows8;
+        self.validate()?;
+        // In place, one row group at a time, as `interleave_rows16`: a group's eight rows take the same 4 cols
+        // bytes (and scales) in both layouts.
+        let rb = self.row_bytes();
+        let mut rows = vec![0u8; 8 * rb];
+        for dst in self.data.chunks_exact_mut(8 * rb) {
+            rows.copy_from_slice(dst);
+            let code = |i: usize, c: usize| (rows[i * rb + c / 2] >> (4 * (c % 2))) & 0x0f;
             for (k, run) in dst.chunks_exact_mut(32).enumerate() {
                 let (b, v) = (k / 4, k % 4);
                 for (i, bytes) in run.chunks_exact_mut(4).enumerate() {
                     for (j, byte) in bytes.iter_mut().enumerate() {
                         let c = 32 * b + 4 * v + j;
-                        *byte = code(8 * rg + i, c) | (code(8 * rg + i, c + 16) << 4);
+                        *byte = code(i, c) | (code(i, c + 16) << 4);
                     }
                 }
             }
         }
         let gpr = self.groups_per_row();
-        transpose_row_groups(&mut out.group_scales, 8, gpr);
-        transpose_row_groups(&mut out.zeros, 8, gpr);
-        Ok(out)
+        transpose_row_groups(&mut self.group_scales, 8, gpr);
+        transpose_row_groups(&mut self.zeros, 8, gpr);
+        Ok(self)
     }
 
     /// This INT4, BF16, INT8 or FP8 matrix with bf16 activations in [`PackedLayout::Int4Rows16`],

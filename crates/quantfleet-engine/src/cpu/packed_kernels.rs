@@ -34,11 +34,17 @@
 //! every level. With AVX-512 BF16 (`x86_bf16`, [`bf16_dot`]) every format is interleaved by sixteen rows at
 //! load (`PackedLayout::Bf16Rows16` / `Byte8Rows16` / `Int4Rows16`): BF16 weights are multiplied as stored,
 //! INT8, FP8 and INT4 weights become bf16 in registers, all by `vdpbf16ps`; any number of tokens runs
-//! through them, 8 per pass over each task's rows. Elsewhere the f32 kernels below multiply the rounded
-//! input. On SmolLM2's shapes, against the f32 kernels (`tier_bench --kernels`): INT4 about 3x faster; BF16
-//! 2x at one token and 3x at eight; FP8 1.2-1.5x at one token and 1.5-3.7x at eight; INT8 1.7-4.7x at
-//! eight, and at one token 0.86-1.18x on the layer matrices (its conversion through f32 costs about what
-//! the f32 product does) and 1.1x on the 49152-row lm_head.
+//! through them, 8 per pass over each task's rows. On SmolLM2's shapes, against the f32 kernels (`tier_bench
+//! --kernels`): INT4 about 3x faster; BF16 2x at one token and 3x at eight; FP8 1.2-1.5x at one token and
+//! 1.5-3.7x at eight; INT8 1.7-4.7x at eight, and at one token 0.86-1.18x on the layer matrices (its
+//! conversion through f32 costs about what the f32 product does) and 1.1x on the 49152-row lm_head.
+//!
+//! At the AVX2 level, which has no bf16 dot product, INT4 matrices with bf16 activations are interleaved by
+//! eight rows as for W4A8 and take the rounded input as 16-bit fixed point per block of 32 ([`fixed16`]:
+//! exact for every value within 7 octaves of its block's largest) through the same integer kernels
+//! (`x86::dot_i4x8_fixed16_avx2`, two byte products per weight), for every token count; widening each nibble
+//! to f32 had made them the slowest AVX2 products per byte. Elsewhere the f32 kernels below multiply the
+//! rounded input.
 //!
 //! A few tokens (2-16, a decode step of a batch) with AVX-512 or AVX2: every weight is decoded once in
 //! registers and multiplied into up to 8 tokens' accumulators. Prefill (more tokens) dequantizes tiles of
@@ -67,8 +73,9 @@ pub(crate) struct Prepared {
     gsum: Vec<f32>,
     /// INT4 only: whether `x` is de-interleaved (needs `cols % 32 == 0`); otherwise the generic path runs.
     interleaved_fast: bool,
-    /// INT8 activations (`x` and `gsum` are then empty).
-    q8: Option<Q8Input>,
+    /// The input in integer form (`x` and `gsum` are then empty): INT8 activations, or a bf16 input as 16-bit
+    /// fixed point for the interleaved INT4 kernels ([`fixed16`]).
+    ints: Option<IntInput>,
     /// The bf16 input (bits) of the AVX-512 BF16 kernels ([`bf16_dot`]; `x` is then empty, `gsum` holds
     /// INT4's group sums).
     xb: Vec<u16>,
@@ -134,21 +141,26 @@ fn i4_rows16(m: &PackedMatrix) -> x86_bf16::I4Rows16<'_> {
     }
 }
 
-/// An input quantized for [`ActivationQuant::Int8`].
-struct Q8Input {
-    /// Codes, in the order of the weights' bytes: for row-layout INT4 in pair order (see
-    /// [`i4_q8_offsets`]), for interleaved INT4 (`PackedLayout::Int4Rows8`) and INT8 in column order.
+/// An input in integer form, per block of 32 a scale `d_b` times integers `x_b`: quantized for
+/// [`ActivationQuant::Int8`] (`x_b = q_b`, `lo` empty), or a bf16 input held as 16-bit fixed point for the
+/// interleaved INT4 kernels (`x_b = 256 q_b + lo_b`, see [`fixed16`]).
+struct IntInput {
+    /// Codes (the high bytes of fixed point), in the order of the weights' bytes: for row-layout INT4 in pair
+    /// order (see [`i4_q8_offsets`]), for interleaved INT4 (`PackedLayout::Int4Rows8`) and INT8 in column
+    /// order.
     q: Vec<i8>,
+    /// Fixed point only: the low bytes, in column order. Empty for INT8 activations.
+    lo: Vec<u8>,
     /// One scale per block of 32.
     d: Vec<f32>,
-    /// INT4: per weight group, sum over its blocks of d_b * sum(q_b) (the zero-point term). Empty otherwise.
+    /// INT4: per weight group, sum over its blocks of d_b * sum(x_b) (the zero-point term). Empty otherwise.
     gzero: Vec<f32>,
-    /// Symmetric INT4: 8 * sum(q_b) of every block as i32 lanes for the x86 kernels (`x86::I4Act`): eight
+    /// Symmetric INT4: 8 * sum(x_b) of every block as i32 lanes for the x86 kernels (`x86::I4Act`): eight
     /// lanes per pair of blocks, the first block's in lane 0 and the second's in lane 4. Empty otherwise.
     corr: Vec<i32>,
 }
 
-/// Where INT4 block `b` of `n` finds its activation codes in a [`Q8Input`]: the offsets of its 16 even
+/// Where INT4 block `b` of `n` finds its activation codes in a [`IntInput`]: the offsets of its 16 even
 /// elements (the weights' low nibbles) and of its 16 odd elements (high nibbles). Blocks go in pairs, each
 /// pair's 64 codes being the evens of both blocks then the odds of both, so that one 32-byte load of the
 /// pair's weights meets 32 contiguous codes per nibble half (`x86::i4_q8_body`); an unpaired last block
@@ -163,7 +175,7 @@ fn i4_q8_offsets(b: usize, n: usize) -> (usize, usize) {
     }
 }
 
-fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
+fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> IntInput {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked just above).
@@ -176,12 +188,12 @@ fn prepare_q8(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
 /// vectorizes the block quantization four lanes wide at best, and prepare was a tenth of a prefill profile).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn prepare_q8_avx2(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
+fn prepare_q8_avx2(m: &PackedMatrix, xs: &[f32]) -> IntInput {
     prepare_q8_body(m, xs)
 }
 
 #[inline(always)]
-fn prepare_q8_body(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
+fn prepare_q8_body(m: &PackedMatrix, xs: &[f32]) -> IntInput {
     let n = xs.len() / ACT_BLOCK;
     let mut q = vec![0i8; xs.len()];
     let mut d = vec![0.0f32; n];
@@ -189,7 +201,7 @@ fn prepare_q8_body(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
         for ((qb, xb), db) in q.chunks_exact_mut(ACT_BLOCK).zip(xs.chunks_exact(ACT_BLOCK)).zip(d.iter_mut()) {
             *db = quantize_activation_block(xb, qb);
         }
-        return Q8Input { q, d, gzero: Vec::new(), corr: Vec::new() };
+        return IntInput { q, lo: Vec::new(), d, gzero: Vec::new(), corr: Vec::new() };
     };
     // INT4: each block quantized aside, its codes placed in pair order and its zero-point term d * sum(q)
     // added to its group's (symmetric: 8 * sum(q) also kept as an integer correction).
@@ -214,7 +226,78 @@ fn prepare_q8_body(m: &PackedMatrix, xs: &[f32]) -> Q8Input {
             q[odd + j] = block[2 * j + 1];
         }
     }
-    Q8Input { q, d, gzero, corr }
+    IntInput { q, lo: Vec::new(), d, gzero, corr }
+}
+
+/// Whether `m`'s products at `level` take its bf16 input as 16-bit fixed point ([`fixed16`]): INT4 weights
+/// with bf16 activations, interleaved by eight rows (`PackedLayout::Int4Rows8`, which the CPU backend builds
+/// for them at the AVX2 level, where no bf16 dot product exists), on an x86 level.
+fn uses_fixed16(level: SimdLevel, m: &PackedMatrix) -> bool {
+    matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512)
+        && m.activations == ActivationQuant::Bf16
+        && m.layout == PackedLayout::Int4Rows8
+}
+
+/// The bf16 input `xs` (already rounded: 8 significant bits) of an interleaved INT4 matrix as 16-bit fixed
+/// point for [`x86::dot_i4x8_fixed16_avx2`], per block of 32: `x = d_b * (256 q + lo)` with `d_b = 2^(E - 14)`
+/// for the block's largest magnitude in `[2^E, 2^(E+1))`. That largest is at most `255 * 2^(E - 7)`, 32640
+/// units, so every value fits in i16; a value within 7 octaves of it (exponent >= E - 7) is a multiple of
+/// `2^(E - 7)` and held exactly, a smaller one is rounded to the unit, an error of at most half a unit,
+/// `2^(E - 15)`: at most `2^-15` of the block's largest and 1/256 of that largest value's own bf16 step. The integer kernels then multiply 16-bit
+/// inputs exactly (two byte products per weight), which on AVX2 runs about three times faster than
+/// widening the nibbles to f32 (`tier_bench --kernels`). Codes in column order, as the interleaved kernels
+/// read them.
+fn fixed16(m: &PackedMatrix, xs: &[f32]) -> IntInput {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { fixed16_avx2(m, xs) };
+    }
+    fixed16_body(m, xs)
+}
+
+/// [`fixed16`] compiled for AVX2 (the same operations, so the same integers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fixed16_avx2(m: &PackedMatrix, xs: &[f32]) -> IntInput {
+    fixed16_body(m, xs)
+}
+
+#[inline(always)]
+fn fixed16_body(m: &PackedMatrix, xs: &[f32]) -> IntInput {
+    let PackedFormat::Int4 { group, symmetric } = m.format else { unreachable!("fixed point is for INT4 only") };
+    let n = xs.len() / ACT_BLOCK;
+    let (mut q, mut lo) = (vec![0i8; xs.len()], vec![0u8; xs.len()]);
+    let mut d = vec![0.0f32; n];
+    let mut gzero = vec![0.0f32; n.div_ceil(group / ACT_BLOCK)];
+    let mut corr = if symmetric { vec![0i32; 8 * n.div_ceil(2)] } else { Vec::new() };
+    for (b, xb) in xs.chunks_exact(ACT_BLOCK).enumerate() {
+        let (q, lo) = (&mut q[32 * b..32 * b + 32], &mut lo[32 * b..32 * b + 32]);
+        let mut sum = 0i32;
+        if xb.iter().all(|v| v.is_finite()) {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            // E from the bits; a subnormal's field is 0, so E = -127 bounds it from above and its values,
+            // all below 2^-126, still fit. The unit and its inverse are exact powers of two in f64, whose
+            // range holds 2^(14 - E) for every f32 (and an all-zero block takes any unit).
+            let e = ((amax.to_bits() >> 23) & 0xff) as i32 - 127;
+            let inv = 2f64.powi(14 - e);
+            for ((&v, qj), lj) in xb.iter().zip(q.iter_mut()).zip(lo.iter_mut()) {
+                let x16 = (f64::from(v) * inv).round_ties_even() as i32;
+                sum += x16;
+                (*qj, *lj) = ((x16 >> 8) as i8, (x16 & 0xff) as u8);
+            }
+            d[b] = 2f64.powi(e - 14) as f32;
+        } else {
+            // A NaN or infinite input: the block's scale is NaN, so every output it touches is NaN, as the
+            // f32 kernels would give, instead of a finite wrong value.
+            d[b] = f32::NAN;
+        }
+        gzero[b / (group / ACT_BLOCK)] += d[b] * sum as f32;
+        if symmetric {
+            corr[8 * (b / 2) + 4 * (b % 2)] = 8 * sum;
+        }
+    }
+    IntInput { q, lo, d, gzero, corr }
 }
 
 /// `x` prepared for `m`'s kernels at `level`.
@@ -229,13 +312,24 @@ pub(crate) fn prepare(level: SimdLevel, m: &PackedMatrix, x: &[f32]) -> Prepared
         ActivationQuant::Int8 => {
             // `validate` guarantees INT8/INT4 weights and cols % 32 == 0.
             let q8 = prepare_q8(m, &xs);
-            return Prepared { x: Vec::new(), gsum: Vec::new(), interleaved_fast: false, q8: Some(q8), xb: Vec::new() };
+            return Prepared {
+                x: Vec::new(),
+                gsum: Vec::new(),
+                interleaved_fast: false,
+                ints: Some(q8),
+                xb: Vec::new(),
+            };
         }
+    }
+    if uses_fixed16(level, m) {
+        // `validate` guarantees INT4 weights and cols % 32 == 0 for the interleaved layout.
+        let ints = Some(fixed16(m, &xs));
+        return Prepared { x: Vec::new(), gsum: Vec::new(), interleaved_fast: false, ints, xb: Vec::new() };
     }
     #[cfg(target_arch = "x86_64")]
     if bf16_dot(level, m) {
         let (xb, gsum) = bf16_input(m, &xs);
-        return Prepared { x: Vec::new(), gsum, interleaved_fast: false, q8: None, xb };
+        return Prepared { x: Vec::new(), gsum, interleaved_fast: false, ints: None, xb };
     }
     let mut gsum = Vec::new();
     let mut interleaved_fast = false;
@@ -254,7 +348,7 @@ pub(crate) fn prepare(level: SimdLevel, m: &PackedMatrix, x: &[f32]) -> Prepared
         xs = d;
         interleaved_fast = true;
     }
-    Prepared { x: xs, gsum, interleaved_fast, q8: None, xb: Vec::new() }
+    Prepared { x: xs, gsum, interleaved_fast, ints: None, xb: Vec::new() }
 }
 
 /// INT8 row · INT8 activations, before the row scale: an exact i32 sum per block times the block's scale.
@@ -275,7 +369,7 @@ fn dot_i8_q8(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
 #[inline(always)]
 fn dot_i4_q8(
     row: &[u8],
-    q8: &Q8Input,
+    q8: &IntInput,
     scales: &[f16],
     zeros: Option<&[u8]>,
     group: usize,
@@ -407,15 +501,15 @@ fn dot_int4(
 /// Rows `r0 .. r0 + out.len()` of `m` times the prepared input.
 #[inline(always)]
 fn rows_body(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32], to_f32: impl Fn(f16) -> f32) {
-    if m.layout.is_rows16() {
-        // Interleaved for the AVX-512 BF16 kernels but run where they are not (a test's other levels).
+    if m.layout != PackedLayout::Rows && p.ints.is_none() {
+        // Interleaved for the kernels of another level but run where they are not (a test's other levels).
         return rows_reference(m, &p.x, r0, out);
     }
     let gpr = m.groups_per_row();
     for (i, o) in out.iter_mut().enumerate() {
         let r = r0 + i;
         let row = m.row_data(r);
-        if let Some(q8) = &p.q8 {
+        if let Some(q8) = &p.ints {
             *o = match m.format {
                 PackedFormat::Int4 { symmetric, group } => {
                     let zeros = (!symmetric).then(|| &m.zeros[r * gpr..(r + 1) * gpr]);
@@ -516,7 +610,7 @@ where
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 fn rows_avx512(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
-    if let Some(q8) = &p.q8 {
+    if let Some(q8) = &p.ints {
         return rows_q8_avx2(m, q8, r0, out, x86::has_vnni());
     }
     if !p.xb.is_empty() {
@@ -565,7 +659,7 @@ fn bf16_kernel<const NT: usize>(
 /// level on a CPU with AVX-512 VNNI) the `vpdpbusd` forms, which give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32], vnni: bool) {
+fn rows_q8_avx2(m: &PackedMatrix, q8: &IntInput, r0: usize, out: &mut [f32], vnni: bool) {
     let out = OutPtr { base: out.as_mut_ptr(), stride: out.len(), row0: 0, len: out.len() };
     rows_q8_multi_avx2(m, &[q8], r0, out.len, out, 0, vnni);
 }
@@ -576,7 +670,7 @@ fn rows_q8_avx2(m: &PackedMatrix, q8: &Q8Input, r0: usize, out: &mut [f32], vnni
 /// call.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, out: OutPtr, t0: usize, vnni: bool) {
+fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&IntInput], r0: usize, nr: usize, out: OutPtr, t0: usize, vnni: bool) {
     let gpr = m.groups_per_row();
     let scale_bits: &[u16] = m.group_scales.reinterpret_cast();
     macro_rules! tokens {
@@ -584,6 +678,7 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
             // The tokens' INT4-kernel inputs, gathered once for all rows.
             let act: [x86::I4Act<'_>; $nt] = std::array::from_fn(|i| x86::I4Act {
                 q: &q8s[i].q,
+                lo: &q8s[i].lo,
                 d: &q8s[i].d,
                 gzero: &q8s[i].gzero,
                 corr: &q8s[i].corr,
@@ -600,7 +695,9 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
                         group,
                     };
                     // `out` starts at row r0: these are its rows 8 g - r0 ..
-                    if vnni {
+                    if !q8s[0].lo.is_empty() {
+                        x86::dot_i4x8_fixed16_avx2::<$nt>(rows, act, out, (t0, 8 * g - r0))
+                    } else if vnni {
                         // SAFETY: `vnni` is set only on a CPU with AVX-512 VNNI and VL.
                         unsafe { x86::dot_i4x8_q8_vnni::<$nt>(rows, act, out, (t0, 8 * g - r0)) }
                     } else {
@@ -654,7 +751,7 @@ fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&Q8Input], r0: usize, nr: usize, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_avx2(m: &PackedMatrix, p: &Prepared, r0: usize, out: &mut [f32]) {
-    if let Some(q8) = &p.q8 {
+    if let Some(q8) = &p.ints {
         return rows_q8_avx2(m, q8, r0, out, false);
     }
     // Closures defined here have this function's CPU features, so they may call the kernels.
@@ -778,7 +875,7 @@ pub(crate) fn dequantize_row_fast(m: &PackedMatrix, r: usize, out: &mut [f32]) {
 pub(crate) fn matmul(level: SimdLevel, m: &PackedMatrix, x: &[f32], n_tokens: usize, out: &mut [f32]) {
     assert_eq!(x.len(), n_tokens * m.cols, "activation shape");
     assert_eq!(out.len(), n_tokens * m.rows, "output shape");
-    if m.activations == ActivationQuant::Int8 {
+    if int_input(level, m) {
         return matmul_q8(level, m, x, out);
     }
     #[cfg(target_arch = "x86_64")]
@@ -835,14 +932,22 @@ fn effective_tokens(m: &PackedMatrix, x: &[f32]) -> Vec<f32> {
 /// here than for f32 inputs: where a block holds an outlier, a rounding-level difference between two kernels
 /// can move a small activation across a quantization step (a full step of amax/127), and a prefill through the
 /// f32 GEMM on quantize-dequantized inputs drifted from decode by ~0.5 in the logits on the real model.
+///
+/// The interleaved INT4 matrices of weight-only tiers at the AVX2 level take this path too, with their bf16
+/// inputs as 16-bit fixed point ([`fixed16`]), and for the same reason: one kernel for every token count.
 fn matmul_q8(level: SimdLevel, m: &PackedMatrix, x: &[f32], out: &mut [f32]) {
-    matmul_q8_prepared(level, m, &prepare_tokens(m, x), out)
+    matmul_q8_prepared(level, m, &prepare_tokens(level, m, x), out)
+}
+
+/// Whether `m`'s products at `level` take their input in integer form ([`IntInput`]): INT8 activations, or
+/// [`uses_fixed16`].
+fn int_input(level: SimdLevel, m: &PackedMatrix) -> bool {
+    m.activations == ActivationQuant::Int8 || uses_fixed16(level, m)
 }
 
 /// Each token's input prepared for `m`: every token is quantized on its own, so in parallel.
-fn prepare_tokens(m: &PackedMatrix, x: &[f32]) -> Vec<Prepared> {
-    // The INT8 preparation does not depend on the level.
-    x.par_chunks_exact(m.cols).map(|xt| prepare(SimdLevel::Portable, m, xt)).collect()
+fn prepare_tokens(level: SimdLevel, m: &PackedMatrix, x: &[f32]) -> Vec<Prepared> {
+    x.par_chunks_exact(m.cols).map(|xt| prepare(level, m, xt)).collect()
 }
 
 /// Several INT8-activation products of the same tokens `x` (Q, K and V of a prefill): the tokens are
@@ -853,12 +958,12 @@ pub(crate) fn matmul_many(level: SimdLevel, ms: &[&PackedMatrix], x: &[f32], n_t
     let mut shared: Option<(usize, Vec<Prepared>)> = None;
     for (i, (m, out)) in ms.iter().zip(outs.iter_mut()).enumerate() {
         assert_eq!((x.len(), out.len()), (n_tokens * m.cols, n_tokens * m.rows), "matmul shape");
-        if m.activations != ActivationQuant::Int8 {
+        if !int_input(level, m) {
             matmul(level, m, x, n_tokens, out);
             continue;
         }
         if !shared.as_ref().is_some_and(|(j, _)| same_preparation(ms[*j], m)) {
-            shared = Some((i, prepare_tokens(m, x)));
+            shared = Some((i, prepare_tokens(level, m, x)));
         }
         let (_, preps) = shared.as_ref().expect("prepared just above");
         matmul_q8_prepared(level, m, preps, out);
@@ -871,7 +976,7 @@ fn matmul_q8_prepared(level: SimdLevel, m: &PackedMatrix, preps: &[Prepared], ou
     assert_eq!(out.len(), preps.len() * rows, "output shape");
     #[cfg(target_arch = "x86_64")]
     if matches!(level, SimdLevel::Avx2Fma | SimdLevel::Avx512) {
-        let q8s: Vec<&Q8Input> = preps.iter().map(|p| p.q8.as_ref().expect("INT8-activation input")).collect();
+        let q8s: Vec<&IntInput> = preps.iter().map(|p| p.ints.as_ref().expect("an input in integer form")).collect();
         let vnni = level == SimdLevel::Avx512 && x86::has_vnni();
         par_row_chunks(rows, out, |r0, nr, o| {
             for (chunk, qs) in q8s.chunks(4).enumerate() {
@@ -1152,7 +1257,11 @@ mod tests {
                 let base = m.clone();
                 let mut variants = vec![m.clone()];
                 if rows % 16 == 0 && cols % 32 == 0 {
-                    variants.push(m.interleave_rows16().unwrap());
+                    variants.push(m.clone().interleave_rows16().unwrap());
+                }
+                if matches!(m.format, PackedFormat::Int4 { .. }) && rows % 8 == 0 && cols % 32 == 0 {
+                    // The AVX2 level's layout: fixed-point inputs through the integer kernels.
+                    variants.push(m.interleave_rows8().unwrap());
                 }
                 for mut m in variants {
                     m.validate().unwrap();
@@ -1165,6 +1274,9 @@ mod tests {
                         );
                     let name = format!("{} {:?} {rows}x{cols}", m.format.name(), m.layout);
                     assert_eq!(bf16_dot(SimdLevel::Avx512, &m), bf16_cpu && fast, "{name}");
+                    let fixed = m.layout == PackedLayout::Int4Rows8;
+                    assert_eq!(uses_fixed16(SimdLevel::Avx2Fma, &m), fixed, "{name}");
+                    assert!(!uses_fixed16(SimdLevel::Portable, &m), "{name}");
                     for with_scales in [false, true] {
                         m.input_scales =
                             with_scales.then(|| (0..cols).map(|_| 0.25 + rng.uniform().abs() * 4.0).collect());
@@ -1191,7 +1303,16 @@ mod tests {
                                     .sum(),
                                 _ => 0.0,
                             };
-                            let bound = 2e-6 * mag + 2e-7 * offsets + 1e-6;
+                            // Fixed-point inputs (the interleaved INT4 layout at x86 levels) round values more
+                            // than 7 octaves below their block's largest to 2^-15 of it.
+                            let fixed_point: f32 = if uses_fixed16(level, &m) {
+                                let amax: Vec<f32> =
+                                    xe.chunks(32).map(|b| b.iter().fold(0.0f32, |a, v| a.max(v.abs()))).collect();
+                                wrow.iter().enumerate().map(|(j, w)| w.abs() * amax[j / 32]).sum::<f32>() / 32768.0
+                            } else {
+                                0.0
+                            };
+                            let bound = 2e-6 * mag + 2e-7 * offsets + 1e-6 + fixed_point;
                             assert!(
                                 (got - want).abs() <= bound,
                                 "{name} T={n_tokens} {level:?} scales={with_scales} ({t},{r}): {got} vs {want}"
@@ -1201,6 +1322,107 @@ mod tests {
                         assert!(rounding_seen, "{name}: the bf16 rounding moved no output");
                     }
                 }
+            }
+        }
+    }
+
+    /// The AVX2 level's fixed-point form of a bf16 input (`fixed16`) on SYNTHETIC blocks spanning 40
+    /// octaves: every value within 7 octaves of its block's largest comes back exactly, every smaller one
+    /// within 2^-15 of that largest; the codes' sums match the zero-point terms; an all-zero block is zeros, a
+    /// subnormal block is exact, a NaN makes its block's scale NaN.
+    #[test]
+    fn fixed_point_inputs_hold_bf16_values() {
+        let mut rng = Rng(0x0f1c_ed16_0000_0001);
+        let cols = 256;
+        let mut x: Vec<f32> = (0..cols)
+            .map(|i| {
+                let octave = (rng.uniform() * 20.0) as i32 - 17;
+                rng.uniform() * 2f32.powi(octave) * if i % 32 == 5 { 0.0 } else { 1.0 }
+            })
+            .collect();
+        x[64..96].fill(0.0);
+        for (j, v) in x[96..128].iter_mut().enumerate() {
+            *v = f32::from_bits(1 + 40_000 * j as u32) * if j % 2 == 0 { 1.0 } else { -1.0 };
+        }
+        round_to_bf16(&mut x);
+        for symmetric in [true, false] {
+            let w = vec![0.01f32; 8 * cols];
+            let q = quantize_rtn(&MatrixRef::new("w", &w, 8, cols).unwrap(), &int4(64, symmetric)).unwrap();
+            let mut m = PackedMatrix::from_quantized(&q).unwrap();
+            m.activations = ActivationQuant::Bf16;
+            let m = m.interleave_rows8().unwrap();
+            let f = fixed16(&m, &x);
+            let (mut exact, mut rounded) = (0, 0);
+            for (b, xb) in x.chunks_exact(32).enumerate() {
+                let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let mut sum = 0i32;
+                for (j, &v) in xb.iter().enumerate() {
+                    let x16 = 256 * f.q[32 * b + j] as i32 + f.lo[32 * b + j] as i32;
+                    sum += x16;
+                    let back = f.d[b] as f64 * x16 as f64;
+                    if (v.abs() as f64) * 128.0 >= amax as f64 {
+                        assert_eq!(back, v as f64, "block {b} element {j}: within 7 octaves, held exactly");
+                        exact += 1;
+                    } else {
+                        assert!((back - v as f64).abs() <= amax as f64 * 2f64.powi(-15), "block {b} element {j}");
+                        rounded += usize::from(back != v as f64);
+                    }
+                }
+                if symmetric {
+                    assert_eq!(f.corr[8 * (b / 2) + 4 * (b % 2)], 8 * sum, "block {b}");
+                }
+                if b == 2 {
+                    assert!(sum == 0 && f.q[64..96].iter().all(|&c| c == 0), "an all-zero block");
+                }
+            }
+            // The zero-point terms hold the held values' sums (sum of d_b * x16 over the group).
+            let held = |j: usize| f.d[j / 32] as f64 * (256 * f.q[j] as i32 + f.lo[j] as i32) as f64;
+            let gzero: Vec<f64> = (0..cols / 64).map(|g| (64 * g..64 * g + 64).map(held).sum::<f64>()).collect();
+            for (g, (&got, want)) in f.gzero.iter().zip(gzero).enumerate() {
+                assert!((got as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30), "group {g}: {got} vs {want}");
+            }
+            assert!(exact >= 64 && rounded >= 64, "the fixture exercises both cases: {exact} exact, {rounded} rounded");
+            let mut bad = x.clone();
+            bad[200] = f32::NAN;
+            let f = fixed16(&m, &bad);
+            assert!(f.d[6].is_nan() && f.d.iter().enumerate().all(|(b, d)| b == 6 || d.is_finite()));
+        }
+    }
+
+    /// The AVX2 level's INT4 products on fixed-point inputs (the CPU backend's layout for weight-only INT4
+    /// there): every token of a batch step and a prefill equals its one-token product bit for bit, as the
+    /// W4A8 kernels do, and a NaN input stays visible. SYNTHETIC weights and inputs.
+    #[test]
+    fn fixed_point_int4_products_are_batch_invariant() {
+        let mut rng = Rng(0x0f1c_ed16_0000_0002);
+        for (f, rows, cols) in [(int4(128, false), 24, 576), (int4(32, true), 16, 608), (int4(256, false), 8, 288)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.uniform() * 0.2).collect();
+            let q = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &f).unwrap();
+            let mut m = PackedMatrix::from_quantized(&q).unwrap();
+            m.activations = ActivationQuant::Bf16;
+            let m = m.interleave_rows8().unwrap();
+            for level in levels().into_iter().filter(|&l| uses_fixed16(l, &m)) {
+                let n = 21;
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.uniform()).collect();
+                for n_tokens in [2, 5, 9, 21] {
+                    let mut out = vec![f32::NAN; n_tokens * rows];
+                    matmul(level, &m, &x[..n_tokens * cols], n_tokens, &mut out);
+                    for (t, xt) in x[..n_tokens * cols].chunks_exact(cols).enumerate() {
+                        let mut one = vec![f32::NAN; rows];
+                        matmul(level, &m, xt, 1, &mut one);
+                        let got: Vec<u32> = out[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(
+                            got,
+                            one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{level:?} T={n_tokens} t={t}"
+                        );
+                    }
+                }
+                let mut bad = x[..cols].to_vec();
+                bad[cols / 2] = f32::NAN;
+                let mut out = vec![0.0f32; rows];
+                matmul(level, &m, &bad, 1, &mut out);
+                assert!(out.iter().all(|v| v.is_nan()), "{level:?}: {out:?}");
             }
         }
     }
@@ -1363,7 +1585,7 @@ mod tests {
             let mut m = PackedMatrix::from_quantized(&q).unwrap();
             m.activations = ActivationQuant::Int8;
             let PackedFormat::Int4 { symmetric, group } = m.format else { unreachable!() };
-            let inputs: Vec<Q8Input> = (0..4)
+            let inputs: Vec<IntInput> = (0..4)
                 .map(|t| prepare_q8(&m, &(0..cols).map(|_| rng.uniform() * (1 + t) as f32).collect::<Vec<_>>()))
                 .collect();
             let gpr = m.groups_per_row();
@@ -1373,6 +1595,7 @@ mod tests {
                 let row = x86::I4Row { bytes: m.row_data(r), scales: &bits[r * gpr..(r + 1) * gpr], zeros, group };
                 let act: [x86::I4Act<'_>; 4] = std::array::from_fn(|t| x86::I4Act {
                     q: &inputs[t].q,
+                    lo: &inputs[t].lo,
                     d: &inputs[t].d,
                     gzero: &inputs[t].gzero,
                     corr: &inputs[t].corr,
@@ -1396,7 +1619,7 @@ mod tests {
             m.activations = ActivationQuant::Int8;
             let m = m.interleave_rows8().unwrap();
             let PackedFormat::Int4 { symmetric, group } = m.format else { unreachable!() };
-            let inputs: Vec<Q8Input> = (0..4)
+            let inputs: Vec<IntInput> = (0..4)
                 .map(|t| prepare_q8(&m, &(0..cols).map(|_| rng.uniform() * (1 + t) as f32).collect::<Vec<_>>()))
                 .collect();
             let n_scales = 8 * m.groups_per_row();
@@ -1410,6 +1633,7 @@ mod tests {
                 };
                 let act: [x86::I4Act<'_>; 4] = std::array::from_fn(|t| x86::I4Act {
                     q: &inputs[t].q,
+                    lo: &inputs[t].lo,
                     d: &inputs[t].d,
                     gzero: &inputs[t].gzero,
                     corr: &inputs[t].corr,
@@ -1440,7 +1664,7 @@ mod tests {
         let qw = quantize_rtn(&MatrixRef::new("w", &w, rows, cols).unwrap(), &WeightFormat::Int8).unwrap();
         let mut m = PackedMatrix::from_quantized(&qw).unwrap();
         m.activations = ActivationQuant::Int8;
-        let inputs: Vec<Q8Input> =
+        let inputs: Vec<IntInput> =
             (0..3).map(|_| prepare_q8(&m, &(0..cols).map(|_| rng.uniform()).collect::<Vec<_>>())).collect();
         let q: [&[i8]; 3] = std::array::from_fn(|t| &inputs[t].q[..]);
         let d: [&[f32]; 3] = std::array::from_fn(|t| &inputs[t].d[..]);

@@ -1128,13 +1128,17 @@ pub(crate) struct I4Row<'a> {
     pub group: usize,
 }
 
-/// One token's INT8 activations for the W4A8 kernels (`packed_kernels::Q8Input`): codes `q` in pair order,
-/// `d` one scale per block; `gzero[g]` = sum over group g's blocks of d_b * sum(q_b), for asymmetric rows;
-/// `corr`, for symmetric rows, eight i32 lanes per pair of blocks (and for an unpaired last block) holding
-/// 8 * sum(q_b) of the pair's first block in lane 0 and of its second in lane 4.
+/// One token's input for the INT4 integer kernels (`packed_kernels::IntInput`): codes `q` (pair order for
+/// the row kernels, column order for the interleaved ones), `d` one scale per block; `gzero[g]` = sum over
+/// group g's blocks of d_b * sum(x_b), for asymmetric rows; `corr`, for symmetric rows, eight i32 lanes per
+/// pair of blocks (and for an unpaired last block) holding 8 * sum(x_b) of the pair's first block in lane 0
+/// and of its second in lane 4. INT8 activations: `x_b = q_b` and `lo` is empty. A bf16 input as 16-bit
+/// fixed point (the interleaved kernels' [`dot_i4x8_fixed16_avx2`]): `x_b = 256 q_b + lo_b`, `q` the signed
+/// high bytes and `lo` the unsigned low bytes.
 #[derive(Clone, Copy)]
 pub(crate) struct I4Act<'a> {
     pub q: &'a [i8],
+    pub lo: &'a [u8],
     pub d: &'a [f32],
     pub gzero: &'a [f32],
     pub corr: &'a [i32],
@@ -1358,22 +1362,29 @@ macro_rules! i4x8_pair_vnni {
     };
 }
 
-/// The body of [`dot_i4x8_q8_avx2`] and [`dot_i4x8_q8_vnni`]: eight interleaved INT4 rows against `NT`
-/// tokens' INT8 activations in column order, one output row per vector lane.
+/// The body of [`dot_i4x8_q8_avx2`], [`dot_i4x8_q8_vnni`] and (`FIXED16`) [`dot_i4x8_fixed16_avx2`]: eight
+/// interleaved INT4 rows against `NT` tokens' integer inputs in column order, one output row per vector lane.
 ///
 /// A block's four 32-byte runs split into low nibbles (for each row, 4 codes of columns `4 v ..` of the
 /// block) and high nibbles (columns `16 + 4 v ..`); each meets the token's 4 codes of those columns
 /// broadcast to every lane, so a run's two multiply-adds give all eight rows their products, with no
 /// horizontal sums and one scale multiply per block for the eight rows. A symmetric row's zero point 8 is the
-/// exact integer correction 8 * sum(q_b) per block (`corr`, the same for every row); an asymmetric row's is
+/// exact integer correction 8 * sum(x_b) per block (`corr`, the same for every row); an asymmetric row's is
 /// the float term s_g * z_g * gzero[g] per group, as in [`i4_q8_body`].
+///
+/// `FIXED16`: the input is 16-bit, `x = 256 q + lo` ([`I4Act`]), and a block's exact integer product is
+/// `256 (n . q) + n . lo`. The high bytes are signed, so they take `maddubs`'s signed operand as INT8 codes
+/// do; the low bytes are unsigned, so they take the unsigned one and the nibbles (0..15, valid as signed
+/// bytes) the signed one. Both sums accumulate in i16 lanes before one widening each: the high bytes' 16
+/// products per lane stay within 16 * 15 * 128 = 30720, the low bytes' within 8 * 15 * 255 = 30600 per half
+/// block; the block's i32 total, at most 32 * 15 * 32768 < 2^24, converts to f32 exactly.
 ///
 /// Each token's arithmetic (blocks in order into one accumulator) does not depend on `NT`.
 ///
 /// # Safety
 /// The caller has AVX2, FMA and F16C, and whatever `pair` uses.
 #[inline(always)]
-unsafe fn i4x8_q8_body<const NT: usize>(
+unsafe fn i4x8_body<const NT: usize, const FIXED16: bool>(
     rows: I4Rows8<'_>,
     act: [I4Act<'_>; NT],
     pair: impl Fn(__m256i, __m256i, __m256i, __m256i, __m256i) -> __m256i,
@@ -1388,7 +1399,7 @@ unsafe fn i4x8_q8_body<const NT: usize>(
         per_group >= 1
             && scales.len() >= 8 * ng
             && zeros.is_none_or(|z| z.len() >= 8 * ng)
-            && act.iter().all(|a| a.q.len() >= n * 32 && a.d.len() >= n)
+            && act.iter().all(|a| a.q.len() >= n * 32 && a.d.len() >= n && (!FIXED16 || a.lo.len() >= n * 32))
             && act.iter().all(|a| if zeros.is_some() {
                 a.gzero.len() >= ng
             } else {
@@ -1429,10 +1440,33 @@ unsafe fn i4x8_q8_body<const NT: usize>(
                             _mm256_set1_epi32(qp.add($k).read_unaligned())
                         };
                     }
-                    // Two chains of two runs each, added: shorter dependency chains than one of four.
-                    let p0 = pair(pair(_mm256_setzero_si256(), l0, h0, q4!(0), q4!(4)), l1, h1, q4!(1), q4!(5));
-                    let p1 = pair(pair(_mm256_setzero_si256(), l2, h2, q4!(2), q4!(6)), l3, h3, q4!(3), q4!(7));
-                    let mut p = _mm256_add_epi32(p0, p1);
+                    let mut p = if FIXED16 {
+                        let lp = act[t].lo.as_ptr().add(32 * b) as *const i32;
+                        macro_rules! lo4 {
+                            ($k:expr) => {
+                                _mm256_set1_epi32(lp.add($k).read_unaligned())
+                            };
+                        }
+                        let (ub, add16) = (_mm256_maddubs_epi16, _mm256_add_epi16);
+                        let high = add16(
+                            add16(add16(ub(l0, q4!(0)), ub(h0, q4!(4))), add16(ub(l1, q4!(1)), ub(h1, q4!(5)))),
+                            add16(add16(ub(l2, q4!(2)), ub(h2, q4!(6))), add16(ub(l3, q4!(3)), ub(h3, q4!(7)))),
+                        );
+                        let low0 =
+                            add16(add16(ub(lo4!(0), l0), ub(lo4!(4), h0)), add16(ub(lo4!(1), l1), ub(lo4!(5), h1)));
+                        let low1 =
+                            add16(add16(ub(lo4!(2), l2), ub(lo4!(6), h2)), add16(ub(lo4!(3), l3), ub(lo4!(7), h3)));
+                        let one = _mm256_set1_epi16(1);
+                        _mm256_add_epi32(
+                            _mm256_madd_epi16(high, _mm256_set1_epi16(256)),
+                            _mm256_add_epi32(_mm256_madd_epi16(low0, one), _mm256_madd_epi16(low1, one)),
+                        )
+                    } else {
+                        // Two chains of two runs each, added: shorter dependency chains than one of four.
+                        let p0 = pair(pair(_mm256_setzero_si256(), l0, h0, q4!(0), q4!(4)), l1, h1, q4!(1), q4!(5));
+                        let p1 = pair(pair(_mm256_setzero_si256(), l2, h2, q4!(2), q4!(6)), l3, h3, q4!(3), q4!(7));
+                        _mm256_add_epi32(p0, p1)
+                    };
                     if zeros.is_none() {
                         p = _mm256_sub_epi32(
                             p,
@@ -1459,7 +1493,7 @@ unsafe fn i4x8_q8_body<const NT: usize>(
     }
 }
 
-/// Eight interleaved INT4 rows · `NT` tokens' INT8 activations (see [`i4x8_q8_body`]), stored as rows
+/// Eight interleaved INT4 rows · `NT` tokens' INT8 activations (see [`i4x8_body`]), stored as rows
 /// `r .. r + 8` of tokens `t0 .. t0 + NT` of `out`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_i4x8_q8_avx2<const NT: usize>(
@@ -1469,7 +1503,21 @@ pub(crate) fn dot_i4x8_q8_avx2<const NT: usize>(
     at: (usize, usize),
 ) {
     // SAFETY: this function has the body's features; `pair` uses AVX2 only.
-    unsafe { i4x8_q8_body(rows, act, i4x8_pair_avx2!(), out, at) }
+    unsafe { i4x8_body::<NT, false>(rows, act, i4x8_pair_avx2!(), out, at) }
+}
+
+/// Eight interleaved INT4 rows · `NT` tokens' bf16 inputs held as 16-bit fixed point (`I4Act` with `lo`;
+/// see [`i4x8_body`]), stored as rows `r .. r + 8` of tokens `t0 .. t0 + NT` of `out`: the weight-only INT4
+/// tiers' AVX2 product, in integers as the W4A8 kernels, at about twice their multiply-adds.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_i4x8_fixed16_avx2<const NT: usize>(
+    rows: I4Rows8<'_>,
+    act: [I4Act<'_>; NT],
+    out: OutPtr,
+    at: (usize, usize),
+) {
+    // SAFETY: this function has the body's features; the fixed-point products use AVX2 only.
+    unsafe { i4x8_body::<NT, true>(rows, act, i4x8_pair_avx2!(), out, at) }
 }
 
 /// [`dot_i4x8_q8_avx2`] with AVX-512 VNNI's `vpdpbusd` (256 bits wide): the same integers, so the same bits.
@@ -1481,7 +1529,7 @@ pub(crate) fn dot_i4x8_q8_vnni<const NT: usize>(
     at: (usize, usize),
 ) {
     // SAFETY: this function has the body's features and VNNI for `pair`.
-    unsafe { i4x8_q8_body(rows, act, i4x8_pair_vnni!(), out, at) }
+    unsafe { i4x8_body::<NT, false>(rows, act, i4x8_pair_vnni!(), out, at) }
 }
 
 /// Whether the CPU has AVX-512 VNNI (with VL, for its 256-bit forms): the AVX-512 level's integer kernels
