@@ -19,8 +19,9 @@
 //!   matrices of a weight-only tier (`activations: bf16`, the default) round their input to bf16.
 //!
 //! * `layout` ([`PackedLayout`]): the CPU backend re-orders an INT4 matrix with INT8 activations (and, at its
-//!   AVX2 level, with bf16 activations) into groups of eight interleaved rows at load ([`PackedMatrix::interleave_rows8`]), and, on a CPU with AVX-512 BF16,
-//!   INT4 and BF16 matrices with bf16 activations into groups of sixteen ([`PackedMatrix::interleave_rows16`]);
+//!   AVX2 level, with bf16 activations) into groups of eight interleaved rows at load
+//!   ([`PackedMatrix::interleave_rows8`]), and, on a CPU with AVX-512 BF16, INT4 and BF16 matrices with bf16
+//!   activations into groups of sixteen ([`PackedMatrix::interleave_rows16`]);
 //!   the bytes and scales are the same values in another order ([`PackedMatrix::into_rows_layout`] restores
 //!   the row layout, which the GPU backend reads).
 //!
@@ -85,10 +86,11 @@ pub enum PackedLayout {
     #[default]
     Rows,
     /// INT4 with INT8 activations, or at the CPU's AVX2 level with bf16 activations (taken as 16-bit fixed
-    /// point), for the CPU's integer kernels, whose vector lanes are rows: rows in groups of eight (`rows % 8 == 0`, `cols % 32 == 0`). Row group `R` and block `b` (columns `32 b .. 32 b + 32`)
-    /// take the 128 bytes at `128 (R * cols / 32 + b)`, four runs of 32; byte `4 i + j` of run `v` holds, for
-    /// row `8 R + i`, the code of column `32 b + 4 v + j` in its low nibble and of column `32 b + 16 + 4 v + j`
-    /// in its high nibble. Scales (and zero points) of row group `R`, weight group `g`: the eight rows' at
+    /// point), for the CPU's integer kernels, whose vector lanes are rows: rows in groups of eight
+    /// (`rows % 8 == 0`, `cols % 32 == 0`). Row group `R` and block `b` (columns `32 b .. 32 b + 32`) take the
+    /// 128 bytes at `128 (R * cols / 32 + b)`, four runs of 32; byte `4 i + j` of run `v` holds, for row
+    /// `8 R + i`, the code of column `32 b + 4 v + j` in its low nibble and of column `32 b + 16 + 4 v + j` in
+    /// its high nibble. Scales (and zero points) of row group `R`, weight group `g`: the eight rows' at
     /// `8 (R * groups_per_row + g) + i`.
     Int4Rows8,
     /// INT4 with bf16 activations, for the CPU's AVX-512 BF16 kernels, whose vector lanes are rows: rows in
@@ -450,8 +452,9 @@ impl PackedMatrix {
         }
     }
 
-    /// This INT4 matrix with INT8 or bf16 activations in [`PackedLayout::Int4Rows8`] (the same values re-ordered); an
-    /// error if it does not qualify (see the layout). Re-interleaving an interleaved matrix returns it as is.
+    /// This INT4 matrix with INT8 or bf16 activations in [`PackedLayout::Int4Rows8`] (the same values
+    /// re-ordered); an error if it does not qualify (see the layout). Re-interleaving an interleaved matrix
+    /// returns it as is.
     pub fn interleave_rows8(mut self) -> Result<Self> {
         if self.layout == PackedLayout::Int4Rows8 {
             return Ok(self);

@@ -243,10 +243,10 @@ fn uses_fixed16(level: SimdLevel, m: &PackedMatrix) -> bool {
 /// for the block's largest magnitude in `[2^E, 2^(E+1))`. That largest is at most `255 * 2^(E - 7)`, 32640
 /// units, so every value fits in i16; a value within 7 octaves of it (exponent >= E - 7) is a multiple of
 /// `2^(E - 7)` and held exactly, a smaller one is rounded to the unit, an error of at most half a unit,
-/// `2^(E - 15)`: at most `2^-15` of the block's largest and 1/256 of that largest value's own bf16 step. The integer kernels then multiply 16-bit
-/// inputs exactly (two byte products per weight), which on AVX2 runs about three times faster than
-/// widening the nibbles to f32 (`tier_bench --kernels`). Codes in column order, as the interleaved kernels
-/// read them.
+/// `2^(E - 15)`: at most `2^-15` of the block's largest and 1/256 of that largest value's own bf16 step. The
+/// integer kernels then multiply 16-bit inputs exactly (two byte products per weight), which on AVX2 ran the
+/// products 1.7-2.9x faster than widening the nibbles to f32 (`tier_bench --kernels`). Codes in column
+/// order, as the interleaved kernels read them.
 fn fixed16(m: &PackedMatrix, xs: &[f32]) -> IntInput {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
