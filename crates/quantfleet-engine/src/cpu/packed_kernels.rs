@@ -655,8 +655,9 @@ fn bf16_kernel<const NT: usize>(
     }
 }
 
-/// INT8-activation rows of one token with the x86 integer kernels: AVX2's, or with `vnni` (the AVX-512
-/// level on a CPU with AVX-512 VNNI) the `vpdpbusd` forms, which give the same bits.
+/// Rows of one token whose input is in integer form ([`IntInput`]: INT8 activations or fixed point) with the
+/// x86 integer kernels: AVX2's, or with `vnni` (the AVX-512 level on a CPU with AVX-512 VNNI) the `vpdpbusd`
+/// forms, which give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_q8_avx2(m: &PackedMatrix, q8: &IntInput, r0: usize, out: &mut [f32], vnni: bool) {
@@ -664,10 +665,10 @@ fn rows_q8_avx2(m: &PackedMatrix, q8: &IntInput, r0: usize, out: &mut [f32], vnn
     rows_q8_multi_avx2(m, &[q8], r0, out.len, out, 0, vnni);
 }
 
-/// INT8-activation rows `r0 .. r0 + nr` for up to 4 tokens (`q8s`, tokens `t0..` of `out`): each weight
-/// block is loaded and decoded once for all of them (`x86::dot_i8_q8_multi_avx2`, `x86::dot_i4_q8_avx2`, or
-/// their VNNI forms with `vnni`), with per-token arithmetic that does not depend on how many tokens share the
-/// call.
+/// Integer-input rows `r0 .. r0 + nr` for up to 4 tokens (`q8s`, tokens `t0..` of `out`): each weight
+/// block is loaded and decoded once for all of them (`x86::dot_i8_q8_multi_avx2`, `x86::dot_i4_q8_avx2`,
+/// `x86::dot_i4x8_q8_avx2`, their VNNI forms with `vnni`, or `x86::dot_i4x8_fixed16_avx2` for fixed-point
+/// inputs), with per-token arithmetic that does not depend on how many tokens share the call.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_q8_multi_avx2(m: &PackedMatrix, q8s: &[&IntInput], r0: usize, nr: usize, out: OutPtr, t0: usize, vnni: bool) {
@@ -950,9 +951,9 @@ fn prepare_tokens(level: SimdLevel, m: &PackedMatrix, x: &[f32]) -> Vec<Prepared
     x.par_chunks_exact(m.cols).map(|xt| prepare(level, m, xt)).collect()
 }
 
-/// Several INT8-activation products of the same tokens `x` (Q, K and V of a prefill): the tokens are
-/// prepared once for every matrix that prepares them alike ([`same_preparation`]). `outs[i]` is
-/// `[n_tokens, ms[i].rows]`.
+/// Several products of the same tokens `x` (Q, K and V of a prefill): where the inputs take integer form
+/// ([`int_input`]), the tokens are prepared once for every matrix that prepares them alike
+/// ([`same_preparation`]); other matrices go through [`matmul`]. `outs[i]` is `[n_tokens, ms[i].rows]`.
 pub(crate) fn matmul_many(level: SimdLevel, ms: &[&PackedMatrix], x: &[f32], n_tokens: usize, outs: &mut [&mut [f32]]) {
     assert_eq!(ms.len(), outs.len(), "one output per matrix");
     let mut shared: Option<(usize, Vec<Prepared>)> = None;

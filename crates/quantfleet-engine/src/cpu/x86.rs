@@ -1,5 +1,6 @@
 //! Hand-written x86 kernels for the decode dot products: the GGUF file's Q4_1 and Q8_0 weights and the tiers'
-//! packed BF16/FP8/INT8/INT4 weights against f32 activations, and INT8/INT4 weights against INT8 activations.
+//! packed BF16/FP8/INT8/INT4 weights against f32 activations, INT8/INT4 weights against INT8 activations, and
+//! INT4 weights against bf16 inputs held as 16-bit fixed point (AVX2's weight-only INT4).
 //! LLVM vectorizes the portable versions in `dot.rs` only two lanes wide (the nibble unpacking defeats its
 //! cost model), so these spell out the widening: 16 quants -> 16 i32 -> 16 f32 per AVX-512 register
 //! (8 per AVX2 register), one FMA per 16 weights. `cpu::tests` checks them against the scalar reference.
