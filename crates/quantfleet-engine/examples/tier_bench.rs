@@ -403,11 +403,13 @@ fn kernels() -> Res<()> {
     // The tiers' matrices ("-abf16": the input rounded to bf16, as weight-only tiers run them) and, for
     // comparison, the same weights with f32 inputs.
     let fp8 = WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerRow };
+    let fp8_g32 = WeightFormat::Fp8 { format: Fp8Format::E4M3, scaling: Fp8Scaling::PerGroup(32.try_into()?) };
     let formats = [
         ("bf16-af32", WeightFormat::Bf16, f32_in),
         ("bf16-abf16", WeightFormat::Bf16, bf16_in),
         ("fp8-af32", fp8, f32_in),
         ("fp8-abf16", fp8, bf16_in),
+        ("fp8-g32-abf16", fp8_g32, bf16_in),
         ("int8-af32", WeightFormat::Int8, f32_in),
         ("int8-abf16", WeightFormat::Int8, bf16_in),
         ("int8-a8", WeightFormat::Int8, int8_in),

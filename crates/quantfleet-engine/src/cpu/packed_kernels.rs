@@ -1139,38 +1139,51 @@ mod tests {
     }
 
     /// The vector FP8 decoders (one token, and the multi-token kernel) on every finite E4M3 code, subnormals
-    /// included: one-hot activations pick single weights, which must equal the reference decode times the row
-    /// scale exactly (as values: a sum of products does not keep the sign of a zero).
+    /// included, with a row scale and with a scale per 32 codes: one-hot activations pick single weights,
+    /// which must equal the reference decode times the code's scale exactly (as values: a sum of products
+    /// does not keep the sign of a zero). The group-scaled matrix has two rows: the first's scales fold into
+    /// the kernels' re-bias multiply (one is tiny, so its products are f32 subnormals), the second holds two
+    /// that cannot (300 and 1024, at least 2^8), which sends that row through two multiplies.
     #[test]
     fn fast_fp8_kernels_decode_every_code_exactly() {
         let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7f != 0x7f).chain([0, 0]).collect();
         let cols = codes.len();
         assert_eq!(cols, 256);
-        let m = PackedMatrix {
-            format: PackedFormat::Fp8E4m3 { group: None },
-            rows: 1,
-            cols,
-            data: codes.clone(),
-            f32_scales: vec![0.75],
-            group_scales: Vec::new(),
-            zeros: Vec::new(),
-            input_scales: None,
-            activations: ActivationQuant::F32,
-            layout: PackedLayout::Rows,
-        };
-        m.validate().unwrap();
-        for level in levels() {
-            for n_tokens in [1, 8] {
-                for j0 in (0..cols).step_by(n_tokens) {
-                    let mut x = vec![0.0f32; n_tokens * cols];
-                    for t in 0..n_tokens {
-                        x[t * cols + j0 + t] = 1.0;
-                    }
-                    let mut out = vec![f32::NAN; n_tokens];
-                    matmul(level, &m, &x, n_tokens, &mut out);
-                    for (t, got) in out.iter().enumerate() {
-                        let want = Fp8Format::E4M3.decode(codes[j0 + t]) * 0.75;
-                        assert_eq!(*got, want, "code {:#04x} {level:?} T={n_tokens}", codes[j0 + t]);
+        let group_scales = [
+            [0.75, 3.0e-3, 2.5, 1.0e-30, 6.1e-5, 0.5, 100.0, 1.0],
+            [0.75, 3.0e-3, 300.0, 2.5, 1024.0, 6.1e-5, 0.5, 1.0],
+        ];
+        for (group, f32_scales) in [(None, vec![0.75]), (Some(32), group_scales.concat())] {
+            let rows = f32_scales.len() / cols.div_ceil(group.unwrap_or(cols));
+            let m = PackedMatrix {
+                format: PackedFormat::Fp8E4m3 { group },
+                rows,
+                cols,
+                data: codes.repeat(rows),
+                f32_scales: f32_scales.clone(),
+                group_scales: Vec::new(),
+                zeros: Vec::new(),
+                input_scales: None,
+                activations: ActivationQuant::F32,
+                layout: PackedLayout::Rows,
+            };
+            m.validate().unwrap();
+            for level in levels() {
+                for n_tokens in [1, 8] {
+                    for j0 in (0..cols).step_by(n_tokens) {
+                        let mut x = vec![0.0f32; n_tokens * cols];
+                        for t in 0..n_tokens {
+                            x[t * cols + j0 + t] = 1.0;
+                        }
+                        let mut out = vec![f32::NAN; n_tokens * rows];
+                        matmul(level, &m, &x, n_tokens, &mut out);
+                        for (i, got) in out.iter().enumerate() {
+                            let (t, r) = (i / rows, i % rows);
+                            let j = j0 + t;
+                            let scale = f32_scales[r * f32_scales.len() / rows + j / group.unwrap_or(cols)];
+                            let want = Fp8Format::E4M3.decode(codes[j]) * scale;
+                            assert_eq!(*got, want, "code {:#04x} row {r} {group:?} {level:?} T={n_tokens}", codes[j]);
+                        }
                     }
                 }
             }

@@ -593,6 +593,95 @@ pub(crate) enum PackedKind<'a> {
 /// (subnormal codes land on f32 subnormals with the same mantissa), so one multiply re-biases every code.
 const E4M3_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
 
+/// Whether the scales of an FP8 row with scale groups fold into the re-bias multiply: `2^120 * s` finite for
+/// every `s` (`|s| < 2^8`, which every real checkpoint's scales are). Then one multiply by `2^120 * s` turns a
+/// group's raw codes (see [`fp8_raw16`]) into its dequantized weights, re-biasing and scaling at once, and it
+/// is exact: `2^120 * s` only moves the exponent of `s` and a code times 2^120 is an exact f32, so `raw *
+/// (2^120 * s)` and `(raw * 2^120) * s` round the same real number once. A row with a larger or non-finite
+/// scale takes the two multiplies.
+#[inline(always)]
+fn fp8_scales_fold(scales: &[f32]) -> bool {
+    scales.iter().fold(true, |ok, &s| ok & (s * E4M3_REBIAS).is_finite())
+}
+
+/// Whether `groups` scale groups of `span` columns cover `cols` columns with none left empty: `groups ==
+/// cols.div_ceil(span)` for a nonzero `span`, without the division (the one-token kernels check it per row).
+#[inline(always)]
+fn fp8_groups_cover(groups: usize, span: usize, cols: usize) -> bool {
+    span > 0 && groups.checked_mul(span).is_some_and(|n| n >= cols) && (groups == 0 || (groups - 1) * span < cols)
+}
+
+/// A group's multiplier for [`fp8_group16`]/[`fp8_group8`]: `2^120 * s` when the row's scales fold
+/// ([`fp8_scales_fold`]), else `s`.
+#[inline(always)]
+fn fp8_group_factor(s: f32, fold: bool) -> f32 {
+    if fold { s * E4M3_REBIAS } else { s }
+}
+
+/// 16 E4M3 codes of a row starting at column `c` as raw f32 bits, their values times 2^-120 (see
+/// [`decode16`]): the caller multiplies by 2^120 (and may fold a scale into that multiply).
+///
+/// # Safety
+/// The row behind `rp` holds at least `c + 16` codes; the caller has AVX-512F/BW.
+#[inline(always)]
+unsafe fn fp8_raw16(rp: *const u8, c: usize) -> __m512 {
+    // SAFETY: as documented above.
+    unsafe {
+        let q = _mm_loadu_si128(rp.add(c) as *const __m128i);
+        let v = _mm512_slli_epi32(_mm512_cvtepi8_epi32(q), 20);
+        _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x87f0_0000u32 as i32)))
+    }
+}
+
+/// 16 weights of an FP8 scale group at column `c`, dequantized with the group's [`fp8_group_factor`] (as a
+/// vector): one multiply when the row's scales fold, two otherwise.
+///
+/// # Safety
+/// As [`fp8_raw16`].
+#[inline(always)]
+unsafe fn fp8_group16(rp: *const u8, c: usize, factor: __m512, fold: bool) -> __m512 {
+    // SAFETY: as documented above.
+    unsafe {
+        let raw = fp8_raw16(rp, c);
+        if fold {
+            _mm512_mul_ps(raw, factor)
+        } else {
+            _mm512_mul_ps(_mm512_mul_ps(raw, _mm512_set1_ps(E4M3_REBIAS)), factor)
+        }
+    }
+}
+
+/// The AVX2 form of [`fp8_group16`]: 8 weights.
+///
+/// # Safety
+/// As [`fp8_raw8`].
+#[inline(always)]
+unsafe fn fp8_group8(rp: *const u8, c: usize, factor: __m256, fold: bool) -> __m256 {
+    // SAFETY: as documented above.
+    unsafe {
+        let raw = fp8_raw8(rp, c);
+        if fold {
+            _mm256_mul_ps(raw, factor)
+        } else {
+            _mm256_mul_ps(_mm256_mul_ps(raw, _mm256_set1_ps(E4M3_REBIAS)), factor)
+        }
+    }
+}
+
+/// The AVX2 form of [`fp8_raw16`]: 8 codes.
+///
+/// # Safety
+/// The row behind `rp` holds at least `c + 8` codes; the caller has AVX2.
+#[inline(always)]
+unsafe fn fp8_raw8(rp: *const u8, c: usize) -> __m256 {
+    // SAFETY: as documented above.
+    unsafe {
+        let q = _mm_loadl_epi64(rp.add(c) as *const __m128i);
+        let v = _mm256_slli_epi32(_mm256_cvtepi8_epi32(q), 20);
+        _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x87f0_0000u32 as i32)))
+    }
+}
+
 /// Bytes per weight of the 8/16-bit packed formats.
 #[inline(always)]
 fn byte_width(kind: PackedKind<'_>) -> usize {
@@ -600,10 +689,10 @@ fn byte_width(kind: PackedKind<'_>) -> usize {
 }
 
 /// 16 weights of a BF16, FP8 or INT8 row starting at column `c`, as f32 (FP8 and INT8 without their row
-/// scale). BF16: widened to 32 bits and shifted into the high half. FP8 E4M3: the code in bits 24..31, an
-/// arithmetic shift puts the magnitude at bits 20..26 with copies of the sign above, a mask keeps the sign
-/// and the magnitude, and a multiply by 2^120 re-biases the exponent (subnormal codes included). INT8:
-/// sign-extended and converted.
+/// scale). BF16: widened to 32 bits and shifted into the high half. FP8 E4M3: the code sign-extended to 32
+/// bits and shifted left by 20 puts the magnitude at bits 20..26 with copies of the sign above, a mask keeps
+/// the sign and the magnitude ([`fp8_raw16`]), and a multiply by 2^120 re-biases the exponent (subnormal
+/// codes included). INT8: sign-extended and converted.
 ///
 /// # Safety
 /// The row behind `rp` holds at least `c + 16` weights; the caller has AVX-512F/BW.
@@ -617,11 +706,8 @@ unsafe fn decode16(kind: PackedKind<'_>, rp: *const u8, c: usize) -> __m512 {
                 _mm512_castsi512_ps(_mm512_slli_epi32(h, 16))
             }
             PackedKind::Fp8 { .. } => {
-                let q = _mm_loadu_si128(rp.add(c) as *const __m128i);
-                let v = _mm512_srai_epi32(_mm512_slli_epi32(_mm512_cvtepu8_epi32(q), 24), 4);
-                let bits = _mm512_and_si512(v, _mm512_set1_epi32(0x87f0_0000u32 as i32));
                 // Re-bias before the products: unscaled values would make subnormal products.
-                _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(E4M3_REBIAS))
+                _mm512_mul_ps(fp8_raw16(rp, c), _mm512_set1_ps(E4M3_REBIAS))
             }
             PackedKind::Int8(_) => {
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(rp.add(c) as *const __m128i)))
@@ -659,28 +745,44 @@ pub(crate) fn dot_packed_avx512(kind: PackedKind<'_>, row: &[u8], x: &[f32]) -> 
 }
 
 /// One FP8 row with a scale per `span` columns (`scales`: the row's, in order) · x (`cols = x.len()`, a
-/// multiple of 16; `span` of 32): each decoded weight is multiplied by its group's scale (the reference's
-/// dequantized value, exactly) and summed into four accumulators that run across the groups, so the groups
-/// cost one multiply per vector and no reductions.
+/// multiple of 16; `span` of 32): each vector of codes is re-biased and scaled by one multiply
+/// ([`fp8_scales_fold`]: the reference's dequantized values, exactly) and summed into four accumulators that
+/// run across the groups, so the groups cost what per-row scales do, with no reductions.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
     let cols = x.len();
     assert!(
-        cols.is_multiple_of(16) && span.is_multiple_of(32) && row.len() >= cols && scales.len() == cols.div_ceil(span),
+        cols.is_multiple_of(16)
+            && span.is_multiple_of(32)
+            && row.len() >= cols
+            && fp8_groups_cover(scales.len(), span, cols),
         "dot_fp8_groups shapes"
     );
-    let kind = PackedKind::Fp8 { scales, span };
+    if fp8_scales_fold(scales) {
+        fp8_groups_body16::<true>(row, x, scales, span)
+    } else {
+        fp8_groups_body16::<false>(row, x, scales, span)
+    }
+}
+
+/// The loop of [`dot_fp8_groups_avx512`], with the fold decided at compile time.
+#[inline(always)]
+fn fp8_groups_body16<const FOLD: bool>(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
+    let cols = x.len();
     let (rp, xp) = (row.as_ptr(), x.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    for (g, &s) in scales.iter().enumerate() {
-        let s = _mm512_set1_ps(s);
-        let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
+    // SAFETY (every block below): AVX-512F is enabled by the only caller.
+    let mut acc = [unsafe { _mm512_setzero_ps() }; 4];
+    let mut start = 0;
+    for &s in scales {
+        let f = unsafe { _mm512_set1_ps(fp8_group_factor(s, FOLD)) };
+        let (mut c, end) = (start, (start + span).min(cols));
+        start = end;
         // SAFETY: every decode and load covers columns c .. c + 16 <= end <= cols (asserted above).
         unsafe {
             while c + 64 <= end {
                 for (j, a) in acc.iter_mut().enumerate() {
                     let cc = c + 16 * j;
-                    let w = _mm512_mul_ps(decode16(kind, rp, cc), s);
+                    let w = fp8_group16(rp, cc, f, FOLD);
                     *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(cc)), *a);
                 }
                 c += 64;
@@ -688,17 +790,17 @@ pub(crate) fn dot_fp8_groups_avx512(row: &[u8], x: &[f32], scales: &[f32], span:
             // What is left is 0, 16, 32 or 48 columns (a group of 32, a short last group); constant indices
             // keep the accumulators in registers.
             if c + 32 <= end {
-                acc[0] = _mm512_fmadd_ps(_mm512_mul_ps(decode16(kind, rp, c), s), _mm512_loadu_ps(xp.add(c)), acc[0]);
-                let w = _mm512_mul_ps(decode16(kind, rp, c + 16), s);
+                acc[0] = _mm512_fmadd_ps(fp8_group16(rp, c, f, FOLD), _mm512_loadu_ps(xp.add(c)), acc[0]);
+                let w = fp8_group16(rp, c + 16, f, FOLD);
                 acc[1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp.add(c + 16)), acc[1]);
                 c += 32;
             }
             if c < end {
-                acc[2] = _mm512_fmadd_ps(_mm512_mul_ps(decode16(kind, rp, c), s), _mm512_loadu_ps(xp.add(c)), acc[2]);
+                acc[2] = _mm512_fmadd_ps(fp8_group16(rp, c, f, FOLD), _mm512_loadu_ps(xp.add(c)), acc[2]);
             }
         }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+    unsafe { _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) }
 }
 
 /// Several tokens (`NT`, up to 8) against rows `r0 .. r0 + nr` of a packed matrix: each group of 16 weights
@@ -741,11 +843,13 @@ pub(crate) fn rows_multi_avx512<const NT: usize>(
             PackedKind::Fp8 { scales, span } if span < cols => {
                 // Scale groups: each group's weights scaled once for all tokens (spans are multiples of 32).
                 let gpr = cols.div_ceil(span);
-                for g in 0..gpr {
-                    let s = _mm512_set1_ps(scales[(r0 + r) * gpr + g]);
+                let row_scales = &scales[(r0 + r) * gpr..(r0 + r + 1) * gpr];
+                let fold = fp8_scales_fold(row_scales);
+                for (g, &s) in row_scales.iter().enumerate() {
+                    let f = _mm512_set1_ps(fp8_group_factor(s, fold));
                     for c in (g * span..((g + 1) * span).min(cols)).step_by(16) {
                         // SAFETY: c + 16 <= cols, so the 16 weights lie in the row (asserted above).
-                        fma_all!(_mm512_mul_ps(unsafe { decode16(kind, rp, c) }, s), c);
+                        fma_all!(unsafe { fp8_group16(rp, c, f, fold) }, c);
                     }
                 }
             }
@@ -798,12 +902,7 @@ unsafe fn decode8(kind: PackedKind<'_>, rp: *const u8, c: usize) -> __m256 {
                 let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(rp.add(2 * c) as *const __m128i));
                 _mm256_castsi256_ps(_mm256_slli_epi32(h, 16))
             }
-            PackedKind::Fp8 { .. } => {
-                let q = _mm_loadl_epi64(rp.add(c) as *const __m128i);
-                let v = _mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepu8_epi32(q), 24), 4);
-                let bits = _mm256_and_si256(v, _mm256_set1_epi32(0x87f0_0000u32 as i32));
-                _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(E4M3_REBIAS))
-            }
+            PackedKind::Fp8 { .. } => _mm256_mul_ps(fp8_raw8(rp, c), _mm256_set1_ps(E4M3_REBIAS)),
             PackedKind::Int8(_) => {
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(rp.add(c) as *const __m128i)))
             }
@@ -832,33 +931,49 @@ fn int4_block_avx2(p: *const u8, zero: __m256, scale: __m256) -> [__m256; 4] {
 pub(crate) fn dot_fp8_groups_avx2(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
     let cols = x.len();
     assert!(
-        cols.is_multiple_of(8) && span.is_multiple_of(32) && row.len() >= cols && scales.len() == cols.div_ceil(span),
+        cols.is_multiple_of(8)
+            && span.is_multiple_of(32)
+            && row.len() >= cols
+            && fp8_groups_cover(scales.len(), span, cols),
         "dot_fp8_groups shapes"
     );
-    let kind = PackedKind::Fp8 { scales, span };
+    if fp8_scales_fold(scales) {
+        fp8_groups_body8::<true>(row, x, scales, span)
+    } else {
+        fp8_groups_body8::<false>(row, x, scales, span)
+    }
+}
+
+/// The loop of [`dot_fp8_groups_avx2`], with the fold decided at compile time.
+#[inline(always)]
+fn fp8_groups_body8<const FOLD: bool>(row: &[u8], x: &[f32], scales: &[f32], span: usize) -> f32 {
+    let cols = x.len();
     let (rp, xp) = (row.as_ptr(), x.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for (g, &s) in scales.iter().enumerate() {
-        let s = _mm256_set1_ps(s);
-        let (mut c, end) = (g * span, ((g + 1) * span).min(cols));
+    // SAFETY (every block below): AVX2 and FMA are enabled by the only caller.
+    let mut acc = [unsafe { _mm256_setzero_ps() }; 4];
+    let mut start = 0;
+    for &s in scales {
+        let f = unsafe { _mm256_set1_ps(fp8_group_factor(s, FOLD)) };
+        let (mut c, end) = (start, (start + span).min(cols));
+        start = end;
         // SAFETY: every decode and load covers columns c .. c + 8 <= end <= cols (asserted above).
         unsafe {
             while c + 32 <= end {
                 for (j, a) in acc.iter_mut().enumerate() {
                     let cc = c + 8 * j;
-                    let w = _mm256_mul_ps(decode8(kind, rp, cc), s);
+                    let w = fp8_group8(rp, cc, f, FOLD);
                     *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(cc)), *a);
                 }
                 c += 32;
             }
             while c < end {
-                let w = _mm256_mul_ps(decode8(kind, rp, c), s);
+                let w = fp8_group8(rp, c, f, FOLD);
                 acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(c)), acc[0]);
                 c += 8;
             }
         }
     }
-    hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+    hsum256(unsafe { _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])) })
 }
 
 /// AVX2 version of [`dot_packed_avx512`] (`cols` a multiple of 8).
@@ -974,11 +1089,13 @@ pub(crate) fn rows_multi_avx2<const NT: usize>(
             PackedKind::Fp8 { scales, span } if span < cols => {
                 // As at the AVX-512 level.
                 let gpr = cols.div_ceil(span);
-                for g in 0..gpr {
-                    let s = _mm256_set1_ps(scales[(r0 + r) * gpr + g]);
+                let row_scales = &scales[(r0 + r) * gpr..(r0 + r + 1) * gpr];
+                let fold = fp8_scales_fold(row_scales);
+                for (g, &s) in row_scales.iter().enumerate() {
+                    let f = _mm256_set1_ps(fp8_group_factor(s, fold));
                     for c in (g * span..((g + 1) * span).min(cols)).step_by(8) {
                         // SAFETY: c + 8 <= cols, so the 8 weights lie in the row (row_bytes checked above).
-                        fma_all!(_mm256_mul_ps(unsafe { decode8(kind, rp, c) }, s), c);
+                        fma_all!(unsafe { fp8_group8(rp, c, f, fold) }, c);
                     }
                 }
             }
@@ -1537,4 +1654,27 @@ pub(crate) fn dot_i4x8_q8_vnni<const NT: usize>(
 /// then use `vpdpbusd`.
 pub(crate) fn has_vnni() -> bool {
     is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fp8_groups_cover;
+
+    /// The kernels' division-free shape check agrees with `groups == cols.div_ceil(span)`.
+    #[test]
+    fn group_cover_check_equals_div_ceil() {
+        for span in 1..70 {
+            for cols in 0..300 {
+                for groups in 0..12 {
+                    assert_eq!(
+                        fp8_groups_cover(groups, span, cols),
+                        groups == cols.div_ceil(span),
+                        "{groups} {span} {cols}"
+                    );
+                }
+            }
+        }
+        assert!(!fp8_groups_cover(1, 0, 0));
+        assert!(!fp8_groups_cover(usize::MAX, 2, 4));
+    }
 }
