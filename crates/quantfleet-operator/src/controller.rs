@@ -8,6 +8,7 @@ use crate::routes::effective_routes;
 use crate::stats_source::RouterStats;
 use crate::status::{DeploymentObservation, model_status};
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::jiff::Timestamp;
@@ -64,6 +65,24 @@ pub struct Context {
     pub stats: Option<RouterStats>,
     /// Reconcile outcome counters by (controller, outcome or error category).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The one namespace whose QuantizedModels and PrecisionPolicies (and the objects made for them) the
+    /// controllers watch; `None` watches every namespace. Scoped, the operator needs rights in that namespace
+    /// only (a RoleBinding instead of a ClusterRoleBinding), and several operators can split a cluster.
+    pub watch_namespace: Option<String>,
+}
+
+impl Context {
+    /// An API for `K` over what the controllers watch: the one namespace of [`Context::watch_namespace`], or
+    /// every namespace.
+    fn watched<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.watch_namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
 }
 
 /// How often a settled object is re-checked, and how often a running canary polls the router.
@@ -161,16 +180,22 @@ pub struct OwnedCaches {
     config_maps: Store<ConfigMap>,
 }
 
-/// A reflector for one kind of owned object, running until the returned handle is aborted.
-fn cache<K>(client: &Client) -> (Store<K>, tokio::task::JoinHandle<()>)
+/// A reflector for one kind of owned object (in the watched namespaces), running until the returned handle is
+/// aborted.
+fn cache<K>(ctx: &Context) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(
         writer,
-        watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
-            .default_backoff(),
+        watcher::watcher(ctx.watched::<K>(), watcher::Config::default().labels(MODEL_LABEL)).default_backoff(),
     );
     let task = tokio::spawn(stream.for_each(|event| {
         if let Err(err) = event {
@@ -409,9 +434,8 @@ fn error_policy<K, C>(_object: Arc<K>, error: &Error, _ctx: Arc<C>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs both controllers until `shutdown` resolves.
+/// Runs both controllers until `shutdown` resolves, over the namespaces of [`Context::watch_namespace`].
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
-    let client = ctx.client.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -421,19 +445,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let (deployments, deployments_task) = cache::<Deployment>(&client);
-    let (services, services_task) = cache::<Service>(&client);
-    let (config_maps, config_maps_task) = cache::<ConfigMap>(&client);
+    let (deployments, deployments_task) = cache::<Deployment>(&ctx);
+    let (services, services_task) = cache::<Service>(&ctx);
+    let (config_maps, config_maps_task) = cache::<ConfigMap>(&ctx);
     for ready in
         [deployments.wait_until_ready().await, services.wait_until_ready().await, config_maps.wait_until_ready().await]
     {
         ready.expect("the cache writers run until aborted");
     }
     let shared = Arc::new(ModelContext { ctx: ctx.clone(), owned: OwnedCaches { deployments, services, config_maps } });
-    let models = Controller::new(Api::<QuantizedModel>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
-        .owns(Api::<Service>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
-        .owns(Api::<ConfigMap>::all(client.clone()), watcher::Config::default().labels(MODEL_LABEL))
+    let models = Controller::new(ctx.watched::<QuantizedModel>(), watcher::Config::default())
+        .owns(ctx.watched::<Deployment>(), watcher::Config::default().labels(MODEL_LABEL))
+        .owns(ctx.watched::<Service>(), watcher::Config::default().labels(MODEL_LABEL))
+        .owns(ctx.watched::<ConfigMap>(), watcher::Config::default().labels(MODEL_LABEL))
         .graceful_shutdown_on(stop(rx.clone()))
         .run(reconcile_model, error_policy, shared)
         .for_each(|result| {
@@ -443,11 +467,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
     // A policy depends on its model's status (candidate readiness, tiers): re-reconcile policies that name a
     // model whenever the model changes.
-    let policy_store = Api::<PrecisionPolicy>::all(client.clone());
-    let policies_controller = Controller::new(policy_store, watcher::Config::default());
+    let policies_controller = Controller::new(ctx.watched::<PrecisionPolicy>(), watcher::Config::default());
     let policies_reader = policies_controller.store();
     let policies = policies_controller
-        .watches(Api::<QuantizedModel>::all(client.clone()), watcher::Config::default(), move |model| {
+        .watches(ctx.watched::<QuantizedModel>(), watcher::Config::default(), move |model| {
             let ns = model.namespace();
             let name = model.name_any();
             policies_reader

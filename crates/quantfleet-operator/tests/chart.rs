@@ -286,6 +286,47 @@ fn security_check_finds_a_writable_root_filesystem_and_root() {
     assert!(found.iter().any(|f| f.contains("runAsUser is Some(0)")), "{found:?}");
 }
 
+/// `operator.watchNamespace`: the operator gets `--watch-namespace`, and its ClusterRole is granted by
+/// RoleBindings in the watched namespace and in the release namespace (the Lease, the router's
+/// EndpointSlices) instead of a ClusterRoleBinding; one RoleBinding when the two are the same namespace.
+/// `rbac::a_namespace_scoped_operator_runs_on_a_role_binding_alone` shows those rights are enough.
+#[test]
+fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
+    for (release_ns, watched, want_namespaces) in
+        [("quantfleet-system", "team-a", vec!["quantfleet-system", "team-a"]), ("team-a", "team-a", vec!["team-a"])]
+    {
+        let objects = render("qf", release_ns, &[&format!("operator.watchNamespace={watched}")]);
+        let operator_bindings: Vec<RoleBinding> =
+            objects.iter().filter(|o| kind(o) == "RoleBinding" && name(o).ends_with("-operator")).map(typed).collect();
+        assert!(
+            !objects.iter().any(|o| kind(o) == "ClusterRoleBinding"),
+            "a scoped operator has no cluster-wide grant"
+        );
+        let mut namespaces: Vec<_> = operator_bindings.iter().map(|b| b.metadata.namespace.clone().unwrap()).collect();
+        namespaces.sort();
+        assert_eq!(namespaces, want_namespaces);
+        let role = objects.iter().find(|o| kind(o) == "ClusterRole").map(name).unwrap();
+        for binding in &operator_bindings {
+            assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("ClusterRole", role));
+            let subjects = binding.subjects.clone().unwrap_or_default();
+            assert_eq!(subjects.len(), 1);
+            assert_eq!(
+                (subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+                ("qf-quantfleet-operator", Some(release_ns))
+            );
+        }
+        let deployment = objects.iter().find(|o| kind(o) == "Deployment" && name(o).ends_with("-operator")).unwrap();
+        let args: Vec<String> =
+            serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        assert!(args.contains(&format!("--watch-namespace={watched}")), "{args:?}");
+    }
+    // Unscoped (the default): no flag, one ClusterRoleBinding.
+    let objects = render("qf", "quantfleet-system", &[]);
+    assert_eq!(objects.iter().filter(|o| kind(o) == "ClusterRoleBinding").count(), 1);
+    let deployment = objects.iter().find(|o| kind(o) == "Deployment" && name(o).ends_with("-operator")).unwrap();
+    assert!(!deployment.to_string().contains("--watch-namespace"));
+}
+
 #[test]
 fn gitops_manifests_point_at_models_and_policies_only() {
     // The Argo CD Application and the Flux Kustomization manage a directory of this repository that holds only
@@ -552,6 +593,7 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
         accelerators: AcceleratorTable::builtin(),
         stats: None,
         metrics: metrics.clone(),
+        watch_namespace: None,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(run(ctx, async move {

@@ -196,6 +196,7 @@ fn start_operator(client: &Client, ns: &str) -> (tokio::sync::oneshot::Sender<()
         accelerators: AcceleratorTable::builtin(),
         stats: Some(RouterStats::service(client.clone(), &service, "http", Duration::from_secs(2)).unwrap()),
         metrics: Arc::new(Metrics::default()),
+        watch_namespace: None,
     });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(run(ctx, async move {

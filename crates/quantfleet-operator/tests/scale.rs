@@ -118,6 +118,7 @@ async fn two_hundred_models_converge() -> Result<(), Error> {
         accelerators: AcceleratorTable::builtin(),
         stats: None,
         metrics: Arc::new(Metrics::default()),
+        watch_namespace: None,
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let operator = tokio::spawn(run(ctx, async move {

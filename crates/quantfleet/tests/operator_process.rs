@@ -1,6 +1,9 @@
 //! Quantfleet's cluster roles as processes on a real control plane:
-//! - `quantfleet operator`: two replicas, one leader; when the leader is killed the standby takes over after the
-//!   Lease expires and reconciles what happens next.
+//! - `quantfleet operator --watch-namespace`: two replicas, one leader; when the leader is killed the standby
+//!   takes over after the Lease expires and reconciles what happens next. They watch their test's namespace
+//!   only: watching every namespace, they reconciled the PrecisionPolicy whose status the router test writes by
+//!   hand (standing in for the operator) and could overwrite it (a CI run saw the router go back to a canary
+//!   step the test had just promoted), so the two tests had to take turns.
 //! - `quantfleet router --kubernetes`: under a ServiceAccount bound to deploy/rbac/router-role.yaml only, it
 //!   follows its PrecisionPolicy and the EndpointSlices of the model's tiers live (no restart): endpoints added
 //!   are used, removed ones fall back, running requests finish where they started, and a canary step or a
@@ -28,12 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The operator processes of `standby_takes_over_when_the_leader_dies` watch every namespace, so they also
-/// reconcile the PrecisionPolicy whose status the router test writes by hand (standing in for the operator)
-/// and can overwrite it: a CI run saw the router go back to a canary step the test had just promoted. The
-/// two tests take turns.
-static CLUSTER_WIDE_OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Operator processes, killed when dropped: also when the test fails half-way, so that none outlives its turn.
 struct Operators(Vec<Child>);
 
@@ -50,6 +47,7 @@ fn operator(instance: &str, ns: &str, kubeconfig: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_quantfleet"))
         .args(["operator", "--node-image", "registry.invalid/quantfleet:test", "--metrics-addr", "127.0.0.1:0"])
         .args(["--lease-namespace", ns, "--lease-name", "op-process-test", "--lease-duration-seconds", "3"])
+        .args(["--watch-namespace", ns])
         .args(["--instance", instance])
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
@@ -91,7 +89,6 @@ async fn holder(leases: &Api<Lease>) -> Result<Option<String>, Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_when_the_leader_dies() -> Result<(), Error> {
-    let _turn = CLUSTER_WIDE_OPERATORS.lock().await;
     let env = TestEnv::new("op-process").await?;
     install_crds(&env.client, &repo_crds_dir()).await?;
     let ns = env.namespace().to_owned();
@@ -122,10 +119,23 @@ async fn standby_takes_over_when_the_leader_dies() -> Result<(), Error> {
         })
     })
     .await?;
+    // Scoped by --watch-namespace (with the admin's rights, so only the flag holds them back): a model of
+    // another namespace, created before this one, is still unreconciled once this one is.
+    let other = TestEnv::new("op-process-other").await?;
+    let elsewhere: Api<QuantizedModel> = Api::namespaced(env.client.clone(), other.namespace());
+    elsewhere.create(&PostParams::default(), &misfit("elsewhere")).await.map_err(Error::kube("creating model"))?;
     models.create(&PostParams::default(), &misfit("second")).await.map_err(Error::kube("creating model"))?;
     wait_reconciled(&models, "second").await?;
+    let untouched = elsewhere.get("elsewhere").await.map_err(Error::kube("reading model"))?;
+    assert!(
+        untouched.status.is_none(),
+        "an operator scoped to {ns} reconciled {}: {:?}",
+        other.namespace(),
+        untouched.status
+    );
 
     drop(children);
+    other.cleanup().await?;
     env.cleanup().await
 }
 
@@ -392,7 +402,6 @@ fn kubeconfig_as(admin: &Path, user: &str, out: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_router_follows_its_policy_and_endpoint_slices_live() -> Result<(), Error> {
-    let _turn = CLUSTER_WIDE_OPERATORS.lock().await;
     let env = TestEnv::new("router-k8s").await?;
     install_crds(&env.client, &repo_crds_dir()).await?;
     let ns = env.namespace().to_owned();

@@ -50,11 +50,37 @@ pub struct Args {
     /// How long a leader's Lease is valid without renewal (renewed every third of it).
     #[arg(long, default_value = "15", value_name = "SECONDS")]
     lease_duration_seconds: u64,
+    /// Watch the QuantizedModels and PrecisionPolicies of this one namespace only (and create their
+    /// Deployments, Services and ConfigMaps there, as always). The operator then needs its rights in that
+    /// namespace only: bind its ClusterRole with a RoleBinding there, plus one in the Lease's and the router's
+    /// namespace. Without it, or empty (as operator-sdk's WATCH_NAMESPACE), every namespace is watched, which
+    /// needs a ClusterRoleBinding.
+    #[arg(long, env = "QUANTFLEET_WATCH_NAMESPACE", value_name = "NAMESPACE", value_parser = namespace_name)]
+    watch_namespace: Option<String>,
+}
+
+/// A Kubernetes namespace name (an RFC 1123 label: at most 63 lower-case alphanumerics or '-', starting and
+/// ending alphanumeric), or empty for every namespace, so a typo fails at start-up instead of as a forbidden or
+/// empty watch.
+fn namespace_name(s: &str) -> Result<String, String> {
+    let label = s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    let ok = s.is_empty() || label;
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (at most 63 lower-case letters, digits and '-', alphanumeric at both ends)"
+        ))
+    }
 }
 
 pub fn run_operator(args: Args) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let watch_namespace = args.watch_namespace.clone().filter(|ns| !ns.is_empty());
         let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
         let mut accelerators = AcceleratorTable::builtin();
         for entry in &args.accelerators {
@@ -88,6 +114,7 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
             accelerators,
             stats,
             metrics,
+            watch_namespace: watch_namespace.clone(),
         });
         if let Some(elector) = &elector {
             tracing::info!(identity = elector.identity(), lease = %args.lease_name, "waiting to lead");
@@ -96,7 +123,8 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
             }
         }
-        tracing::info!(identity, "quantfleet operator leading");
+        let watching = watch_namespace.as_deref().unwrap_or("every namespace");
+        tracing::info!(identity, watching, "quantfleet operator leading");
         let (lost_tx, mut lost_rx) = tokio::sync::watch::channel(false);
         let holder = elector.clone();
         run(ctx, async move {
@@ -117,4 +145,20 @@ pub fn run_operator(args: Args) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::namespace_name;
+
+    #[test]
+    fn watch_namespace_must_be_a_namespace_name() {
+        for ok in ["default", "team-a", "a", "ns1", &"x".repeat(63), ""] {
+            assert_eq!(namespace_name(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["Team", "-a", "a-", "a_b", "a.b", "a b", &"x".repeat(64)] {
+            let err = namespace_name(bad).unwrap_err();
+            assert!(err.contains("is not a namespace name"), "{bad:?}: {err}");
+        }
+    }
 }
