@@ -12,7 +12,7 @@
 
 {{/* The namespace of the router's PrecisionPolicy and its model's tier Services (default: the release's). */}}
 {{- define "quantfleet.routerPolicyNamespace" -}}
-{{- default .Release.Namespace .Values.router.policy.namespace -}}
+{{- default (default .Release.Namespace .Values.operator.watchNamespace) .Values.router.policy.namespace -}}
 {{- end -}}
 
 {{- define "quantfleet.image" -}}

@@ -288,7 +288,8 @@ fn security_check_finds_a_writable_root_filesystem_and_root() {
 
 /// `operator.watchNamespace`: the operator gets `--watch-namespace`, and its ClusterRole is granted by
 /// RoleBindings in the watched namespace and in the release namespace (the Lease, the router's
-/// EndpointSlices) instead of a ClusterRoleBinding; one RoleBinding when the two are the same namespace.
+/// EndpointSlices) instead of a ClusterRoleBinding; one RoleBinding when the two are the same namespace. The
+/// router's policy namespace follows the watched namespace.
 /// `rbac::a_namespace_scoped_operator_runs_on_a_role_binding_alone` shows those rights are enough.
 #[test]
 fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
@@ -319,6 +320,10 @@ fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
         let args: Vec<String> =
             serde_json::from_value(deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
         assert!(args.contains(&format!("--watch-namespace={watched}")), "{args:?}");
+        // The router's policy defaults to the watched namespace (another one is refused, see
+        // tests/helm/invalid-values.json): its Role is there.
+        let router_role = objects.iter().find(|o| kind(o) == "Role" && name(o).ends_with("-router")).unwrap();
+        assert_eq!(router_role["metadata"]["namespace"], watched);
     }
     // Unscoped (the default): no flag, one ClusterRoleBinding.
     let objects = render("qf", "quantfleet-system", &[]);
