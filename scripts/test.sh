@@ -14,6 +14,8 @@ step() { printf '\n==> %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 step "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Rustdoc, private items included: a broken intra-doc link is an error (`X[i]` in prose must be code).
+RUSTDOCFLAGS="-D warnings --document-private-items" cargo doc --workspace --no-deps --locked --quiet
 
 step "drift checks (crds/ and tests/admission/ must equal what their generators produce)"
 cargo run --quiet --locked -p quantfleet -- crdgen --check  # crds/ and charts/quantfleet/crds/

@@ -6,8 +6,8 @@
 //!
 //! Layout (row-major, `rows` = output features, `cols` = input features):
 //! * BF16: 2 bytes per element, little endian.
-//! * FP8 E4M3 and INT8: 1 byte per element; value = decode(code) * f32_scales[row] (FP8 with scale groups of
-//!   `g`: * f32_scales[row * groups + col / g], `groups` = [`PackedMatrix::scale_groups_per_row`]).
+//! * FP8 E4M3 and INT8: 1 byte per element; value = `decode(code) * f32_scales[row]` (FP8 with scale groups
+//!   of `g`: `* f32_scales[row * groups + col / g]`, `groups` = [`PackedMatrix::scale_groups_per_row`]).
 //! * INT4: each row takes `ceil(cols / 2)` bytes; element `2k` is the LOW nibble of byte `k`, element `2k+1`
 //!   the HIGH nibble (the quant crate's order); value = (nibble - zero) * scale, where zero is 8 for symmetric
 //!   groups and `zeros[row * groups_per_row + g]` otherwise.

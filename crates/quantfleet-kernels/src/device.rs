@@ -1,6 +1,6 @@
-//! A device the kernels run on: memory plus a [`Runner`]. The CPU emulator and a CUDA GPU both implement
-//! it, so a kernel test is written once and run per device (the emulated run in every `cargo test`, the GPU
-//! run on a GPU host).
+//! A device the kernels run on: memory plus a [`Runner`](crate::launch::Runner). The CPU emulator and a CUDA
+//! GPU both implement it, so a kernel test is written once and run per device (the emulated run in every
+//! `cargo test`, the GPU run on a GPU host).
 
 use crate::error::Result;
 use crate::launch::{DeviceBuffer, Launch};

@@ -60,7 +60,7 @@ const FOLD_BLOCKS: usize = 8;
 /// row ranges to threads (row i costs i + 1 products per token).
 ///
 /// A tile of H (`TI x TJ`, the ISA's register block: 8 x 32 on AVX-512, 6 x 16 on AVX2) keeps its sums in
-/// registers over a block of tokens, one broadcast of X[t][i] and one load of X[t][j..j + TJ] per row of it:
+/// registers over a block of tokens, one broadcast of `X[t][i]` and one load of `X[t][j..j + TJ]` per row of it:
 /// a GEMM micro-kernel. Tiles on the ragged edge (d not a multiple of the tile) take the scalar path.
 pub fn hessian_accumulate(data: &[f32], n: usize, d: usize, rows: std::ops::Range<usize>, h_rows: &mut [f64]) {
     hessian_accumulate_on(Isa::detect(), data, n, d, rows, h_rows)
@@ -319,8 +319,8 @@ impl ScaleRounding {
 }
 
 multiversion! {
-    /// Lazy update of every column after the block [i1, i2) with the whole block's errors:
-    /// W[:, j] -= sum_i err_i * U[i][j].
+    /// Lazy update of every column after the block `[i1, i2)` with the whole block's errors:
+    /// `W[:, j] -= sum_i err_i * U[i][j]`.
     fn lazy_update(wt: &mut [f32], rows: usize, cols: usize, u: &[f64], err_block: &[f32], i1: usize, i2: usize) {
         for j in i2..cols {
             let cj = &mut wt[j * rows..(j + 1) * rows];

@@ -5,7 +5,7 @@ use crate::error::{QuantError, Result, check_len};
 use crate::matrix::{MatrixRef, amax};
 use crate::simd::{Isa, clamp_fast, multiversion, round_small};
 
-/// A row-major INT8 matrix with a per-row scale: value = code * scales[row].
+/// A row-major INT8 matrix with a per-row scale: value = `code * scales[row]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int8Matrix {
     pub rows: usize,

@@ -154,7 +154,7 @@ pub struct KiviConfig {
     pub sink_tokens: usize,
 }
 
-/// One block of `group_tokens` keys quantized per channel: value = (nibble - zero[c]) * scale[c].
+/// One block of `group_tokens` keys quantized per channel: value = `(nibble - zero[c]) * scale[c]`.
 #[derive(Clone, Debug)]
 struct KeyBlock {
     /// Token-major nibbles, `ceil(row_len / 2)` bytes per token.

@@ -1,7 +1,7 @@
 //! Runtime CPU dispatch for the fast paths.
 //!
 //! Each fast path is a branchless per-element kernel (`#[inline(always)]`) that is compiled three times by
-//! [`multiversion!`]: once with AVX-512 (F/BW/VL) enabled, once with AVX2+FMA, once for any CPU. LLVM
+//! `multiversion!`: once with AVX-512 (F/BW/VL) enabled, once with AVX2+FMA, once for any CPU. LLVM
 //! vectorises the kernel at the widest width the enabled features allow (16 f32 lanes on AVX-512, 8 on AVX2).
 //! The branchy scalar reference of each format lives beside its kernel and the tests compare every ISA
 //! variant against it, so a fast path can never silently drift from the reference.

@@ -2,7 +2,7 @@
 //! the fp16 window; when the ring of recent tokens is full, its oldest 32 tokens become an int4 key group
 //! (keys per channel over the group's tokens, values per token over 32-channel groups, asymmetric, with
 //! `quantfleet_quant`'s `GroupParams::fit` and f16 scale and zero point). Attention reads runs of positions
-//! decoded to f32 ([`KiviStore::decode`]); [`KiviStore::dequantize_reference`] is the element-at-a-time
+//! decoded to f32 ([`KiviStore::decode`]); `KiviStore::dequantize_reference` (tests only) is the element-at-a-time
 //! reference it is tested against.
 //!
 //! Every query row sees the cache exactly as KIVI keeps it at the row's own length, also inside a prefill:

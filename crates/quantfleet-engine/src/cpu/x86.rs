@@ -411,7 +411,7 @@ pub(crate) fn gemm_kmajor32_avx512(wt: &[f32], nr: usize, x: &[f32], nt: usize, 
     }
 }
 
-/// `NT` tokens (`x`, NT x k) against the k-major 32-row tile; returns [token][row] (6 rows of 32 at most).
+/// `NT` tokens (`x`, NT x k) against the k-major 32-row tile; returns `[token][row]` (6 rows of 32 at most).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 fn tile_kmajor<const NT: usize>(wt: &[f32], x: &[f32], k: usize) -> [[f32; 32]; 6] {
@@ -471,7 +471,7 @@ pub(crate) fn gemm_kmajor32_avx2(wt: &[f32], nr: usize, x: &[f32], nt: usize, k:
     }
 }
 
-/// `NT` tokens (`x`, NT x k) against rows `16 * half ..` of the k-major 32-row tile; returns [token][row].
+/// `NT` tokens (`x`, NT x k) against rows `16 * half ..` of the k-major 32-row tile; returns `[token][row]`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn tile_kmajor16_avx2<const NT: usize>(wt: &[f32], half: usize, x: &[f32], k: usize) -> [[f32; 16]; 6] {
@@ -1283,7 +1283,7 @@ macro_rules! scale_bits8 {
 ///
 /// The zero point: a symmetric row's is 8 for every group, so `corr` subtracts 8 * sum(q_b) from each
 /// block's integer product before the conversion, and the block contributes s * d_b * ((n - 8) . q_b)
-/// exactly as integers. An asymmetric row's zero points vary per group; the term s_g * z_g * gzero[g] is
+/// exactly as integers. An asymmetric row's zero points vary per group; the term `s_g * z_g * gzero[g]` is
 /// subtracted once per row, eight groups at a time.
 ///
 /// Each token's arithmetic (pairs alternating between two accumulators) does not depend on `NT`: a token's
@@ -1488,7 +1488,7 @@ macro_rules! i4x8_pair_vnni {
 /// broadcast to every lane, so a run's two multiply-adds give all eight rows their products, with no
 /// horizontal sums and one scale multiply per block for the eight rows. A symmetric row's zero point 8 is the
 /// exact integer correction 8 * sum(x_b) per block (`corr`, the same for every row); an asymmetric row's is
-/// the float term s_g * z_g * gzero[g] per group, as in [`i4_q8_body`].
+/// the float term `s_g * z_g * gzero[g]` per group, as in [`i4_q8_body`].
 ///
 /// `FIXED16`: the input is 16-bit, `x = 256 q + lo` ([`I4Act`]), and a block's exact integer product is
 /// `256 (n . q) + n . lo`. The high bytes are signed, so they take `maddubs`'s signed operand as INT8 codes

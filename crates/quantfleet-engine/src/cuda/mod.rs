@@ -1,6 +1,6 @@
 //! The GPU backend: the engine's `Backend` over the CUDA kernels of `quantfleet-kernels`, generic over the
 //! kernel [`Device`]. On a GPU the device is `quantfleet_kernels::cuda::CudaRunner` (feature `cuda`, see
-//! [`driver`]); in tests it is the CPU emulator (`EmuRunner`), which runs the very same `.cu` sources and
+//! the `driver` module); in tests it is the CPU emulator (`EmuRunner`), which runs the very same `.cu` sources and
 //! launch descriptions, so the forward pass's sequence of launches is checked against the CPU backend on
 //! the real model without a GPU.
 //!
