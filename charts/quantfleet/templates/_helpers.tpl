@@ -10,7 +10,8 @@
 {{- define "quantfleet.operatorName" -}}{{ include "quantfleet.fullname" . }}-operator{{- end -}}
 {{- define "quantfleet.routerName" -}}{{ include "quantfleet.fullname" . }}-router{{- end -}}
 
-{{/* The namespace of the router's PrecisionPolicy and its model's tier Services (default: the release's). */}}
+{{/* The namespace of the router's PrecisionPolicy and its model's tier Services (default: the operator's
+     watched namespace if it has one, else the release's). */}}
 {{- define "quantfleet.routerPolicyNamespace" -}}
 {{- default (default .Release.Namespace .Values.operator.watchNamespace) .Values.router.policy.namespace -}}
 {{- end -}}
