@@ -5,9 +5,22 @@
 //!   `Ready=False, reason UnknownTier`; the CLI refuses to plan them.
 //! - [`cel_violations`] (feature `cel`): evaluates the CRDs' own CEL rules client-side, so the CLI rejects a
 //!   file exactly as `kubectl apply` would, from one source of truth (the rules in the Rust types).
+//! - [`is_dns_label`]: the RFC 1123 label rule of Kubernetes names, for values given outside an object
+//!   (command-line flags, node configuration).
 
 use crate::model::QuantizedModelSpec;
 use crate::policy::PrecisionPolicySpec;
+
+/// Whether `s` is an RFC 1123 label of at most `max_len` bytes, as Kubernetes requires of namespace names (63)
+/// and as tier names are (30, the CRD's `^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`): lower-case letters, digits and
+/// '-', not empty, alphanumeric at both ends.
+pub fn is_dns_label(s: &str, max_len: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max_len
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
 
 /// Every tier name `policy` uses that `model` does not declare, as messages naming the field.
 pub fn policy_against_model(policy: &PrecisionPolicySpec, model: &QuantizedModelSpec) -> Vec<String> {
@@ -74,6 +87,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_labels_are_lower_case_alphanumerics_and_inner_dashes() {
+        for ok in ["a", "ns1", "team-a", "a-b-c", "0"] {
+            assert!(is_dns_label(ok, 63), "{ok:?}");
+        }
+        assert!(is_dns_label(&"x".repeat(63), 63));
+        for bad in ["", "Team", "-a", "a-", "a_b", "a.b", "a b", "é"] {
+            assert!(!is_dns_label(bad, 63), "{bad:?}");
+        }
+        assert!(!is_dns_label(&"x".repeat(64), 63));
+        assert!(is_dns_label(&"x".repeat(30), 30) && !is_dns_label(&"x".repeat(31), 30));
+    }
     use crate::{PrecisionPolicy, QuantizedModel};
 
     fn samples() -> (QuantizedModel, PrecisionPolicy) {

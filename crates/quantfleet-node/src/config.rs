@@ -217,12 +217,7 @@ impl NodeSettings {
         } else {
             return Err(err("--tier", "no tier: pass --config, --tier-spec FILE, or --tier NAME --weights FORMAT"));
         };
-        let name_ok = !tier.name.is_empty()
-            && tier.name.len() <= 30
-            && tier.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !tier.name.starts_with('-')
-            && !tier.name.ends_with('-');
-        if !name_ok {
+        if !quantfleet_api::validate::is_dns_label(&tier.name, 30) {
             return Err(err(
                 "tier.name",
                 format!("{:?} must be 1-30 of [a-z0-9-], not starting or ending with '-'", tier.name),

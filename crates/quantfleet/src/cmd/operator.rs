@@ -63,12 +63,7 @@ pub struct Args {
 /// ending alphanumeric), or empty for every namespace, so a typo fails at start-up instead of as a forbidden or
 /// empty watch.
 fn namespace_name(s: &str) -> Result<String, String> {
-    let label = s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    let ok = s.is_empty() || label;
-    if ok {
+    if s.is_empty() || quantfleet_api::validate::is_dns_label(s, 63) {
         Ok(s.to_owned())
     } else {
         Err(format!(
