@@ -1,7 +1,7 @@
 //! The inference node as a real process on loopback with the real SmolLM2-135M model (QUANTFLEET_SMOLLM2_GGUF,
 //! exported by scripts/test.sh): streaming generation, scoring against the engine, argument errors, admission
 //! control, cancellation, deadlines, numerical-fault guard, health transitions, metrics, SIGTERM drain, and 64
-//! concurrent greedy streams equal to sequential runs.
+//! concurrent greedy streams on a batch-invariant (W8A8) tier equal to sequential runs.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -386,9 +386,17 @@ fn full_queue_cancellation_deadlines_and_numerical_faults() {
     });
 }
 
+/// 64 concurrent streams, batched up to 32 per step, must each produce exactly the tokens of their sequential
+/// run: no stream sees another's KV blocks, sampler or output. Exact equality needs a batch-invariant tier, so
+/// this runs W8A8: its integer products and the attention give every token the same bits whatever shares its
+/// step, on every CPU level. The weight-only tiers' f32 and bf16 kernels do not (their accumulator split
+/// follows the token count), so on them a near-tie can flip a greedy token under load; a bf16 node failed
+/// this test that way on a CI machine without AVX-512 BF16.
 #[test]
 fn sixty_four_concurrent_greedy_streams_equal_sequential_runs() {
-    let node = Node::start(&["--max-batch", "32", "--max-queue", "64"]);
+    let scratch = ScratchDir::new("qf-node-w8a8").unwrap();
+    let spec = scratch.file("w8a8.yaml", "name: w8a8\nweights: {format: int8}\nactivations: int8\n").unwrap();
+    let node = Node::start_tier(&["--tier-spec", spec.to_str().unwrap()], &["--max-batch", "32", "--max-queue", "64"]);
     rt().block_on(async {
         let ch = node.channel().await;
         node.wait_serving(&ch).await;
