@@ -286,11 +286,12 @@ fn security_check_finds_a_writable_root_filesystem_and_root() {
     assert!(found.iter().any(|f| f.contains("runAsUser is Some(0)")), "{found:?}");
 }
 
-/// `operator.watchNamespace`: the operator gets `--watch-namespace`, and its ClusterRole is granted by
-/// RoleBindings in the watched namespace and in the release namespace (the Lease, the router's
-/// EndpointSlices) instead of a ClusterRoleBinding; one RoleBinding when the two are the same namespace. The
-/// router's policy namespace follows the watched namespace.
-/// `rbac::a_namespace_scoped_operator_runs_on_a_role_binding_alone` shows those rights are enough.
+/// `operator.watchNamespace`: the operator gets `--watch-namespace`, and its rules (deploy/rbac's ClusterRole's,
+/// rule for rule) become a Role bound by a RoleBinding in the watched namespace and in the release namespace
+/// (the Lease, the router's EndpointSlices); one of each when the two are the same namespace. No
+/// cluster-scoped object is rendered (CRDs aside), so a namespace admin can install it. The router's policy
+/// namespace follows the watched namespace.
+/// `rbac::a_namespace_scoped_operator_runs_on_a_namespaced_role_alone` shows those rights are enough.
 #[test]
 fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
     for (release_ns, watched, want_namespaces) in
@@ -300,15 +301,26 @@ fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
         let operator_bindings: Vec<RoleBinding> =
             objects.iter().filter(|o| kind(o) == "RoleBinding" && name(o).ends_with("-operator")).map(typed).collect();
         assert!(
-            !objects.iter().any(|o| kind(o) == "ClusterRoleBinding"),
-            "a scoped operator has no cluster-wide grant"
+            !objects.iter().any(|o| matches!(kind(o), "ClusterRole" | "ClusterRoleBinding")),
+            "a scoped operator has no cluster-scoped RBAC object"
         );
         let mut namespaces: Vec<_> = operator_bindings.iter().map(|b| b.metadata.namespace.clone().unwrap()).collect();
         namespaces.sort();
         assert_eq!(namespaces, want_namespaces);
-        let role = objects.iter().find(|o| kind(o) == "ClusterRole").map(name).unwrap();
+        let reference: ClusterRole = serde_yaml::from_str(&repo_file("deploy/rbac/operator-clusterrole.yaml")).unwrap();
+        let roles: Vec<Role> =
+            objects.iter().filter(|o| kind(o) == "Role" && name(o).ends_with("-operator")).map(typed).collect();
+        let mut role_namespaces: Vec<_> = roles.iter().map(|r| r.metadata.namespace.clone().unwrap()).collect();
+        role_namespaces.sort();
+        assert_eq!(role_namespaces, want_namespaces);
+        for role in &roles {
+            assert_eq!(role.rules, reference.rules, "the scoped Role holds deploy/rbac's rules exactly");
+        }
         for binding in &operator_bindings {
-            assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("ClusterRole", role));
+            assert_eq!(
+                (binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()),
+                ("Role", "qf-quantfleet-operator")
+            );
             let subjects = binding.subjects.clone().unwrap_or_default();
             assert_eq!(subjects.len(), 1);
             assert_eq!(
@@ -325,9 +337,11 @@ fn a_watch_namespace_scopes_the_operator_and_its_bindings() {
         let router_role = objects.iter().find(|o| kind(o) == "Role" && name(o).ends_with("-router")).unwrap();
         assert_eq!(router_role["metadata"]["namespace"], watched);
     }
-    // Unscoped (the default): no flag, one ClusterRoleBinding.
+    // Unscoped (the default): no flag, the ClusterRole and one ClusterRoleBinding, no operator Role.
     let objects = render("qf", "quantfleet-system", &[]);
     assert_eq!(objects.iter().filter(|o| kind(o) == "ClusterRoleBinding").count(), 1);
+    assert_eq!(objects.iter().filter(|o| kind(o) == "ClusterRole").count(), 1);
+    assert!(!objects.iter().any(|o| kind(o) == "Role" && name(o).ends_with("-operator")));
     let deployment = objects.iter().find(|o| kind(o) == "Deployment" && name(o).ends_with("-operator")).unwrap();
     assert!(!deployment.to_string().contains("--watch-namespace"));
 }
@@ -420,6 +434,11 @@ async fn the_chart_installs_converges_and_does_not_drift() -> Result<(), Error> 
 
     // Server-side dry run first: the API server validates and defaults everything, and nothing is created.
     apply_all(&admin, &objects, true).await?;
+    // The namespace-scoped chart (the operator's rules as a Role) passes the API server's validation too.
+    let watched = format!("operator.watchNamespace={ns}");
+    let scoped = render(&release, &ns, &["operator.replicas=2", "router.replicas=2", &watched]);
+    assert!(scoped.iter().any(|o| kind(o) == "Role" && name(o).ends_with("-operator")), "no scoped operator Role");
+    apply_all(&admin, &scoped, true).await?;
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
     let operator_deployment = name(rendered_object("Deployment", "-operator")).to_owned();
     assert!(deployments.get_opt(&operator_deployment).await.map_err(k("reading"))?.is_none(), "dry run created");

@@ -1,12 +1,13 @@
 //! The operator's ClusterRole (deploy/rbac/operator-clusterrole.yaml) is enough: the controllers run under a
 //! ServiceAccount bound to it, on a real API server, and converge a model (one tier calibrated on a ConfigMap)
-//! and a policy with no API error. Bound cluster-wide, the operator watches every namespace; bound by a
-//! RoleBinding in one namespace, the operator started with that `watch_namespace` runs on those rights alone
-//! and leaves the models of other namespaces alone.
+//! and a policy with no API error. Bound cluster-wide, the operator watches every namespace; with the same
+//! rules as a Role bound in one namespace (the Helm chart's `operator.watchNamespace` install), the operator
+//! started with that `watch_namespace` runs on those rights alone and leaves the models of other namespaces
+//! alone.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use quantfleet_api::conditions::find;
 use quantfleet_api::plan::AcceleratorTable;
@@ -26,12 +27,13 @@ fn repo_file(path: &str) -> String {
     std::fs::read_to_string(format!("{}/../../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
-/// How the test grants the repo's ClusterRole to the operator's ServiceAccount.
+/// How the test grants the repo's rules to the operator's ServiceAccount.
 #[derive(Clone, Copy, PartialEq)]
 enum Grant {
-    /// A ClusterRoleBinding; the operator watches every namespace.
+    /// The ClusterRole and a ClusterRoleBinding; the operator watches every namespace.
     Cluster,
-    /// A RoleBinding in the test's namespace; the operator watches that namespace only.
+    /// The rules as a Role with a RoleBinding in the test's namespace, no cluster-scoped object; the operator
+    /// watches that namespace only.
     Namespace,
 }
 
@@ -46,7 +48,7 @@ async fn the_operator_runs_with_exactly_its_cluster_role() -> Result<(), Error> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_namespace_scoped_operator_runs_on_a_role_binding_alone() -> Result<(), Error> {
+async fn a_namespace_scoped_operator_runs_on_a_namespaced_role_alone() -> Result<(), Error> {
     let _turn = ONE_AT_A_TIME.lock().await;
     converges_as_the_service_account(Grant::Namespace).await
 }
@@ -62,10 +64,6 @@ async fn converges_as_the_service_account(grant: Grant) -> Result<(), Error> {
     let mut role: ClusterRole = serde_yaml::from_str(&repo_file("deploy/rbac/operator-clusterrole.yaml")).unwrap();
     let role_name = format!("quantfleet-operator-{ns}");
     role.metadata.name = Some(role_name.clone());
-    Api::<ClusterRole>::all(admin.clone())
-        .patch(&role_name, &PatchParams::apply("rbac-test").force(), &Patch::Apply(&role))
-        .await
-        .map_err(k("applying the cluster role"))?;
     let sa = ServiceAccount {
         metadata: ObjectMeta { name: Some("operator".into()), ..ObjectMeta::default() },
         ..ServiceAccount::default()
@@ -74,8 +72,11 @@ async fn converges_as_the_service_account(grant: Grant) -> Result<(), Error> {
         .create(&PostParams::default(), &sa)
         .await
         .map_err(k("creating the SA"))?;
-    let role_ref =
-        RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: role_name.clone() };
+    let role_ref = |kind: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: kind.into(),
+        name: role_name.clone(),
+    };
     let subjects = Some(vec![Subject {
         kind: "ServiceAccount".into(),
         name: "operator".into(),
@@ -86,14 +87,23 @@ async fn converges_as_the_service_account(grant: Grant) -> Result<(), Error> {
     let apply = PatchParams::apply("rbac-test").force();
     match grant {
         Grant::Cluster => {
-            let binding = ClusterRoleBinding { metadata, role_ref, subjects };
+            Api::<ClusterRole>::all(admin.clone())
+                .patch(&role_name, &apply, &Patch::Apply(&role))
+                .await
+                .map_err(k("applying the cluster role"))?;
+            let binding = ClusterRoleBinding { metadata, role_ref: role_ref("ClusterRole"), subjects };
             Api::<ClusterRoleBinding>::all(admin.clone())
                 .patch(&role_name, &apply, &Patch::Apply(&binding))
                 .await
                 .map_err(k("binding the role"))?;
         }
         Grant::Namespace => {
-            let binding = RoleBinding { metadata, role_ref, subjects };
+            let namespaced = Role { metadata: metadata.clone(), rules: role.rules.clone() };
+            Api::<Role>::namespaced(admin.clone(), &ns)
+                .patch(&role_name, &apply, &Patch::Apply(&namespaced))
+                .await
+                .map_err(k("applying the role in the namespace"))?;
+            let binding = RoleBinding { metadata, role_ref: role_ref("Role"), subjects };
             Api::<RoleBinding>::namespaced(admin.clone(), &ns)
                 .patch(&role_name, &apply, &Patch::Apply(&binding))
                 .await
@@ -250,8 +260,8 @@ async fn converges_as_the_service_account(grant: Grant) -> Result<(), Error> {
             .delete(&role_name, &Default::default())
             .await
             .map_err(k("cleanup"))?;
+        Api::<ClusterRole>::all(admin.clone()).delete(&role_name, &Default::default()).await.map_err(k("cleanup"))?;
     }
-    Api::<ClusterRole>::all(admin.clone()).delete(&role_name, &Default::default()).await.map_err(k("cleanup"))?;
     env.cleanup().await?;
     namespace_gone(&admin, &ns).await
 }
