@@ -41,7 +41,7 @@ use quantfleet_api::vocab::{
     ActivationPrecision, KvCacheDtype, KvCacheScheme, QuantMethod, WeightFormat as ApiFormat, WeightScaling,
 };
 use quantfleet_quant::awq::{AwqConfig, awq_shared_input};
-use quantfleet_quant::gptq::{GptqConfig, finish_hessian, gptq_with_hessian, hessian_accumulate};
+use quantfleet_quant::gptq::{GptqConfig, GptqHessian, finish_hessian, gptq_prepared, hessian_accumulate};
 use quantfleet_quant::matrix::subsample_rows;
 use quantfleet_quant::smoothquant::{ActivationFormat, SmoothQuantConfig, smoothquant};
 use quantfleet_quant::{Fp8Format, Fp8Scaling, Int4Config, MatrixRef, ScaleStorage, WeightFormat, quantize_rtn};
@@ -336,13 +336,14 @@ fn quantize_group(
             let xr = MatrixRef::new("calibration", &x.data, x.rows, x.cols).map_err(quant_err(&name))?;
             let xs = subsample_rows(&xr, config.max_tokens);
             let xs = MatrixRef::new("calibration", &xs, xs.len() / x.cols, x.cols).map_err(quant_err(&name))?;
-            let h = parallel_hessian(&xs);
+            // One Hessian, damped, ordered and factored once for every linear of this input (q/k/v, gate/up).
+            let h = GptqHessian::new(parallel_hessian(&xs), x.cols, &config).map_err(quant_err(&name))?;
             names
                 .par_iter()
                 .zip(ms.par_iter())
                 .map(|(n, m)| {
                     with_weights(n, m, |w| {
-                        PackedMatrix::from_quantized(&gptq_with_hessian(w, h.clone(), &config).map_err(quant_err(n))?)
+                        PackedMatrix::from_quantized(&gptq_prepared(w, &h, &config).map_err(quant_err(n))?)
                     })
                 })
                 .collect()
