@@ -358,8 +358,7 @@ pub fn gptq_with_hessian(w: &MatrixRef<'_>, h: Vec<f64>, config: &GptqConfig) ->
 
 /// What GPTQ derives from the Hessian alone: the inputs that never fire, the damped Hessian's processing order
 /// (act-order: largest diagonal first) and the upper Cholesky factor of its inverse in that order. The same
-/// for every linear that reads the same input, so q/k/v (and gate/up) factor it once: a 1536 x 1536 inverse is
-/// about a third of a second here.
+/// for every linear that reads the same input, so q/k/v (and gate/up) factor it once instead of once each.
 #[derive(Debug, Clone)]
 pub struct GptqHessian {
     cols: usize,
@@ -381,10 +380,11 @@ impl GptqHessian {
         if let Some(i) = h.iter().position(|v| !v.is_finite()) {
             return Err(QuantError::NonFinite { what: "Hessian", index: i, value: h[i] as f32 });
         }
-        if config.block_size == 0 || !(config.damp >= 0.0 && config.damp.is_finite()) {
+        // The block size is the quantization's, checked by `gptq_prepared`.
+        if !(config.damp >= 0.0 && config.damp.is_finite()) {
             return Err(QuantError::InvalidParameter {
                 name: "GptqConfig",
-                reason: "block_size must be positive, damp finite and >= 0".into(),
+                reason: "damp must be finite and >= 0".into(),
             });
         }
         // Inputs that never fire carry no information: pin their Hessian diagonal (their weights are zeroed).
